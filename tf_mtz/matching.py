@@ -1,0 +1,87 @@
+"""Matching: choosing which unit of one task shares with which unit of another, one to one."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+MATCHINGS = ("greedy", "optimal")
+
+
+def match(costs: np.ndarray, count: int, method: str = "greedy") -> tuple[np.ndarray, np.ndarray]:
+    """Picks `count` one-to-one pairs (row, column) of a cost matrix, returned cheapest first.
+
+    Args:
+        costs: `(n_rows, n_cols)` merge costs.
+        count: number of pairs, at most `min(n_rows, n_cols)`.
+        method: "greedy" takes the cheapest remaining pair until `count` are chosen (the paper);
+            "optimal" finds the `count` pairs of least total cost (an exact assignment).
+
+    Returns:
+        `(rows, cols)` integer arrays of length `count`, sorted by pair cost.
+
+    Raises:
+        ValueError: for an unknown method or an impossible count.
+
+    Example:
+
+    >>> rows, cols = match(np.array([[0.0, 5.0], [1.0, 0.2]]), 2)
+    >>> rows.tolist(), cols.tolist()
+    ([0, 1], [0, 1])
+    """
+    n_rows, n_cols = costs.shape
+    if not 0 <= count <= min(n_rows, n_cols):
+        raise ValueError(f"Cannot pick {count} pairs from a {n_rows}x{n_cols} cost matrix.")
+    if count == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if method == "greedy":
+        rows, cols = _greedy(costs, count)
+    elif method == "optimal":
+        rows, cols = _optimal(costs, count)
+    else:
+        raise ValueError(f"matching must be one of {MATCHINGS}, got {method!r}.")
+    order = np.argsort(costs[rows, cols], kind="stable")
+    return rows[order], cols[order]
+
+
+def _greedy(costs: np.ndarray, count: int):
+    n_cols = costs.shape[1]
+    order = np.argsort(costs, axis=None, kind="stable")
+    used_rows = np.zeros(costs.shape[0], bool)
+    used_cols = np.zeros(n_cols, bool)
+    rows, cols = [], []
+    # Most sorted pairs hit a row or column taken earlier; filter them a chunk at a time with numpy and
+    # walk only the survivors in Python.
+    chunk = max(4 * sum(costs.shape), 4096)
+    for start in range(0, order.size, chunk):
+        r, c = np.divmod(order[start:start + chunk], n_cols)
+        alive = ~used_rows[r] & ~used_cols[c]
+        for row, col in zip(r[alive].tolist(), c[alive].tolist()):
+            if used_rows[row] or used_cols[col]:
+                continue
+            used_rows[row] = used_cols[col] = True
+            rows.append(row)
+            cols.append(col)
+            if len(rows) == count:
+                return np.array(rows), np.array(cols)
+    return np.array(rows), np.array(cols)
+
+
+def _optimal(costs: np.ndarray, count: int):
+    """Exact minimum-cost matching of exactly `count` pairs.
+
+    Padding rows/columns at zero cost let `n_rows - count` rows and `n_cols - count` columns stay unmatched;
+    pairing two padding entries is forbidden, which forces exactly `count` real pairs.
+    """
+    n_rows, n_cols = costs.shape
+    if count == min(n_rows, n_cols):
+        rows, cols = linear_sum_assignment(costs)
+        return rows, cols
+    forbidden = (np.abs(costs).max() + 1.0) * (n_rows + n_cols) * 4
+    size = n_rows + n_cols - count
+    padded = np.zeros((size, size))
+    padded[:n_rows, :n_cols] = costs
+    padded[n_rows:, n_cols:] = forbidden
+    rows, cols = linear_sum_assignment(padded)
+    real = (rows < n_rows) & (cols < n_cols)
+    return rows[real], cols[real]

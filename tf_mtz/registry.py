@@ -1,0 +1,280 @@
+"""One registry of per-layer handlers: how tf_mtz reads, merges and rebuilds each Keras layer type.
+
+Every layer the zipper meets is looked up here, built-in layers included, so supporting a new layer type
+means registering one handler rather than touching the zipper. Two roles exist:
+
+* ``UnitLayerHandler``: layers with output units that can be shared (Dense, Conv2D). The handler exposes
+  the kernel as ``[..., inputs, units]`` plus a bias, turns a batch of layer inputs into Hessian samples,
+  and builds fresh layers of the same kind with a chosen number of units.
+* ``PassThroughHandler``: layers without weights that act on every unit on its own (pooling, dropout,
+  activations) or only re-lay out units (Flatten, Reshape). They are applied to the shared and the
+  task-specific parts of a feature separately.
+"""
+
+from __future__ import annotations
+
+import math
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class ZipError(ValueError):
+    """Raised for inputs tf_mtz cannot zip; the message names the model, layer or task at fault."""
+
+
+class LayerHandler:
+    """Base class of all handlers. Subclass `UnitLayerHandler` or `PassThroughHandler`, not this."""
+
+    role = "abstract"
+
+    def check(self, layer, model_name: str) -> None:
+        """Raises `ZipError` when this particular layer's configuration is not supported."""
+
+
+class UnitLayerHandler(LayerHandler):
+    """Handler for a layer whose output units can be shared between tasks.
+
+    The kernel is seen as an array whose last axis indexes output units and whose second-to-last axis
+    indexes input units (channels); any leading axes are spatial kernel offsets.
+    """
+
+    role = "units"
+    #: Hessian modes this layer supports; the first is its default.
+    hessian_modes = ("exact",)
+
+    def kernel_and_bias(self, layer) -> tuple[np.ndarray, np.ndarray]:
+        """Returns `(kernel, bias)` as float32 numpy arrays; a layer without bias gets zeros."""
+        kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float32)
+        use_bias = getattr(layer, "use_bias", True) and getattr(layer, "bias", None) is not None
+        bias = (np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32) if use_bias
+                else np.zeros(kernel.shape[-1], np.float32))
+        return kernel, bias
+
+    def units(self, layer) -> int:
+        return int(self.kernel_and_bias(layer)[0].shape[-1])
+
+    def activation(self, layer) -> str | dict:
+        return keras.activations.serialize(layer.activation)
+
+    def build_layer(self, template, units: int, *, use_bias: bool, activation, name: str):
+        """Returns a new, unbuilt layer like `template` with `units` outputs."""
+        raise NotImplementedError
+
+    def hessian_samples(self, template, x: tf.Tensor, mode: str) -> tf.Tensor:
+        """Maps a batch of layer inputs to a `(samples, features)` matrix whose Gram matrix is the Hessian."""
+        raise NotImplementedError
+
+    def to_blocks(self, kernel: np.ndarray, bias: np.ndarray, mode: str) -> np.ndarray:
+        """Stacks kernel and bias as `(blocks, features + 1, units)`, bias last, one block per Hessian."""
+        raise NotImplementedError
+
+    def from_blocks(self, blocks: np.ndarray, kernel_shape, mode: str) -> tuple[np.ndarray, np.ndarray]:
+        """Inverse of `to_blocks`: returns `(kernel, bias)`."""
+        raise NotImplementedError
+
+
+class PassThroughHandler(LayerHandler):
+    """Handler for a weightless layer that maps units to units.
+
+    `channelwise` layers act on each unit alone and can run on any subset of units. Layers that only
+    re-lay out units (Flatten) override `apply_to_part`.
+    """
+
+    role = "passthrough"
+    channelwise = True
+
+    def check_between_units(self, layer, model_name: str) -> None:
+        """Raises `ZipError` when the layer cannot run on shared and specific units separately."""
+
+    def apply_to_part(self, layer, x: tf.Tensor, name: str) -> tf.Tensor:
+        """Applies a copy of `layer` to `x`, a feature holding a subset of the layer's input units."""
+        config = dict(layer.get_config())
+        config["name"] = name
+        return type(layer).from_config(config)(x)
+
+
+def _activation_name(layer) -> str:
+    act = keras.activations.serialize(layer.activation)
+    return act if isinstance(act, str) else str(act.get("config", act))
+
+
+class DenseHandler(UnitLayerHandler):
+    def build_layer(self, template, units, *, use_bias, activation, name):
+        return keras.layers.Dense(units, use_bias=use_bias, activation=activation, name=name,
+                                  dtype=template.dtype_policy)
+
+    def hessian_samples(self, template, x, mode):
+        return tf.reshape(x, (-1, x.shape[-1]))
+
+    def to_blocks(self, kernel, bias, mode):
+        return np.concatenate([kernel, bias[None, :]], axis=0)[None]
+
+    def from_blocks(self, blocks, kernel_shape, mode):
+        return blocks[0, :-1].reshape(kernel_shape), blocks[0, -1]
+
+
+class Conv2DHandler(UnitLayerHandler):
+    """Conv2D, channels last, no groups.
+
+    Hessian modes: ``"patch"``, the exact Hessian of im2col patches (kh*kw*C + 1 features), and
+    ``"channel"``, the reference code's per-offset approximation ((C + 1) features shared by all kh*kw
+    kernel offsets, merged bias averaged over offsets).
+    """
+
+    hessian_modes = ("patch", "channel")
+
+    def check(self, layer, model_name):
+        if layer.data_format != "channels_last":
+            raise ZipError(f"Layer '{layer.name}' of model '{model_name}' uses data_format="
+                           f"'{layer.data_format}'; tf_mtz supports channels_last convolutions only.")
+        if getattr(layer, "groups", 1) != 1:
+            raise ZipError(f"Layer '{layer.name}' of model '{model_name}' is a grouped convolution "
+                           f"(groups={layer.groups}); grouped convolutions are not supported.")
+
+    def build_layer(self, template, units, *, use_bias, activation, name):
+        return keras.layers.Conv2D(
+            units, template.kernel_size, strides=template.strides, padding=template.padding,
+            dilation_rate=template.dilation_rate, use_bias=use_bias, activation=activation, name=name,
+            dtype=template.dtype_policy)
+
+    def hessian_samples(self, template, x, mode):
+        if mode == "channel":
+            return tf.reshape(x, (-1, x.shape[-1]))
+        kh, kw = template.kernel_size
+        patches = tf.image.extract_patches(
+            x, sizes=[1, kh, kw, 1], strides=[1, *template.strides, 1],
+            rates=[1, *template.dilation_rate, 1], padding=template.padding.upper())
+        return tf.reshape(patches, (-1, kh * kw * x.shape[-1]))
+
+    def to_blocks(self, kernel, bias, mode):
+        kh, kw, c, n = kernel.shape
+        if mode == "channel":
+            per_offset = kernel.reshape(kh * kw, c, n)
+            bias_rows = np.broadcast_to(bias, (kh * kw, 1, n))
+            return np.concatenate([per_offset, bias_rows], axis=1)
+        return np.concatenate([kernel.reshape(kh * kw * c, n), bias[None, :]], axis=0)[None]
+
+    def from_blocks(self, blocks, kernel_shape, mode):
+        if mode == "channel":
+            return blocks[:, :-1].reshape(kernel_shape), blocks[:, -1].mean(axis=0)
+        return blocks[0, :-1].reshape(kernel_shape), blocks[0, -1]
+
+
+class ChannelwiseHandler(PassThroughHandler):
+    """Pooling, dropout and element-wise activations: safe on any subset of units."""
+
+
+class SoftmaxHandler(PassThroughHandler):
+    """Softmax mixes units: allowed after a head only (the zipper checks where it sits)."""
+
+    channelwise = False
+
+
+class FlattenHandler(PassThroughHandler):
+    """Flatten keeps channels last, so unit c at position p lands on row p * C + c of the next kernel."""
+
+    channelwise = False
+
+    def apply_to_part(self, layer, x, name):
+        return keras.layers.Flatten(name=name)(x)
+
+
+class ReshapeHandler(PassThroughHandler):
+    """Reshape that keeps the channel axis last, or flattens to one axis; anything else mixes units."""
+
+    channelwise = False
+
+    def check_between_units(self, layer, model_name):
+        target = tuple(layer.target_shape)
+        in_shape = tuple(layer.input.shape[1:]) if _has_input(layer) else None
+        if in_shape is None or len(target) == 1 or target[-1] == in_shape[-1]:
+            return
+        raise ZipError(
+            f"Layer '{layer.name}' of model '{model_name}' reshapes {in_shape} to {target}, which mixes "
+            "channels; tf_mtz supports Reshape only when it keeps the last axis or flattens to one axis.")
+
+    def apply_to_part(self, layer, x, name):
+        target = tuple(layer.target_shape)
+        if len(target) == 1:
+            return keras.layers.Flatten(name=name)(x)
+        return keras.layers.Reshape(target[:-1] + (x.shape[-1],), name=name)(x)
+
+
+def _has_input(layer) -> bool:
+    try:
+        layer.input
+        return True
+    except (AttributeError, ValueError):
+        return False
+
+
+_REGISTRY: dict[type, LayerHandler] = {}
+
+
+def register_layer_handler(layer_class: type, handler: LayerHandler) -> None:
+    """Registers how tf_mtz treats a Keras layer class (built-in or custom).
+
+    The most specific registered class wins, so a handler for a subclass overrides its parent's.
+
+    Args:
+        layer_class: a `keras.layers.Layer` subclass.
+        handler: a `UnitLayerHandler` (layers with shareable output units) or `PassThroughHandler`
+            (weightless layers applied to every unit alike).
+
+    Raises:
+        TypeError: if `layer_class` is not a Keras layer class or `handler` is not a `LayerHandler`.
+
+    Example:
+
+    ```python
+    class MyDropout(keras.layers.Dropout):
+        pass
+
+    tf_mtz.register_layer_handler(MyDropout, tf_mtz.registry.ChannelwiseHandler())
+    ```
+    """
+    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+        raise TypeError(f"register_layer_handler expects a keras.layers.Layer subclass, got {layer_class!r}.")
+    if not isinstance(handler, LayerHandler) or type(handler) in (LayerHandler,):
+        raise TypeError(f"handler must be a UnitLayerHandler or PassThroughHandler, got {handler!r}.")
+    _REGISTRY[layer_class] = handler
+
+
+def handler_for(layer) -> LayerHandler | None:
+    """Returns the handler registered for `layer`'s class or its nearest registered base class."""
+    for cls in type(layer).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
+
+
+def supported_layer_names() -> list[str]:
+    return sorted(cls.__name__ for cls in _REGISTRY)
+
+
+_channelwise = ChannelwiseHandler()
+for _cls in (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Dropout,
+             keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.SpatialDropout2D,
+             keras.layers.GaussianNoise, keras.layers.GaussianDropout, keras.layers.AlphaDropout,
+             keras.layers.Identity):
+    register_layer_handler(_cls, _channelwise)
+register_layer_handler(keras.layers.Activation, ChannelwiseHandler())
+register_layer_handler(keras.layers.Softmax, SoftmaxHandler())
+register_layer_handler(keras.layers.Flatten, FlattenHandler())
+register_layer_handler(keras.layers.Reshape, ReshapeHandler())
+register_layer_handler(keras.layers.Dense, DenseHandler())
+register_layer_handler(keras.layers.Conv2D, Conv2DHandler())
+
+
+def mixes_units(layer) -> bool:
+    """True for layers that combine several units into one (softmax): allowed only after a head."""
+    handler = handler_for(layer)
+    if isinstance(handler, SoftmaxHandler):
+        return True
+    return isinstance(layer, keras.layers.Activation) and _activation_name(layer) == "softmax"
+
+
+def prod(shape) -> int:
+    return int(math.prod(int(s) for s in shape))
+

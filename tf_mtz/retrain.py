@@ -1,0 +1,265 @@
+"""Retraining: light joint training of the zipped model, one batch of every task per step.
+
+Each task's loss is computed on its own head and the losses are summed, so the gradients of shared
+weights combine all tasks. Two losses: ``"distill"`` (no labels needed: match the original model's
+logits, softened by a temperature) and ``"labels"`` (cross-entropy, or MSE for linear heads with
+float targets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_mtz import data as data_lib
+from tf_mtz import registry
+from tf_mtz.registry import ZipError
+
+LOSSES = ("distill", "labels")
+
+
+@dataclasses.dataclass
+class Retrain:
+    """How to retrain the zipped model while zipping (and with `fine_tune`).
+
+    Args:
+        data: per-task training data, `{task: x | (x, y) | tf.data.Dataset}`, or one value for all tasks.
+            With `loss="distill"` inputs alone are enough; `None` then reuses the calibration data.
+        steps_per_layer: joint steps after each zipped hidden layer.
+        final_steps: extra joint steps after the last zipped layer.
+        loss: "distill" (match the original models' logits, label-free) or "labels".
+        optimizer: a Keras optimizer name ("adam", "sgd", ...) or instance used as a template; a fresh
+            copy is made for every retraining phase.
+        learning_rate: peak learning rate of each phase.
+        schedule: "cosine" (decay to 0 over each phase) or "constant".
+        batch_size: batch size per task.
+        temperature: distillation temperature; the loss is scaled by its square.
+        seed: shuffling seed.
+
+    Example:
+
+    ```python
+    retrain = tf_mtz.Retrain(data={"a": (x_a, y_a), "b": (x_b, y_b)}, steps_per_layer=500, loss="labels")
+    zipped = tf_mtz.zip_models({"a": model_a, "b": model_b}, calibration_data=x, retrain=retrain)
+    ```
+    """
+
+    data: Any = None
+    steps_per_layer: int = 300
+    final_steps: int = 0
+    loss: str = "distill"
+    optimizer: Any = "adam"
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"
+    batch_size: int = 64
+    temperature: float = 2.0
+    seed: int = 0
+
+    def validate(self):
+        if self.loss not in LOSSES:
+            raise ZipError(f"Retrain.loss must be one of {LOSSES}, got {self.loss!r}.")
+        if self.schedule not in ("cosine", "constant"):
+            raise ZipError(f"Retrain.schedule must be 'cosine' or 'constant', got {self.schedule!r}.")
+        for name in ("steps_per_layer", "final_steps"):
+            if int(getattr(self, name)) < 0:
+                raise ZipError(f"Retrain.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.batch_size < 1 or self.learning_rate <= 0 or self.temperature <= 0:
+            raise ZipError("Retrain.batch_size, learning_rate and temperature must be positive.")
+
+
+def paper_retrain(data, steps_per_layer: int = 1000) -> Retrain:
+    """The reference code's recipe: plain SGD at lr 0.01 on labels, constant rate."""
+    return Retrain(data=data, steps_per_layer=steps_per_layer, loss="labels", optimizer="sgd",
+                   learning_rate=0.01, schedule="constant", batch_size=32)
+
+
+def _make_optimizer(retrain: Retrain, steps: int):
+    rate = retrain.learning_rate
+    if retrain.schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(steps, 1))
+    template = retrain.optimizer
+    if isinstance(template, str):
+        template = keras.optimizers.get(template)
+    return type(template).from_config({**template.get_config(), "learning_rate": rate})
+
+
+def logits_model(model: keras.Model, output) -> tuple[keras.Model, str]:
+    """Returns a model from `model`'s input to the logits behind `output`, and the activation removed.
+
+    The logits are the input of a trailing softmax/sigmoid (an Activation layer, a Softmax layer, or
+    the activation of a Dense/Conv2D head); a linear output is its own logits.
+    """
+    op = output._keras_history.operation
+    if isinstance(op, keras.layers.Softmax):
+        return keras.Model(model.inputs, op.input), "softmax"
+    if isinstance(op, keras.layers.Activation):
+        act = keras.activations.serialize(op.activation)
+        if act in ("softmax", "sigmoid"):
+            return keras.Model(model.inputs, op.input), act
+    handler = registry.handler_for(op)
+    if isinstance(handler, registry.UnitLayerHandler):
+        act = handler.activation(op)
+        if act in ("softmax", "sigmoid"):
+            kernel, bias = handler.kernel_and_bias(op)
+            linear = handler.build_layer(op, kernel.shape[-1], use_bias=True, activation=None,
+                                         name=f"{op.name}_logits")
+            logits = linear(op.input)
+            linear.set_weights([kernel, bias])
+            return keras.Model(model.inputs, logits), act
+    return keras.Model(model.inputs, output), "linear"
+
+
+def _loss_fn(kind: str, activation: str, temperature: float, labels_spec):
+    if kind == "distill":
+        t = temperature
+        if activation == "sigmoid":
+            def loss(teacher, student):
+                soft = tf.sigmoid(teacher / t)
+                return t * t * tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(soft, student / t))
+        elif activation == "softmax":
+            def loss(teacher, student):
+                soft = tf.nn.softmax(teacher / t)
+                log_student = tf.nn.log_softmax(student / t)
+                kl = tf.reduce_sum(soft * (tf.math.log(soft + 1e-12) - log_student), axis=-1)
+                return t * t * tf.reduce_mean(kl)
+        else:
+            def loss(teacher, student):
+                return tf.reduce_mean(tf.square(teacher - student))
+        return loss
+    integer_labels = labels_spec.dtype.is_integer
+    if activation == "sigmoid":
+        return lambda y, logits: tf.reduce_mean(
+            tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(tf.reshape(y, tf.shape(logits)), logits.dtype), logits))
+    if integer_labels:
+        return lambda y, logits: tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            tf.reshape(tf.cast(y, tf.int32), [-1]), logits))
+    if activation == "softmax":
+        return lambda y, logits: tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(
+            tf.cast(y, logits.dtype), logits))
+    return lambda y, logits: tf.reduce_mean(tf.square(tf.cast(tf.reshape(y, tf.shape(logits)), logits.dtype) - logits))
+
+
+class JointTrainer:
+    """Runs joint steps on per-task logits models that share layers."""
+
+    def __init__(self, students: dict, activations: dict, retrain: Retrain, datasets: dict,
+                 teachers: dict | None):
+        self.tasks = list(students)
+        self.students = students
+        self.teachers = teachers
+        self.retrain = retrain
+        self.iterators = {t: iter(datasets[t].repeat()) for t in self.tasks}
+        labels_specs = {t: (datasets[t].element_spec[1] if retrain.loss == "labels" else None)
+                        for t in self.tasks}
+        self.losses = {t: _loss_fn(retrain.loss, activations[t], retrain.temperature, labels_specs[t])
+                       for t in self.tasks}
+        seen, self.variables = set(), []
+        for model in students.values():
+            for v in model.trainable_variables:
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    self.variables.append(v)
+
+    def run(self, steps: int, label: str = "retrain", verbose: int = 1) -> float:
+        """Runs `steps` joint steps with a fresh optimizer; returns the last summed loss."""
+        if steps <= 0:
+            return float("nan")
+        optimizer = _make_optimizer(self.retrain, steps)
+        optimizer.build(self.variables)
+        distill = self.retrain.loss == "distill"
+
+        @tf.function
+        def step(batches):
+            with tf.GradientTape() as tape:
+                losses = {}
+                for t in self.tasks:
+                    x, target = batches[t]
+                    if distill:
+                        target = tf.stop_gradient(self.teachers[t](x, training=False))
+                    losses[t] = self.losses[t](target, self.students[t](x, training=True))
+                total = tf.add_n(list(losses.values()))
+            grads = tape.gradient(total, self.variables)
+            optimizer.apply_gradients(zip(grads, self.variables))
+            return total
+
+        bar = keras.utils.Progbar(steps, verbose=verbose, unit_name="step") if verbose else None
+        total = None
+        for i in range(steps):
+            batches = {}
+            for t in self.tasks:
+                element = next(self.iterators[t])
+                batches[t] = element if isinstance(element, tuple) else (element, element)
+            total = step(batches)
+            if bar is not None and (i % 20 == 0 or i == steps - 1):
+                bar.update(i + 1, values=[(f"{label} loss", float(total))])
+        loss = float(total)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"Retraining diverged ({label}: loss {loss}); lower the learning rate.")
+        return loss
+
+
+def training_datasets(retrain: Retrain, tasks: list, input_shape: tuple, fallback=None) -> dict:
+    """Per-task shuffled, batched datasets for retraining ((x, y) for labels, x for distillation)."""
+    source = retrain.data if retrain.data is not None else fallback
+    if source is None:
+        raise ZipError("Retrain needs data: give Retrain(data=...) (inputs alone are enough for distillation).")
+    per_task = data_lib.per_task(source, tasks, "Retraining data")
+    with_labels = retrain.loss == "labels"
+    out = {}
+    for i, t in enumerate(tasks):
+        value = per_task[t]
+        if not with_labels and not isinstance(value, tf.data.Dataset):
+            value = data_lib._split(value)[0]
+        ds = data_lib.as_dataset(value, t, input_shape, "Retraining data", retrain.batch_size,
+                                 with_labels=with_labels, shuffle=True, seed=retrain.seed + i)
+        out[t] = ds.prefetch(2)
+    return out
+
+
+def fine_tune(model: keras.Model, retrain: Retrain, steps: int, teachers: dict | None = None,
+              verbose: int = 1) -> keras.Model:
+    """Jointly fine-tunes a finished zipped model in place, one batch of every task per step.
+
+    Args:
+        model: a model returned by `tf_mtz.zip_models` (dict outputs keyed by task).
+        retrain: data, loss and optimizer settings; `retrain.steps_per_layer` is ignored.
+        steps: number of joint steps.
+        teachers: `{task: original keras.Model}`, required for `loss="distill"`.
+        verbose: 1 shows a progress bar.
+
+    Returns:
+        The same model, trained.
+
+    Raises:
+        ZipError: missing data, labels or teachers.
+
+    Example:
+
+    ```python
+    tf_mtz.fine_tune(zipped, tf_mtz.Retrain(data=train, loss="labels"), steps=500)
+    ```
+    """
+    retrain.validate()
+    if not isinstance(model.output, dict):
+        raise ZipError(f"Model '{model.name}' does not have dict outputs keyed by task; pass a zipped model.")
+    tasks = list(model.output)
+    if retrain.loss == "distill":
+        if not teachers:
+            raise ZipError("fine_tune with loss='distill' needs teachers={task: original model}.")
+        missing = [t for t in tasks if t not in teachers]
+        if missing:
+            raise ZipError(f"fine_tune: no teacher model for task(s) {missing}.")
+    students, activations = {}, {}
+    for t in tasks:
+        students[t], activations[t] = logits_model(model, model.output[t])
+    teacher_logits = None
+    if retrain.loss == "distill":
+        teacher_logits = {t: logits_model(teachers[t], teachers[t].outputs[0])[0] for t in tasks}
+    input_shape = tuple(model.inputs[0].shape[1:])
+    datasets = training_datasets(retrain, tasks, input_shape)
+    JointTrainer(students, activations, retrain, datasets, teacher_logits).run(steps, "fine-tune", verbose)
+    return model

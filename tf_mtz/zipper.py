@@ -1,0 +1,293 @@
+"""`zip_models`: Multi-Task Zipping, layer by layer from the input.
+
+For each hidden layer: Hessians of every task in the current, partly zipped net -> merge costs -> one-to-one
+matching -> merged weights -> re-indexed next layer -> optional joint retraining. Heads are never merged.
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+from absl import logging
+
+from tf_mtz import costs as costs_lib
+from tf_mtz import data as data_lib
+from tf_mtz import graph, matching, rebuild, report as report_lib, retrain as retrain_lib, statistics
+from tf_mtz.registry import ZipError
+
+
+def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "greedy", retrain=None, *,
+               conv_hessian: str = "patch", damping: float = 1e-2, batch_size: int = 256,
+               verbose: int = 1) -> keras.Model:
+    """Zips several trained models into one network with a shared trunk and one head per task.
+
+    Layers are zipped from the input: each task's layer-wise Hessian is measured on its calibration
+    data in the current, partly zipped network; pairs of units (one per task) are chosen by the merge
+    cost ΔE = ½ dᵀ H_A (H_A+H_B)⁻¹ H_B d and merged into one unit with weights
+    (H_A+H_B)⁻¹(H_A w_A + H_B w_B). More than two tasks are zipped one at a time against the shared
+    units. The output layers (heads) are never merged.
+
+    Args:
+        models: `{task_name: keras.Model}`, two or more Functional or Sequential models that take the
+            same input and have the same layer types in the same order (widths may differ). They are
+            not modified.
+        calibration_data: inputs for the Hessians: `{task: data}` or one value for every task, where
+            data is a numpy array, a tensor, or a `tf.data.Dataset` of x or (x, y) (batched or not).
+        sharing: fraction in [0, 1] of each hidden layer's units to share (of the narrowest task), or
+            `{layer_name: fraction | count}` with names of the first model's layers; layers not named
+            are not shared.
+        matching: "greedy" (the paper: cheapest pairs first) or "optimal" (least total cost).
+        retrain: a `tf_mtz.Retrain` for joint retraining after each zipped layer, or None.
+        conv_hessian: "patch" (exact im2col Hessian) or "channel" (the reference code's per-offset
+            approximation) for convolutions.
+        damping: λ = damping · trace(H)/dim added to each Hessian, so singular Hessians stay solvable.
+        batch_size: calibration batch size.
+        verbose: 0 silent, 1 per-layer log lines and progress bars.
+
+    Returns:
+        A plain Keras functional model with one input and outputs `{task: tensor}`. Its `zip_report`
+        attribute holds a `tf_mtz.ZipReport`.
+
+    Raises:
+        ValueError (`tf_mtz.ZipError`): mismatched or unsupported models, bad calibration data, bad
+            sharing or options; the message names the model, layer or task at fault.
+
+    Example:
+
+    ```python
+    zipped = tf_mtz.zip_models({"a": model_a, "b": model_b}, calibration_data=x_train[:10000])
+    print(zipped.zip_report)
+    probabilities = zipped.predict(x_test)["a"]
+    ```
+    """
+    started = time.perf_counter()
+    if matching not in matching_methods():
+        raise ZipError(f"matching must be one of {matching_methods()}, got {matching!r}.")
+    if conv_hessian not in ("patch", "channel"):
+        raise ZipError(f"conv_hessian must be 'patch' or 'channel', got {conv_hessian!r}.")
+    if not (isinstance(damping, (int, float)) and damping >= 0 and np.isfinite(damping)):
+        raise ZipError(f"damping must be a finite number >= 0, got {damping!r}.")
+    if retrain is not None:
+        if not isinstance(retrain, retrain_lib.Retrain):
+            raise ZipError(f"retrain must be a tf_mtz.Retrain or None, got {type(retrain).__name__}.")
+        retrain.validate()
+
+    plan = graph.read_models(models)
+    tasks = plan.tasks
+    counts = resolve_sharing(sharing, plan)
+    calibration = {t: data_lib.as_dataset(d, t, plan.input_shape, "Calibration data", batch_size)
+                   for t, d in data_lib.per_task(calibration_data, tasks, "Calibration data").items()}
+    weights_before = {t: [w.copy() for w in m.get_weights()] for t, m in models.items()}
+
+    trainer_inputs = None
+    if retrain is not None:
+        # The originals' logits are the distillation targets; their output activation picks the loss.
+        logits = {t: retrain_lib.logits_model(models[t], models[t].outputs[0]) for t in tasks}
+        teachers = {t: logits[t][0] for t in tasks} if retrain.loss == "distill" else None
+        activations = {t: logits[t][1] for t in tasks}
+        fallback = calibration_data if retrain.loss == "distill" else None
+        trainer_inputs = (teachers, activations,
+                          retrain_lib.training_datasets(retrain, tasks, plan.input_shape, fallback))
+
+    state = rebuild.ZipState.from_plan(plan)
+    layer_reports = []
+    for index, slot_plan in enumerate(plan.slots):
+        slot = state.slots[index]
+        position = slot_plan.position
+        is_head = index == len(plan.slots) - 1
+        layer_started = time.perf_counter()
+        count = 0 if is_head else counts[index]
+        if count and slot.shared_inputs == 0:
+            raise ZipError(
+                f"Layer '{position.name}' is set to share {count} units but the layer before it shares none, "
+                "so its shared units would have no shared inputs; share some units of the previous layer.")
+        chosen, samples, deficient = np.zeros(0), {t: 0 for t in tasks}, []
+        if count:
+            if verbose:
+                logging.info("Zipping layer %d/%d '%s': sharing %d units", index + 1, len(plan.slots) - 1,
+                             position.name, count)
+            chosen, hessians = _zip_layer(plan, state, index, count, calibration, matching, conv_hessian,
+                                          damping)
+            samples = {t: h.samples for t, h in hessians.items()}
+            deficient = [t for t, h in hessians.items() if h.rank_deficient]
+        seconds = time.perf_counter() - layer_started
+        loss = None
+        if count and retrain is not None and retrain.steps_per_layer:
+            loss = _retrain(plan, state, retrain, trainer_inputs, retrain.steps_per_layer,
+                            f"layer {index + 1}", verbose)
+        layer_reports.append(_layer_report(position, slot, is_head, tasks, chosen, samples, deficient,
+                                           seconds, loss))
+    if retrain is not None and retrain.final_steps:
+        layer_reports[-1].retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.final_steps,
+                                                  "final", verbose)
+
+    built = rebuild.build_model(plan, state)
+    zipped = built.model
+    for t, m in models.items():
+        if any(not np.array_equal(a, b) for a, b in zip(weights_before[t], m.get_weights())):
+            raise AssertionError(f"Internal error: zipping modified the weights of model for task '{t}'.")
+    report = report_lib.ZipReport(
+        tasks=tasks, layers=layer_reports,
+        params_original=int(sum(m.count_params() for m in models.values())),
+        params_zipped=int(zipped.count_params()),
+        params_shared=rebuild.count_shared_parameters(state),
+        settings={"sharing": sharing if not isinstance(sharing, dict) else dict(sharing),
+                  "matching": matching, "conv_hessian": conv_hessian, "damping": damping,
+                  "retrain": None if retrain is None else {
+                      k: v for k, v in vars(retrain).items() if k != "data" and not callable(v)
+                      and isinstance(v, (int, float, str))},
+                  "seconds": time.perf_counter() - started})
+    zipped.zip_report = report
+    if verbose:
+        logging.info("Zipped %d models in %.1f s\n%s", len(tasks), time.perf_counter() - started, report)
+    return zipped
+
+
+def matching_methods():
+    return matching.MATCHINGS
+
+
+def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
+    """Turns `sharing` into a number of shared units per hidden layer.
+
+    Raises:
+        ZipError: fractions outside [0, 1], counts above the narrowest task's width, unknown layer names.
+    """
+    hidden = plan.hidden_slots
+    widths = [min(s.position.handler.units(layer) for layer in s.position.layers.values()) for s in hidden]
+
+    def to_count(value, width, where):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ZipError(f"sharing{where} must be a fraction in [0, 1] or a unit count, got {value!r}.")
+        if isinstance(value, (float, np.floating)):
+            if not 0.0 <= value <= 1.0:
+                raise ZipError(f"sharing{where} must be in [0, 1], got {value}.")
+            return int(round(value * width))
+        if not 0 <= value <= width:
+            raise ZipError(f"sharing{where} asks for {value} shared units, but the narrowest model has {width}.")
+        return int(value)
+
+    if not isinstance(sharing, dict):
+        if isinstance(sharing, (int, np.integer)) and not isinstance(sharing, bool) and sharing in (0, 1):
+            sharing = float(sharing)
+        if not isinstance(sharing, (float, np.floating)):
+            raise ZipError(f"sharing must be a fraction in [0, 1] or a dict {{layer_name: fraction | count}}, "
+                           f"got {sharing!r}.")
+        return [to_count(sharing, w, "") for w in widths]
+
+    names = {}
+    for i, slot in enumerate(hidden):
+        for layer in slot.position.layers.values():
+            names.setdefault(layer.name, i)
+    heads = {layer.name for layer in plan.slots[-1].position.layers.values()}
+    counts = [0] * len(hidden)
+    for name, value in sharing.items():
+        if name in heads:
+            raise ZipError(f"sharing names '{name}', an output layer; output layers are never shared.")
+        if name not in names:
+            raise ZipError(f"sharing names layer '{name}', which is not a hidden Dense/Conv2D layer of the "
+                           f"models; hidden layers: {[s.position.name for s in hidden]}.")
+        i = names[name]
+        counts[i] = to_count(value, widths[i], f"['{name}']")
+    return counts
+
+
+def _zip_layer(plan, state, index, count, calibration, matching_method, conv_hessian, damping):
+    """Zips one hidden layer in `state`; returns the chosen pair costs and the per-task Hessians."""
+    tasks = plan.tasks
+    slot = state.slots[index]
+    position = plan.slots[index].position
+    handler = position.handler
+    mode = conv_hessian if conv_hessian in handler.hessian_modes else handler.hessian_modes[0]
+    built = rebuild.build_model(plan, state, name="probe")
+    hessians = {}
+    for t in tasks:
+        probe = keras.Model(built.model.inputs, built.taps[index][t])
+        template = position.layers[t]
+        hessians[t] = statistics.layer_hessian(
+            probe, calibration[t], lambda x, template=template: handler.hessian_samples(template, x, mode),
+            task=t, layer_name=position.name, is_first_layer=index == 0)
+    rows = slot.shared_rows
+    blocks = {t: handler.to_blocks(slot.kernels[t][..., :rows, :], slot.biases[t], mode) for t in tasks}
+    damped = {t: statistics.damped(hessians[t].matrix, damping) for t in tasks}
+
+    first, second = tasks[0], tasks[1]
+    cost = costs_lib.cost_matrix(blocks[first], blocks[second], damped[first], damped[second])
+    pick_first, pick_second = matching.match(cost, count, matching_method)
+    chosen = [cost[pick_first, pick_second]]
+    orders = {first: pick_first, second: pick_second}
+    merged = costs_lib.merged_weights(blocks[first][:, :, pick_first], blocks[second][:, :, pick_second],
+                                      damped[first], damped[second])
+    accumulated = damped[first] + damped[second]
+    for t in tasks[2:]:
+        # Further tasks are matched against the shared units: the merged unit's Hessian is the sum.
+        cost = costs_lib.cost_matrix(merged, blocks[t], accumulated, damped[t])
+        shared_index, picks = matching.match(cost, count, matching_method)
+        order = np.empty(count, np.int64)
+        order[shared_index] = picks
+        chosen.append(cost[shared_index, picks])
+        orders[t] = order
+        merged = costs_lib.merged_weights(merged, blocks[t][:, :, order], accumulated, damped[t])
+        accumulated = accumulated + damped[t]
+
+    kernel_shape = slot.kernels[first][..., :rows, :count].shape
+    merged_kernel, merged_bias = handler.from_blocks(merged, kernel_shape, mode)
+    following = state.slots[index + 1]
+    for t in tasks:
+        units = slot.units(t)
+        rest = np.setdiff1d(np.arange(units), orders[t], assume_unique=True)
+        permutation = np.concatenate([orders[t], rest]).astype(np.int64)
+        slot.kernels[t] = slot.kernels[t][..., permutation]
+        slot.biases[t] = slot.biases[t][permutation]
+        slot.kernels[t][..., :rows, :count] = merged_kernel
+        slot.biases[t][:count] = merged_bias
+        following.kernels[t] = following.kernels[t][..., _row_order(permutation, count,
+                                                                   following.rows_per_input_unit), :]
+    slot.shared = count
+    following.shared_inputs = count
+    return np.concatenate(chosen), hessians
+
+
+def _row_order(permutation: np.ndarray, shared: int, rows_per_unit: int) -> np.ndarray:
+    """Kernel row order of the next layer: shared units' rows first, each part position-major.
+
+    A Flatten of a channels-last feature puts unit c at position p on row p * C + c; flattening the shared
+    and the specific channels separately gives [p * C + perm[c] for p, for c < shared] then the rest.
+    """
+    units = permutation.size
+    positions = np.arange(rows_per_unit)[:, None] * units
+    shared_rows = (positions + permutation[None, :shared]).reshape(-1)
+    specific_rows = (positions + permutation[None, shared:]).reshape(-1)
+    return np.concatenate([shared_rows, specific_rows])
+
+
+def _retrain(plan, state, retrain, trainer_inputs, steps, label, verbose):
+    teachers, activations, datasets = trainer_inputs
+    built = rebuild.build_model(plan, state, name="retrain")
+    students = {t: keras.Model(built.model.inputs, built.logits[t]) for t in plan.tasks}
+    trainer = retrain_lib.JointTrainer(students, activations, retrain, datasets, teachers)
+    loss = trainer.run(steps, label, verbose)
+    rebuild.read_back(state, built)
+    return loss
+
+
+def _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, seconds, loss):
+    spatial = {t: int(np.prod(slot.kernels[t].shape[:-2])) for t in tasks}
+    rows = {t: slot.kernels[t].shape[-2] for t in tasks}
+    before = sum(spatial[t] * rows[t] * slot.units(t) + slot.units(t) for t in tasks)
+    k, shared_rows = slot.shared, slot.shared_rows
+    after = 0
+    if k:
+        t0 = tasks[0]
+        after += spatial[t0] * shared_rows * k + k
+        after += sum(spatial[t] * (rows[t] - shared_rows) * k for t in tasks)
+    after += sum(spatial[t] * rows[t] * (slot.units(t) - k) + (slot.units(t) - k) for t in tasks)
+    return report_lib.LayerReport(
+        name=position.name, kind=type(position.layers[tasks[0]]).__name__, head=is_head,
+        units={t: slot.units(t) for t in tasks}, shared=k,
+        cost_sum=float(np.sum(chosen)) if len(chosen) else 0.0,
+        cost_max=float(np.max(chosen)) if len(chosen) else 0.0,
+        params_before=int(before), params_after=int(after), calibration_samples=samples,
+        rank_deficient=deficient, seconds=seconds, retrain_loss=loss)
