@@ -22,6 +22,8 @@ class LayerReport:
         rank_deficient: tasks whose Hessian had fewer samples than dimensions.
         seconds: time spent on statistics, costs, matching and merging.
         retrain_loss: summed joint loss at the end of this layer's retraining, if any.
+        shared_units: `{task: [unit index in that task's original layer]}`, in shared-unit order: shared
+            unit i merges unit `shared_units[t][i]` of every task t.
     """
 
     name: str
@@ -37,6 +39,7 @@ class LayerReport:
     rank_deficient: list
     seconds: float
     retrain_loss: float | None = None
+    shared_units: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

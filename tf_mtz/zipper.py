@@ -103,12 +103,12 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
             raise ZipError(
                 f"Layer '{position.name}' is set to share {count} units but the layer before it shares none, "
                 "so its shared units would have no shared inputs; share some units of the previous layer.")
-        chosen, samples, deficient = np.zeros(0), {t: 0 for t in tasks}, []
+        chosen, samples, deficient, shared_units = np.zeros(0), {t: 0 for t in tasks}, [], {}
         if count:
             if verbose:
                 logging.info("Zipping layer %d/%d '%s': sharing %d units", index + 1, len(plan.slots) - 1,
                              position.name, count)
-            chosen, hessians = _zip_layer(plan, state, index, count, calibration, matching, conv_hessian,
+            chosen, hessians, shared_units = _zip_layer(plan, state, index, count, calibration, matching, conv_hessian,
                                           damping)
             samples = {t: h.samples for t, h in hessians.items()}
             deficient = [t for t, h in hessians.items() if h.rank_deficient]
@@ -118,7 +118,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
             loss = _retrain(plan, state, retrain, trainer_inputs, retrain.steps_per_layer,
                             f"layer {index + 1}", verbose)
         layer_reports.append(_layer_report(position, slot, is_head, tasks, chosen, samples, deficient,
-                                           seconds, loss))
+                                           seconds, loss, shared_units))
     if retrain is not None and retrain.final_steps:
         layer_reports[-1].retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.final_steps,
                                                   "final", verbose)
@@ -247,7 +247,7 @@ def _zip_layer(plan, state, index, count, calibration, matching_method, conv_hes
                                                                    following.rows_per_input_unit), :]
     slot.shared = count
     following.shared_inputs = count
-    return np.concatenate(chosen), hessians
+    return np.concatenate(chosen), hessians, {t: orders[t].tolist() for t in tasks}
 
 
 def _row_order(permutation: np.ndarray, shared: int, rows_per_unit: int) -> np.ndarray:
@@ -273,7 +273,7 @@ def _retrain(plan, state, retrain, trainer_inputs, steps, label, verbose):
     return loss
 
 
-def _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, seconds, loss):
+def _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, seconds, loss, shared_units):
     spatial = {t: int(np.prod(slot.kernels[t].shape[:-2])) for t in tasks}
     rows = {t: slot.kernels[t].shape[-2] for t in tasks}
     before = sum(spatial[t] * rows[t] * slot.units(t) + slot.units(t) for t in tasks)
@@ -290,4 +290,4 @@ def _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, se
         cost_sum=float(np.sum(chosen)) if len(chosen) else 0.0,
         cost_max=float(np.max(chosen)) if len(chosen) else 0.0,
         params_before=int(before), params_after=int(after), calibration_samples=samples,
-        rank_deficient=deficient, seconds=seconds, retrain_loss=loss)
+        rank_deficient=deficient, seconds=seconds, retrain_loss=loss, shared_units=shared_units)

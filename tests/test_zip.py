@@ -1,0 +1,179 @@
+"""End-to-end behaviour of zip_models on small models."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_mtz
+from conftest import mlp, permuted_copy, small_cnn
+
+
+def predict(model, x):
+    return model.predict(x, verbose=0, batch_size=512)
+
+
+@pytest.mark.parametrize("builder,shape", [(mlp, (20,)), (small_cnn, (12, 12, 1))])
+@pytest.mark.parametrize("sharing", [1.0, 0.5])
+def test_permuted_copy_reproduces_outputs_and_costs_vanish(rng, builder, shape, sharing):
+    model = builder("a")
+    copy, perms = permuted_copy(model, seed=1)
+    x = rng.normal(size=(400,) + shape).astype("float32")
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=sharing, verbose=0)
+    expected = predict(model, x)
+    outputs = predict(zipped, x)
+    for task in ("a", "b"):
+        np.testing.assert_allclose(outputs[task], expected, atol=1e-5)
+    report = zipped.zip_report
+    hidden = [layer for layer in report.layers if not layer.head]
+    for layer, perm in zip(hidden, perms):
+        assert layer.shared == round(sharing * layer.units["a"])
+        assert layer.cost_max <= 1e-5 * max(1.0, layer.cost_sum + 1.0)
+        # Shared unit i merges unit i of A with the unit of B that is a copy of it.
+        np.testing.assert_array_equal(np.argsort(perm)[layer.shared_units["a"]], layer.shared_units["b"])
+
+
+def test_three_models_with_different_widths_and_heads(rng):
+    a = small_cnn("a", filters=(6, 8), dense=20, classes=10, seed=0)
+    b = small_cnn("b", filters=(7, 9), dense=24, classes=3, seed=1)
+    c = small_cnn("c", filters=(6, 10), dense=22, classes=4, seed=2)
+    x = rng.normal(size=(300, 12, 12, 1)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": a, "b": b, "c": c}, x, sharing=1.0, verbose=0)
+    out = predict(zipped, x[:10])
+    assert {k: v.shape for k, v in out.items()} == {"a": (10, 10), "b": (10, 3), "c": (10, 4)}
+    assert all(np.isfinite(v).all() for v in out.values())
+    assert [layer.shared for layer in zipped.zip_report.layers] == [6, 8, 20, 0]
+    assert zipped.zip_report.params_zipped == zipped.count_params()
+    assert sum(layer.params_after for layer in zipped.zip_report.layers) == zipped.count_params()
+
+
+def test_three_permuted_copies_reproduce_outputs(rng):
+    model = mlp("a", widths=(12, 10))
+    b, _ = permuted_copy(model, seed=1)
+    c, _ = permuted_copy(model, seed=2)
+    x = rng.normal(size=(300, 20)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": model, "b": b, "c": c}, x, matching="optimal", verbose=0)
+    out = predict(zipped, x)
+    for task in "abc":
+        np.testing.assert_allclose(out[task], predict(model, x), atol=1e-5)
+
+
+def test_fully_shared_prefix_is_one_trunk_and_partial_layers_share_weights(rng):
+    a, b = mlp("a", widths=(16, 12, 8, 6), seed=0), mlp("b", widths=(16, 12, 8, 6), seed=1)
+    x = rng.normal(size=(200, 20)).astype("float32")
+    sharing = {"fc1": 1.0, "fc2": 0.5, "fc3": 1.0, "fc4": 1.0}
+    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, sharing=sharing, verbose=0)
+    names = [layer.name for layer in zipped.layers]
+    assert "fc1_shared" in names and "a_fc1" not in names and "b_fc1" not in names
+    # fc1 and the shared half of fc2 read only the common trunk: computed once for both tasks.
+    assert len(zipped.get_layer("fc1_shared")._inbound_nodes) == 1
+    assert len(zipped.get_layer("fc2_shared")._inbound_nodes) == 1
+    # fc3's shared units also get each task's own fc2 units, added per task ...
+    assert len(zipped.get_layer("fc3_shared")._inbound_nodes) == 1
+    assert {"a_fc3_into_shared", "b_fc3_into_shared", "a_fc2", "b_fc2"} <= set(names)
+    # ... so from there on the shared weights run on two branches.
+    assert len(zipped.get_layer("fc4_shared")._inbound_nodes) == 2
+    assert zipped.zip_report.params_zipped == zipped.count_params()
+
+
+def test_inputs_untouched_and_keras_round_trip_without_custom_objects(rng, tmp_path):
+    a, b = small_cnn("a", seed=0), small_cnn("b", seed=1)
+    before = [w.copy() for m in (a, b) for w in m.get_weights()]
+    x = rng.normal(size=(200, 12, 12, 1)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, matching="optimal", verbose=0)
+    after = [w for m in (a, b) for w in m.get_weights()]
+    assert all(np.array_equal(u, v) for u, v in zip(before, after))
+    path = str(tmp_path / "zipped.keras")
+    zipped.save(path)
+    loaded = keras.models.load_model(path)
+    for task, value in predict(zipped, x).items():
+        np.testing.assert_array_equal(predict(loaded, x)[task], value)
+    standard = {cls.__module__.split(".")[0] for cls in map(type, loaded.layers)}
+    assert standard == {"keras"}
+
+
+def test_optimal_matching_total_cost_not_above_greedy(rng):
+    a, b = mlp("a", widths=(30,), seed=0), mlp("b", widths=(30,), seed=5)
+    x = rng.normal(size=(500, 20)).astype("float32")
+    greedy = tf_mtz.zip_models({"a": a, "b": b}, x, matching="greedy", verbose=0).zip_report
+    optimal = tf_mtz.zip_models({"a": a, "b": b}, x, matching="optimal", verbose=0).zip_report
+    assert optimal.layers[0].cost_sum <= greedy.layers[0].cost_sum + 1e-6
+    assert greedy.layers[0].cost_sum > 0
+
+
+def test_reported_cost_equals_measured_preactivation_error_undamped(rng):
+    """Zipping a linear hidden layer: report.cost_sum is ½ Σ_tasks E‖z_zipped − z_task‖² on the data."""
+    a = mlp("a", widths=(10,), activation="linear", seed=0)
+    b = mlp("b", widths=(10,), activation="linear", seed=1)
+    x_a = rng.normal(size=(2000, 20)).astype("float32")
+    x_b = (rng.normal(size=(2000, 20)) * 2 + 0.3).astype("float32")
+    zipped = tf_mtz.zip_models({"a": a, "b": b}, {"a": x_a, "b": x_b}, damping=0.0, verbose=0)
+    layer = zipped.zip_report.layers[0]
+    shared = keras.Model(zipped.inputs, zipped.get_layer("fc1_shared").output)
+    measured = 0.0
+    for task, model, x in (("a", a, x_a), ("b", b, x_b)):
+        original = keras.Model(model.inputs, model.get_layer("fc1").output)
+        z = predict(original, x)[:, layer.shared_units[task]]
+        measured += 0.5 * np.mean(np.sum((predict(shared, x) - z) ** 2, axis=1))
+    np.testing.assert_allclose(layer.cost_sum, measured, rtol=2e-3)
+
+
+def test_tflite_and_saved_model_match_keras(rng, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    # fc is wide enough (>1024 weights) for dynamic-range quantization to touch it.
+    a, b = small_cnn("a", dense=200, seed=0), small_cnn("b", dense=200, classes=4, seed=1)
+    x = rng.normal(size=(64, 12, 12, 1)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, sharing=0.75, verbose=0)
+    expected = predict(zipped, x)
+    path = str(tmp_path / "z.tflite")
+    size = tf_mtz.export_tflite(zipped, path)
+    assert size > 0
+    runner = Interpreter(model_path=path).get_signature_runner("serving_default")
+    outputs = runner(image=x)
+    assert set(outputs) == {"a", "b"}
+    for task in ("a", "b"):
+        np.testing.assert_allclose(outputs[task], expected[task], atol=1e-5)
+    with pytest.raises(FileExistsError):
+        tf_mtz.export_tflite(zipped, path)
+    dynamic = str(tmp_path / "z_dynamic.tflite")
+    assert tf_mtz.export_tflite(zipped, dynamic, quantization="dynamic") < size
+
+    saved = tf_mtz.export_saved_model(zipped, str(tmp_path / "serving" / "zipped" / "1"))
+    signature = tf.saved_model.load(saved).signatures["serving_default"]
+    served = signature(image=tf.constant(x))
+    for task in ("a", "b"):
+        np.testing.assert_allclose(served[task].numpy(), expected[task], atol=1e-5)
+
+
+def test_retraining_and_fine_tune_reduce_distillation_gap(rng):
+    a, b = mlp("a", seed=0), mlp("b", seed=1)
+    x = rng.normal(size=(2000, 20)).astype("float32")
+    teacher = {t: predict(m, x) for t, m in (("a", a), ("b", b))}
+
+    def gap(model):
+        out = predict(model, x)
+        return sum(np.mean(np.abs(out[t] - teacher[t])) for t in teacher)
+
+    raw = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0)
+    retrained = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0,
+                                  retrain=tf_mtz.Retrain(steps_per_layer=150, learning_rate=3e-3))
+    assert gap(retrained) < 0.7 * gap(raw)
+    losses = [layer.retrain_loss for layer in retrained.zip_report.layers if not layer.head]
+    assert all(np.isfinite(losses))
+    before = gap(raw)
+    tf_mtz.fine_tune(raw, tf_mtz.Retrain(data=x, learning_rate=3e-3), steps=200, teachers={"a": a, "b": b},
+                     verbose=0)
+    assert gap(raw) < 0.7 * before
+
+
+def test_label_retraining_improves_accuracy(rng):
+    a, b = mlp("a", seed=0), mlp("b", seed=1)
+    x = rng.normal(size=(3000, 20)).astype("float32")
+    w = rng.normal(size=(20, 5))
+    y = np.argmax(x @ w, axis=1)
+    retrain = tf_mtz.Retrain(data=(x, y), steps_per_layer=200, loss="labels", learning_rate=3e-3)
+    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, retrain=retrain, verbose=0)
+    out = predict(zipped, x)
+    assert np.mean(np.argmax(out["a"], 1) == y) > 0.6
+    assert np.mean(np.argmax(out["b"], 1) == y) > 0.6

@@ -1,0 +1,56 @@
+"""The paper's MNIST networks, trained once and cached."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+
+from mnist_data import cache_dir
+
+
+def lenet_300_100(name: str) -> keras.Model:
+    inputs = keras.Input((784,), name="image")
+    h = keras.layers.Dense(300, activation="relu", name="fc1")(inputs)
+    h = keras.layers.Dense(100, activation="relu", name="fc2")(h)
+    outputs = keras.layers.Dense(10, activation="softmax", name="logits")(h)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def lenet_5(name: str, classes: int = 10) -> keras.Model:
+    inputs = keras.Input((784,), name="image")
+    h = keras.layers.Reshape((28, 28, 1))(inputs)
+    h = keras.layers.Conv2D(20, 5, activation="relu", name="conv1")(h)
+    h = keras.layers.MaxPooling2D(name="pool1")(h)
+    h = keras.layers.Conv2D(50, 5, activation="relu", name="conv2")(h)
+    h = keras.layers.MaxPooling2D(name="pool2")(h)
+    h = keras.layers.Flatten(name="flatten")(h)
+    h = keras.layers.Dense(500, activation="relu", name="fc1")(h)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="logits")(h)
+    return keras.Model(inputs, outputs, name=name)
+
+
+ARCHITECTURES = {"lenet300": lenet_300_100, "lenet5": lenet_5}
+
+
+def trained_model(arch: str, seed: int, x: np.ndarray, y: np.ndarray, epochs: int, tag: str = "all",
+                  verbose: int = 0) -> keras.Model:
+    """Trains (or loads from the cache) one base model with Adam; `tag` names the training subset."""
+    path = os.path.join(cache_dir(), f"{arch}_{tag}_seed{seed}_e{epochs}.keras")
+    if os.path.exists(path):
+        return keras.models.load_model(path)
+    keras.utils.set_random_seed(seed)
+    model = ARCHITECTURES[arch](f"{arch}_{tag}_seed{seed}")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    model.fit(x, y, batch_size=128, epochs=epochs, verbose=verbose, shuffle=True)
+    tmp = path + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+    return model
+
+
+def error_percent(predict, x: np.ndarray, y: np.ndarray) -> float:
+    """Test error in percent of `predict(x) -> probabilities`."""
+    return float(np.mean(np.argmax(predict(x), axis=-1) != y) * 100.0)
