@@ -164,6 +164,13 @@ def read_models(models: dict) -> ZipPlan:
 
     head_index = {t: max(i for i, h in enumerate(handlers[t]) if h.role == "units") for t in tasks}
     for task in tasks[1:]:
+        for i in range(min(head_index[task], head_index[first]) + 1):
+            ref, other = chains[first][i], chains[task][i]
+            if type(other) is not type(ref):
+                raise ZipError(
+                    f"Layer '{other.name}' ({type(other).__name__}) of model '{names[task]}' (task '{task}') "
+                    f"sits where model '{names[first]}' (task '{first}') has '{ref.name}' "
+                    f"({type(ref).__name__}); the models must have the same layer types in the same order.")
         if head_index[task] != head_index[first]:
             raise ZipError(
                 f"Model '{names[task]}' (task '{task}') has {head_index[task] + 1} layers up to its output "
@@ -176,11 +183,6 @@ def read_models(models: dict) -> ZipPlan:
         is_head = i == head_index[first]
         for task in tasks[1:]:
             other = layers[task]
-            if type(other) is not type(ref):
-                raise ZipError(
-                    f"Layer '{other.name}' ({type(other).__name__}) of model '{names[task]}' (task '{task}') "
-                    f"sits where model '{names[first]}' (task '{first}') has '{ref.name}' "
-                    f"({type(ref).__name__}); the models must have the same layer types in the same order.")
             if not is_head and _comparable_config(other) != _comparable_config(ref):
                 raise ZipError(
                     f"Layer '{other.name}' of model '{names[task]}' (task '{task}') is configured differently "

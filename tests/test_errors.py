@@ -1,0 +1,146 @@
+"""Bad input gets a ValueError (tf_mtz.ZipError) that names the model, layer or task at fault."""
+
+import keras
+import numpy as np
+import pytest
+
+import tf_mtz
+from conftest import mlp, small_cnn
+
+
+@pytest.fixture
+def pair():
+    return mlp("model_a", seed=0), mlp("model_b", seed=1)
+
+
+@pytest.fixture
+def x(rng):
+    return rng.normal(size=(100, 20)).astype("float32")
+
+
+def zip_raises(match, models, data, **kwargs):
+    with pytest.raises(ValueError, match=match):
+        tf_mtz.zip_models(models, data, verbose=0, **kwargs)
+
+
+def test_different_depths(pair, x):
+    deeper = mlp("deeper", widths=(24, 16, 8))
+    zip_raises(r"'deeper'.*4 layers with units.*'model_a'.*3", {"a": pair[0], "b": deeper}, x)
+
+
+def test_different_layer_types_at_same_position(pair, x):
+    inp = keras.Input((20,))
+    h = keras.layers.Dense(24, activation="relu", name="fc1")(inp)
+    h = keras.layers.Dropout(0.1, name="odd_dropout")(h)
+    h = keras.layers.Dense(16, activation="relu", name="fc2")(h)
+    out = keras.layers.Dense(5, activation="softmax")(h)
+    other = keras.Model(inp, out, name="with_dropout")
+    zip_raises(r"'odd_dropout' \(Dropout\).*'with_dropout'.*'fc2' \(Dense\)", {"a": pair[0], "b": other}, x)
+
+
+def test_different_input_shapes(pair, x):
+    other = mlp("wide_input", inputs=30)
+    zip_raises(r"'wide_input'.*\(30,\).*'model_a'.*\(20,\)", {"a": pair[0], "b": other}, x)
+
+
+def test_unsupported_layer_named_with_how_to_register(pair, x):
+    inp = keras.Input((20,))
+    h = keras.layers.Dense(24, name="fc1")(inp)
+    h = keras.layers.LayerNormalization(name="norm")(h)
+    h = keras.layers.Dense(16, name="fc2")(h)
+    out = keras.layers.Dense(5)(h)
+    odd = keras.Model(inp, out, name="odd")
+    zip_raises(r"'norm' \(LayerNormalization\) of model 'odd' is not supported.*Dense.*register_layer_handler",
+               {"a": odd, "b": pair[1]}, x)
+
+
+def test_empty_calibration_data(pair):
+    zip_raises(r"Calibration data for task 'a' is empty", dict(a=pair[0], b=pair[1]),
+               {"a": np.zeros((0, 20), "float32"), "b": np.ones((5, 20), "float32")})
+
+
+def test_nan_in_calibration_data(pair, x):
+    bad = x.copy()
+    bad[3, 4] = np.nan
+    zip_raises(r"task 'b' contains NaN or Inf", dict(a=pair[0], b=pair[1]), {"a": x, "b": bad})
+
+
+def test_nan_in_calibration_dataset(pair, x):
+    import tensorflow as tf
+
+    bad = x.copy()
+    bad[3, 4] = np.inf
+    zip_raises(r"task 'a' contains NaN or Inf", dict(a=pair[0], b=pair[1]),
+               {"a": tf.data.Dataset.from_tensor_slices(bad), "b": x})
+
+
+def test_wrong_calibration_shape(pair, rng):
+    zip_raises(r"task 'a' has samples of shape \(21,\); the models take \(20,\)", dict(a=pair[0], b=pair[1]),
+               rng.normal(size=(10, 21)))
+
+
+@pytest.mark.parametrize("sharing", [1.5, -0.1, {"fc1": 2.0}])
+def test_sharing_outside_unit_interval(pair, x, sharing):
+    zip_raises(r"sharing.*must be in \[0, 1\]", dict(a=pair[0], b=pair[1]), x, sharing=sharing)
+
+
+def test_sharing_unknown_layer_and_head(pair, x):
+    zip_raises(r"names layer 'fc9'.*hidden layers: \['fc1', 'fc2'\]", dict(a=pair[0], b=pair[1]), x,
+               sharing={"fc9": 1.0})
+    zip_raises(r"'head', an output layer", dict(a=pair[0], b=pair[1]), x, sharing={"head": 1.0})
+    zip_raises(r"asks for 30 shared units, but the narrowest model has 24", dict(a=pair[0], b=pair[1]), x,
+               sharing={"fc1": 30})
+
+
+def test_bad_task_names_and_model_counts(pair, x):
+    zip_raises(r"at least two", {"a": pair[0]}, x)
+    zip_raises(r"'not valid' is not a valid identifier", {"not valid": pair[0], "b": pair[1]}, x)
+    zip_raises(r"same model object", {"a": pair[0], "b": pair[0]}, x)
+    zip_raises(r"no data for task\(s\) \['b'\]", {"a": pair[0], "b": pair[1]}, {"a": x})
+
+
+def test_subclassed_and_unbuilt_models(pair, x):
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__(name="sub")
+            self.d = keras.layers.Dense(5)
+
+        def call(self, inputs):
+            return self.d(inputs)
+
+    zip_raises(r"'sub'.*subclassed.*Functional or Sequential", {"a": pair[0], "b": Sub()}, x)
+    unbuilt = keras.Sequential([keras.layers.Dense(24), keras.layers.Dense(16), keras.layers.Dense(5)],
+                               name="unbuilt")
+    zip_raises(r"'unbuilt'.*not built", {"a": pair[0], "b": unbuilt}, x)
+
+
+def test_options_validated(pair, x):
+    zip_raises(r"matching must be one of", dict(a=pair[0], b=pair[1]), x, matching="hungarian")
+    zip_raises(r"conv_hessian must be", dict(a=pair[0], b=pair[1]), x, conv_hessian="full")
+    zip_raises(r"damping must be", dict(a=pair[0], b=pair[1]), x, damping=-1.0)
+    zip_raises(r"Retrain.loss must be one of", dict(a=pair[0], b=pair[1]), x,
+               retrain=tf_mtz.Retrain(loss="mse"))
+    zip_raises(r"Retraining data for task 'a' has no labels", dict(a=pair[0], b=pair[1]), x,
+               retrain=tf_mtz.Retrain(data=x, loss="labels"))
+
+
+def test_branching_and_mismatched_activation(pair, x):
+    inp = keras.Input((20,))
+    h1 = keras.layers.Dense(24, name="fc1")(inp)
+    h2 = keras.layers.Dense(24, name="side")(inp)
+    h = keras.layers.Add(name="merge")([h1, h2])
+    out = keras.layers.Dense(5)(keras.layers.Dense(16)(h))
+    zip_raises(r"'merge'.*takes 2 inputs", {"a": keras.Model(inp, out, name="branchy"), "b": pair[1]}, x)
+    tanh = mlp("tanh_model", activation="tanh")
+    zip_raises(r"'fc1' of model 'tanh_model'.*configured differently", {"a": pair[0], "b": tanh}, x)
+
+
+def test_singular_hessian_from_constant_inputs_gives_finite_model(rng):
+    a, b = small_cnn("a", seed=0), small_cnn("b", seed=1)
+    x = np.zeros((50, 12, 12, 1), "float32")
+    x[:, 4:8, 4:8] = rng.random((50, 4, 4, 1))  # border pixels always zero: singular Hessians
+    for damping in (0.0, 1e-2):
+        zipped = tf_mtz.zip_models({"a": a, "b": b}, x, damping=damping, verbose=0)
+        out = zipped.predict(x, verbose=0)
+        assert all(np.isfinite(v).all() for v in out.values())
+        assert all(np.isfinite(w).all() for w in zipped.get_weights())
