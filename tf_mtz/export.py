@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from tf_mtz.registry import ZipError
 
 QUANTIZATIONS = (None, "dynamic")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """SavedModel writing and TFLite conversion log pages of INFO lines; users want the result."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _serving_fn(model: keras.Model):
@@ -60,11 +73,11 @@ def export_saved_model(model: keras.Model, path: str, overwrite: bool = False) -
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=".tf_mtz_export_")
     try:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        serve = _serving_fn(model)
-        archive.add_endpoint("serving_default", serve)
-        archive.write_out(staging, verbose=False)
+        with _quiet():
+            archive = keras.export.ExportArchive()
+            archive.track(model)
+            archive.add_endpoint("serving_default", _serving_fn(model))
+            archive.write_out(staging, verbose=False)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(staging, path)
@@ -78,7 +91,7 @@ def tflite_bytes(model: keras.Model, quantization: str | None = None) -> bytes:
     """Converts `model` to a TFLite flatbuffer (see `export_tflite`) and returns its bytes."""
     if quantization not in QUANTIZATIONS:
         raise ZipError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
         saved = export_saved_model(model, os.path.join(tmp, "saved"))
         converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=["serving_default"])
         if quantization == "dynamic":

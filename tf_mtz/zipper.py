@@ -10,7 +10,7 @@ import time
 
 import keras
 import numpy as np
-from absl import logging
+from keras.src.utils import io_utils
 
 from tf_mtz import costs as costs_lib
 from tf_mtz import data as data_lib
@@ -106,8 +106,8 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
         chosen, samples, deficient, shared_units = np.zeros(0), {t: 0 for t in tasks}, [], {}
         if count:
             if verbose:
-                logging.info("Zipping layer %d/%d '%s': sharing %d units", index + 1, len(plan.slots) - 1,
-                             position.name, count)
+                io_utils.print_msg(f"tf_mtz: zipping layer {index + 1}/{len(plan.slots) - 1} '{position.name}': "
+                                   f"sharing {count} units")
             chosen, hessians, shared_units = _zip_layer(plan, state, index, count, calibration, matching, conv_hessian,
                                           damping)
             samples = {t: h.samples for t, h in hessians.items()}
@@ -141,7 +141,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
                   "seconds": time.perf_counter() - started})
     zipped.zip_report = report
     if verbose:
-        logging.info("Zipped %d models in %.1f s\n%s", len(tasks), time.perf_counter() - started, report)
+        io_utils.print_msg(f"tf_mtz: zipped {len(tasks)} models in {time.perf_counter() - started:.1f} s")
     return zipped
 
 
