@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import tf_mtz
 from conftest import mlp, permuted_copy, small_cnn
@@ -116,34 +115,6 @@ def test_reported_cost_equals_measured_preactivation_error_undamped(rng):
         z = predict(original, x)[:, layer.shared_units[task]]
         measured += 0.5 * np.mean(np.sum((predict(shared, x) - z) ** 2, axis=1))
     np.testing.assert_allclose(layer.cost_sum, measured, rtol=2e-3)
-
-
-def test_tflite_and_saved_model_match_keras(rng, tmp_path):
-    from ai_edge_litert.interpreter import Interpreter
-
-    # fc is wide enough (>1024 weights) for dynamic-range quantization to touch it.
-    a, b = small_cnn("a", dense=200, seed=0), small_cnn("b", dense=200, classes=4, seed=1)
-    x = rng.normal(size=(64, 12, 12, 1)).astype("float32")
-    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, sharing=0.75, verbose=0)
-    expected = predict(zipped, x)
-    path = str(tmp_path / "z.tflite")
-    size = tf_mtz.export_tflite(zipped, path)
-    assert size > 0
-    runner = Interpreter(model_path=path).get_signature_runner("serving_default")
-    outputs = runner(image=x)
-    assert set(outputs) == {"a", "b"}
-    for task in ("a", "b"):
-        np.testing.assert_allclose(outputs[task], expected[task], atol=1e-5)
-    with pytest.raises(FileExistsError):
-        tf_mtz.export_tflite(zipped, path)
-    dynamic = str(tmp_path / "z_dynamic.tflite")
-    assert tf_mtz.export_tflite(zipped, dynamic, quantization="dynamic") < size
-
-    saved = tf_mtz.export_saved_model(zipped, str(tmp_path / "serving" / "zipped" / "1"))
-    signature = tf.saved_model.load(saved).signatures["serving_default"]
-    served = signature(image=tf.constant(x))
-    for task in ("a", "b"):
-        np.testing.assert_allclose(served[task].numpy(), expected[task], atol=1e-5)
 
 
 def test_retraining_and_fine_tune_reduce_distillation_gap(rng):

@@ -1,0 +1,104 @@
+"""TFLite/LiteRT and SavedModel exports: every signature equals the Keras model."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
+
+import tf_mtz
+from conftest import small_cnn
+
+
+def weight_bytes(path):
+    """Bytes of all constant buffers in a .tflite file (weights, biases, shape constants)."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(path)
+    return sum(b.data.size for b in model.buffers if b.data is not None and not isinstance(b.data, list))
+
+
+@pytest.fixture(scope="module")
+def zipped_and_data():
+    rng = np.random.default_rng(0)
+    # fc is wide enough (>1024 weights) for the quantizers to touch it.
+    a, b = small_cnn("a", dense=200, seed=0), small_cnn("b", dense=200, classes=4, seed=1)
+    x = rng.normal(size=(64, 12, 12, 1)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, sharing=0.75, verbose=0)
+    return zipped, x, zipped.predict(x, verbose=0)
+
+
+def test_tflite_signatures_match_keras_and_share_weights(zipped_and_data, tmp_path):
+    zipped, x, expected = zipped_and_data
+    path = str(tmp_path / "z.tflite")
+    size = tf_mtz.export_tflite(zipped, path)
+    interpreter = Interpreter(model_path=path)
+    assert set(interpreter.get_signature_list()) == {"serving_default", "a", "b"}
+    both = interpreter.get_signature_runner("serving_default")(image=x)
+    assert set(both) == {"a", "b"}
+    for task in ("a", "b"):
+        np.testing.assert_allclose(both[task], expected[task], atol=1e-5)
+        alone = interpreter.get_signature_runner(task)(image=x)
+        assert set(alone) == {task}
+        np.testing.assert_array_equal(alone[task], both[task])
+    # Three signatures, one copy of the weights: the constant buffers hold each parameter once.
+    assert 0.95 * 4 * zipped.count_params() <= weight_bytes(path) < 4 * zipped.count_params() + 2048
+    with pytest.raises(FileExistsError):
+        tf_mtz.export_tflite(zipped, path)
+    before = weight_bytes(path)
+    assert tf_mtz.export_tflite(zipped, path, overwrite=True) > 0
+    assert weight_bytes(path) == before
+
+
+@pytest.mark.parametrize("quantization,atol", [("dynamic", 0.02), ("float16", 1e-3), ("int8", 0.05)])
+def test_quantized_tflite_close_to_keras_and_smaller(zipped_and_data, tmp_path, quantization, atol):
+    zipped, x, expected = zipped_and_data
+    path = str(tmp_path / f"z_{quantization}.tflite")
+    tf_mtz.export_tflite(zipped, path, quantization=quantization, representative_data=x)
+    bytes_per_weight = {"dynamic": 1, "float16": 2, "int8": 1}[quantization]
+    # Weights stored once, at their reduced width (small tensors and biases stay wider).
+    assert weight_bytes(path) < bytes_per_weight * 1.3 * zipped.count_params() + 2048
+    interpreter = Interpreter(model_path=path)
+    out = interpreter.get_signature_runner("serving_default")(image=x)
+    for task in ("a", "b"):
+        np.testing.assert_allclose(out[task], expected[task], atol=atol)
+    if quantization == "int8":
+        kinds = {d["dtype"] for d in interpreter.get_tensor_details()}
+        assert np.int8 in kinds
+
+
+def test_int8_needs_representative_data_and_bad_quantization(zipped_and_data, tmp_path):
+    zipped, x, _ = zipped_and_data
+    with pytest.raises(ValueError, match="representative_data"):
+        tf_mtz.export_tflite(zipped, str(tmp_path / "q.tflite"), quantization="int8")
+    with pytest.raises(ValueError, match="representative_data has samples of shape"):
+        tf_mtz.export_tflite(zipped, str(tmp_path / "q.tflite"), quantization="int8",
+                             representative_data=x[:, :6])
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        tf_mtz.export_tflite(zipped, str(tmp_path / "q.tflite"), quantization="int4")
+    assert not (tmp_path / "q.tflite").exists()
+
+
+def test_saved_model_signatures_for_serving(zipped_and_data, tmp_path):
+    zipped, x, expected = zipped_and_data
+    path = tf_mtz.export_saved_model(zipped, str(tmp_path / "serving" / "zipped" / "1"))
+    loaded = tf.saved_model.load(path)
+    assert set(loaded.signatures) == {"serving_default", "a", "b"}
+    both = loaded.signatures["serving_default"](image=tf.constant(x))
+    for task in ("a", "b"):
+        np.testing.assert_allclose(both[task].numpy(), expected[task], atol=1e-5)
+        alone = loaded.signatures[task](image=tf.constant(x))
+        assert set(alone) == {task}
+        np.testing.assert_allclose(alone[task].numpy(), expected[task], atol=1e-5)
+    with pytest.raises(FileExistsError):
+        tf_mtz.export_saved_model(zipped, path)
+
+
+def test_keras_model_with_single_output_exports(tmp_path):
+    model = small_cnn("single", seed=3)
+    x = np.random.default_rng(1).normal(size=(8, 12, 12, 1)).astype("float32")
+    path = str(tmp_path / "single.tflite")
+    tf_mtz.export_tflite(model, path)
+    out = Interpreter(model_path=path).get_signature_runner("serving_default")(image=x)
+    np.testing.assert_allclose(out["output"], model.predict(x, verbose=0), atol=1e-5)
+    assert isinstance(keras.Model, type)
