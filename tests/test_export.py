@@ -1,5 +1,7 @@
 """TFLite/LiteRT and SavedModel exports: every signature equals the Keras model."""
 
+import shutil
+
 import keras
 import numpy as np
 import pytest
@@ -31,7 +33,7 @@ def zipped_and_data():
 def test_tflite_signatures_match_keras_and_share_weights(zipped_and_data, tmp_path):
     zipped, x, expected = zipped_and_data
     path = str(tmp_path / "z.tflite")
-    size = tf_mtz.export_tflite(zipped, path)
+    assert tf_mtz.export_tflite(zipped, path) > 0
     interpreter = Interpreter(model_path=path)
     assert set(interpreter.get_signature_list()) == {"serving_default", "a", "b"}
     both = interpreter.get_signature_runner("serving_default")(image=x)
@@ -102,3 +104,69 @@ def test_keras_model_with_single_output_exports(tmp_path):
     out = Interpreter(model_path=path).get_signature_runner("serving_default")(image=x)
     np.testing.assert_allclose(out["output"], model.predict(x, verbose=0), atol=1e-5)
     assert isinstance(keras.Model, type)
+
+
+def test_tf_serving_predict_request_matches_signature(zipped_and_data, tmp_path):
+    from tensorflow_serving.apis import predict_pb2
+
+    zipped, x, _ = zipped_and_data
+    path = tf_mtz.export_saved_model(zipped, str(tmp_path / "serving" / "zipped" / "1"))
+    signature = tf.saved_model.load(path).signatures["serving_default"]
+    (input_key,) = signature.structured_input_signature[1]
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "zipped"
+    request.model_spec.signature_name = "serving_default"
+    request.inputs[input_key].CopyFrom(tf.make_tensor_proto(x[:2]))
+    decoded = tf.make_ndarray(request.inputs["image"])
+    np.testing.assert_array_equal(decoded, x[:2])
+    assert set(signature.structured_outputs) == {"a", "b"}
+
+
+@pytest.mark.skipif(shutil.which("tensorflow_model_server") is None,
+                    reason="tensorflow_model_server is not on the PATH")
+def test_tf_serving_rest_and_grpc(zipped_and_data, tmp_path):
+    import json
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    zipped, x, expected = zipped_and_data
+    base = tmp_path / "serving"
+    tf_mtz.export_saved_model(zipped, str(base / "zipped" / "1"))
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    grpc_port, rest_port = free_port(), free_port()
+    server = subprocess.Popen(["tensorflow_model_server", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
+                               "--model_name=zipped", f"--model_base_path={base / 'zipped'}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{rest_port}/v1/models/zipped:predict"
+        body = json.dumps({"signature_name": "serving_default", "instances": x[:2].tolist()}).encode()
+        for _ in range(60):
+            try:
+                reply = json.load(urllib.request.urlopen(urllib.request.Request(url, body), timeout=2))
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("tensorflow_model_server did not answer on loopback within 30 s")
+        for task in ("a", "b"):
+            np.testing.assert_allclose([p[task] for p in reply["predictions"]], expected[task][:2], atol=1e-5)
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "zipped"
+        request.model_spec.signature_name = "a"
+        request.inputs["image"].CopyFrom(tf.make_tensor_proto(x[:2]))
+        response = stub.Predict(request, timeout=10)
+        np.testing.assert_allclose(tf.make_ndarray(response.outputs["a"]), expected["a"][:2], atol=1e-5)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
