@@ -30,7 +30,7 @@ PAIRS = flags.DEFINE_integer("pairs", 3, "Seed pairs (1,2), (3,4), ...")
 BUDGETS = flags.DEFINE_list("budgets", ["0", "1000", "2000"], "Total joint retraining steps.")
 EPOCHS = flags.DEFINE_integer("epochs", 10, "Epochs of each base model.")
 CALIBRATION = flags.DEFINE_integer("calibration", 10000, "Calibration images per task.")
-CONV_HESSIAN = flags.DEFINE_enum("conv_hessian", "patch", ["patch", "channel"], "Conv Hessian.")
+CONV_HESSIAN = flags.DEFINE_enum("conv_hessian", "channel", ["patch", "channel"], "Conv Hessian.")
 MATCHING = flags.DEFINE_enum("matching", "greedy", ["greedy", "optimal"], "Matching.")
 RECIPE = flags.DEFINE_enum("recipe", "default", ["default", "paper"], "Retraining recipe.")
 OUT = flags.DEFINE_string("out", "docs", "Where to write the result table.")
@@ -73,8 +73,9 @@ def main(_):
             rows[f"zipped, {budget} steps"].append([error(out["a"], y_test), error(out["b"], y_test)])
             print(f"pair {pair + 1}: {budget:5d} steps -> {rows[f'zipped, {budget} steps'][-1]}", flush=True)
 
-    title = (f"MNIST test error (%), {ARCH.value}, all hidden layers 100% shared, matching={MATCHING.value}, "
-             f"conv_hessian={CONV_HESSIAN.value}, recipe={RECIPE.value}, mean ± std over {PAIRS.value} seed pairs")
+    conv = f", conv_hessian={CONV_HESSIAN.value}" if ARCH.value == "lenet5" else ""
+    title = (f"MNIST test error (%), {ARCH.value}, all hidden layers 100% shared, matching={MATCHING.value}"
+             f"{conv}, recipe={RECIPE.value}, mean ± std over {PAIRS.value} seed pairs")
     lines = [title, "", "| | task A | task B | A − base A | B − base B |", "|---|---|---|---|---|"]
     base = np.array([[r[0] for r in rows["model A"]], [r[1] for r in rows["model B"]]])  # (2, pairs)
     for label, values in rows.items():
@@ -94,7 +95,8 @@ def main(_):
     print()
     print(text)
     os.makedirs(OUT.value, exist_ok=True)
-    stem = f"quality_{ARCH.value}_{CONV_HESSIAN.value}_{MATCHING.value}_{RECIPE.value}"
+    conv = f"_{CONV_HESSIAN.value}" if ARCH.value == "lenet5" else ""
+    stem = f"quality_{ARCH.value}{conv}_{MATCHING.value}_{RECIPE.value}"
     with open(os.path.join(OUT.value, stem + ".md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(OUT.value, stem + ".json"), "w") as f:

@@ -122,7 +122,7 @@ class Conv2DHandler(UnitLayerHandler):
     kernel offsets, merged bias averaged over offsets).
     """
 
-    hessian_modes = ("patch", "channel")
+    hessian_modes = ("channel", "patch")
 
     def check(self, layer, model_name):
         if layer.data_format != "channels_last":
