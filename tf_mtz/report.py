@@ -81,6 +81,74 @@ class ZipReport:
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
+    @classmethod
+    def from_json(cls, text: str) -> "ZipReport":
+        """Reads a report written by `to_json`."""
+        data = json.loads(text)
+        fields = {f.name for f in dataclasses.fields(LayerReport)}
+        layers = [LayerReport(**{k: v for k, v in layer.items() if k in fields}) for layer in data["layers"]]
+        return cls(tasks=data["tasks"], layers=layers, params_original=data["params_original"],
+                   params_zipped=data["params_zipped"], params_shared=data["params_shared"],
+                   settings=data.get("settings", {}))
+
+    def to_markdown(self) -> str:
+        """The per-layer table and totals as markdown."""
+        lines = ["| layer | kind | " + " | ".join(f"units {t}" for t in self.tasks)
+                 + " | shared | cost sum | cost max | params before | params after |",
+                 "|---|---|" + "---|" * len(self.tasks) + "---|---|---|---|---|"]
+        for layer in self.layers:
+            units = " | ".join(str(layer.units[t]) for t in self.tasks)
+            lines.append(f"| {layer.name}{' (head)' if layer.head else ''} | {layer.kind} | {units} | "
+                         f"{layer.shared} | {layer.cost_sum:.4g} | {layer.cost_max:.4g} | "
+                         f"{layer.params_before:,} | {layer.params_after:,} |")
+        lines += ["", f"Parameters: {self.params_original:,} in {len(self.tasks)} models → {self.params_zipped:,} "
+                      f"zipped ({self.compression:.1%}); {self.params_shared:,} shared = {self.shared_fraction:.1%} "
+                      "of an average task model."]
+        return "\n".join(lines)
+
+    def plot(self, path: str) -> str:
+        """Saves a PNG: units shared per layer and task, merge cost per layer, parameters before/after.
+
+        Needs matplotlib (`pip install matplotlib`). Returns `path`.
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError("ZipReport.plot needs matplotlib: pip install matplotlib") from exc
+        import numpy as np
+
+        hidden = [layer for layer in self.layers if not layer.head]
+        names = [layer.name for layer in hidden]
+        x = np.arange(len(hidden))
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        width = 0.8 / (len(self.tasks) + 1)
+        for i, task in enumerate(self.tasks):
+            axes[0].bar(x + i * width, [layer.units[task] for layer in hidden], width, label=f"units of {task}")
+        axes[0].bar(x + len(self.tasks) * width, [layer.shared for layer in hidden], width, color="black",
+                    label="shared by all")
+        axes[0].set_xticks(x + width * len(self.tasks) / 2, names, rotation=30)
+        axes[0].set_title("units per layer")
+        axes[0].legend(fontsize=8)
+        axes[1].bar(x - 0.2, [layer.cost_sum for layer in hidden], 0.4, color="tab:red", label="sum")
+        axes[1].bar(x + 0.2, [layer.cost_max for layer in hidden], 0.4, color="tab:orange", label="largest pair")
+        axes[1].set_xticks(x, names, rotation=30)
+        axes[1].set_title("merge cost ΔE of the chosen pairs")
+        axes[1].legend(fontsize=8)
+        all_names = [layer.name for layer in self.layers]
+        xx = np.arange(len(self.layers))
+        axes[2].bar(xx - 0.2, [layer.params_before for layer in self.layers], 0.4, label="separate models")
+        axes[2].bar(xx + 0.2, [layer.params_after for layer in self.layers], 0.4, label="zipped")
+        axes[2].set_xticks(xx, all_names, rotation=30)
+        axes[2].set_title(f"parameters: {self.params_original:,} → {self.params_zipped:,}")
+        axes[2].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
     def to_table(self) -> str:
         header = ["layer", "kind", "units per task", "shared", "cost sum", "cost max", "params before",
                   "params after"]

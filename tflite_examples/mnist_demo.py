@@ -65,6 +65,9 @@ def main(_):
     separate_bytes = sum(len(tf_mtz.tflite_bytes(m)) for m in (model_a, model_b))
     with open(os.path.join(OUT.value, "report.json"), "w") as f:
         f.write(zipped.zip_report.to_json())
+    with open(os.path.join(OUT.value, "report.md"), "w") as f:
+        f.write(zipped.zip_report.to_markdown() + "\n")
+    plot_path = zipped.zip_report.plot(os.path.join(OUT.value, "report.png"))
 
     lite = tflite_predict(tflite_path)
     rows = [
@@ -95,7 +98,8 @@ def main(_):
           f"({zipped.count_params() / params_separate:.2f}x)")
     print(f".tflite bytes: separate {separate_bytes:,}  zipped {zipped_bytes:,} "
           f"({zipped_bytes / separate_bytes:.2f}x)")
-    print(f"written: {keras_path}, {tflite_path}, {os.path.join(OUT.value, 'report.json')}")
+    print(f"written: {keras_path}, {tflite_path}, {os.path.join(OUT.value, 'report.json')}, report.md, "
+          f"{plot_path}")
 
 
 if __name__ == "__main__":

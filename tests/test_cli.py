@@ -1,0 +1,68 @@
+"""The tf-mtz command line, end to end in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+
+from conftest import mlp
+
+
+def run_cli(*args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "tf_mtz.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_zip_then_report_from_saved_files(tmp_path, rng):
+    from ai_edge_litert.interpreter import Interpreter
+
+    a, b = mlp("a", seed=0), mlp("b", seed=1)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    x = rng.normal(size=(300, 20)).astype("float32")
+    np.save(tmp_path / "x_a.npy", x)
+    np.savez(tmp_path / "x_b.npz", x=x)
+    out = tmp_path / "out"
+    result = run_cli("zip", f"--model=digits={tmp_path / 'a.keras'}", f"--model=parity={tmp_path / 'b.keras'}",
+                     f"--calibration=digits={tmp_path / 'x_a.npy'}", f"--calibration=parity={tmp_path / 'x_b.npz'}",
+                     "--sharing=fc1=1.0,fc2=8", "--matching=optimal", f"--output={out / 'zipped.keras'}",
+                     f"--tflite={out / 'zipped.tflite'}", f"--saved_model={out / 'serving' / 'zipped' / '1'}",
+                     f"--report_dir={out / 'report'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    zipped = keras.models.load_model(out / "zipped.keras")
+    expected = zipped.predict(x, verbose=0)
+    assert set(expected) == {"digits", "parity"}
+    lite = Interpreter(model_path=str(out / "zipped.tflite")).get_signature_runner("serving_default")
+    np.testing.assert_allclose(lite(features=x)["parity"], expected["parity"], atol=1e-5)
+    assert (out / "serving" / "zipped" / "1" / "saved_model.pb").exists()
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert [layer["shared"] for layer in report["layers"]] == [24, 8, 0]
+    assert (out / "report" / "report.png").stat().st_size > 10_000
+    assert "| fc1 | Dense |" in (out / "report" / "report.md").read_text()
+
+    again = run_cli("report", f"--report={out / 'report' / 'report.json'}", f"--report_dir={tmp_path / 'r2'}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "fc2" in again.stdout and (tmp_path / "r2" / "report.png").exists()
+
+    refused = run_cli("zip", f"--model=digits={tmp_path / 'a.keras'}", f"--model=parity={tmp_path / 'b.keras'}",
+                      f"--calibration={tmp_path / 'x_a.npy'}", f"--output={out / 'zipped.keras'}")
+    assert refused.returncode != 0 and "--overwrite" in refused.stderr
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path, rng):
+    a = mlp("a", seed=0)
+    a.save(tmp_path / "a.keras")
+    mlp("b", seed=1, inputs=21).save(tmp_path / "b.keras")
+    np.save(tmp_path / "x.npy", rng.normal(size=(50, 20)).astype("float32"))
+    result = run_cli("zip", f"--model=a={tmp_path / 'a.keras'}", f"--model=b={tmp_path / 'b.keras'}",
+                     f"--calibration={tmp_path / 'x.npy'}", f"--output={tmp_path / 'z.keras'}")
+    assert result.returncode == 2
+    assert "takes input (21,)" in result.stderr and "Traceback" not in result.stderr
+    help_text = run_cli("--help").stdout
+    for flag in ("--model", "--calibration", "--sharing", "--tflite", "--saved_model", "--report_dir"):
+        assert flag in help_text
+    assert run_cli("unzip").returncode != 0

@@ -1,0 +1,186 @@
+r"""`tf-mtz`: zip saved Keras models from the command line, export them, and render zip reports.
+
+    tf-mtz zip --model digits=a.keras --model parity=b.keras --calibration x.npy \
+        --output out/zipped.keras --tflite out/zipped.tflite --saved_model out/serving/zipped/1 \
+        --report_dir out/report
+    tf-mtz report --report out/report/report.json --report_dir out/report2
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+COMMANDS = ("zip", "report")
+
+_MODEL = flags.DEFINE_multi_string("model", [], "TASK=PATH of a saved .keras model; give one per task.")
+_CALIBRATION = flags.DEFINE_multi_string(
+    "calibration", [], "Calibration inputs: TASK=PATH per task, or one PATH for every task (.npy, or .npz with "
+    "an array named 'x' or a single array).")
+_SHARING = flags.DEFINE_string(
+    "sharing", "1.0", "Fraction of every hidden layer's units to share, or LAYER=VALUE[,LAYER=VALUE...] where "
+    "VALUE is a fraction (with a dot) or a unit count.")
+_MATCHING = flags.DEFINE_enum("matching", "greedy", ["greedy", "optimal"], "How to pair units.")
+_CONV_HESSIAN = flags.DEFINE_enum("conv_hessian", "channel", ["channel", "patch"], "Hessian for Conv2D layers.")
+_DAMPING = flags.DEFINE_float("damping", 1e-2, "Hessian damping, as a fraction of trace/dim.")
+_RETRAIN_STEPS = flags.DEFINE_integer(
+    "retrain_steps", 0, "Joint distillation steps after each zipped layer (label-free, on the calibration "
+    "inputs); 0 skips retraining.")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the zipped .keras model.")
+_TFLITE = flags.DEFINE_string("tflite", None, "Optional .tflite to write.")
+_QUANTIZATION = flags.DEFINE_enum("quantization", "none", ["none", "dynamic", "float16", "int8"],
+                                  "Quantization of the .tflite (int8 uses the calibration inputs).")
+_SAVED_MODEL = flags.DEFINE_string("saved_model", None, "Optional SavedModel directory (<base>/<name>/<version>).")
+_REPORT = flags.DEFINE_string("report", None, "report: the report.json to re-render.")
+_REPORT_DIR = flags.DEFINE_string("report_dir", None, "Where to write report.json, report.md and report.png.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
+
+
+class UsageError(app.UsageError):
+    pass
+
+
+def _pairs(values, what):
+    out = {}
+    for value in values:
+        if "=" not in value:
+            raise UsageError(f"--{what} expects TASK=PATH, got {value!r}.")
+        key, path = value.split("=", 1)
+        out[key] = path
+    return out
+
+
+def _load_array(path):
+    import numpy as np
+
+    if not os.path.exists(path):
+        raise UsageError(f"Calibration file {path} does not exist.")
+    data = np.load(path)
+    if isinstance(data, np.lib.npyio.NpzFile):
+        if "x" in data.files:
+            return data["x"]
+        if len(data.files) == 1:
+            return data[data.files[0]]
+        raise UsageError(f"{path} holds {data.files}; name the input array 'x'.")
+    return data
+
+
+def parse_sharing(text: str):
+    """'0.5' -> 0.5; 'fc1=1.0,fc2=50' -> {'fc1': 1.0, 'fc2': 50}."""
+    if "=" not in text:
+        try:
+            return float(text)
+        except ValueError as exc:
+            raise UsageError(f"--sharing expects a fraction or LAYER=VALUE pairs, got {text!r}.") from exc
+    sharing = {}
+    for item in text.split(","):
+        name, value = item.split("=", 1)
+        try:
+            sharing[name.strip()] = float(value) if "." in value else int(value)
+        except ValueError as exc:
+            raise UsageError(f"--sharing value for {name!r} is not a number: {value!r}.") from exc
+    return sharing
+
+
+def write_report(report, directory: str) -> list:
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for name, content in (("report.json", report.to_json()), ("report.md", report.to_markdown() + "\n")):
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            f.write(content)
+        written.append(path)
+    try:
+        written.append(report.plot(os.path.join(directory, "report.png")))
+    except ImportError as exc:
+        print(f"tf-mtz: no plot ({exc})", file=sys.stderr)
+    return written
+
+
+def _zip():
+    import keras
+
+    import tf_mtz
+
+    models = _pairs(_MODEL.value, "model")
+    if len(models) < 2:
+        raise UsageError("tf-mtz zip needs at least two --model TASK=PATH flags.")
+    if not _OUTPUT.value:
+        raise UsageError("tf-mtz zip needs --output PATH.keras.")
+    for path in [_OUTPUT.value, _TFLITE.value, _SAVED_MODEL.value]:
+        if path and os.path.exists(path) and not _OVERWRITE.value:
+            raise UsageError(f"{path} exists; pass --overwrite to replace it.")
+    if not _CALIBRATION.value:
+        raise UsageError("tf-mtz zip needs --calibration PATH (or TASK=PATH per task).")
+    if len(_CALIBRATION.value) == 1 and "=" not in _CALIBRATION.value[0]:
+        calibration = _load_array(_CALIBRATION.value[0])
+    else:
+        calibration = {task: _load_array(path) for task, path in _pairs(_CALIBRATION.value, "calibration").items()}
+    loaded = {}
+    for task, path in models.items():
+        if not os.path.exists(path):
+            raise UsageError(f"Model file {path} (task {task!r}) does not exist.")
+        loaded[task] = keras.models.load_model(path)
+    retrain = tf_mtz.Retrain(steps_per_layer=_RETRAIN_STEPS.value) if _RETRAIN_STEPS.value else None
+    zipped = tf_mtz.zip_models(loaded, calibration, sharing=parse_sharing(_SHARING.value),
+                               matching=_MATCHING.value, retrain=retrain, conv_hessian=_CONV_HESSIAN.value,
+                               damping=_DAMPING.value)
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+    zipped.save(_OUTPUT.value)
+    written = [_OUTPUT.value]
+    if _TFLITE.value:
+        quantization = None if _QUANTIZATION.value == "none" else _QUANTIZATION.value
+        representative = calibration if not isinstance(calibration, dict) else next(iter(calibration.values()))
+        tf_mtz.export_tflite(zipped, _TFLITE.value, quantization=quantization, representative_data=representative,
+                             overwrite=_OVERWRITE.value)
+        written.append(_TFLITE.value)
+    if _SAVED_MODEL.value:
+        tf_mtz.export_saved_model(zipped, _SAVED_MODEL.value, overwrite=_OVERWRITE.value)
+        written.append(_SAVED_MODEL.value)
+    if _REPORT_DIR.value:
+        written += write_report(zipped.zip_report, _REPORT_DIR.value)
+    print(zipped.zip_report)
+    print("written: " + ", ".join(written))
+
+
+def _report():
+    import tf_mtz
+
+    if not _REPORT.value or not os.path.exists(_REPORT.value):
+        raise UsageError("tf-mtz report needs --report PATH/report.json (an existing file).")
+    with open(_REPORT.value) as f:
+        report = tf_mtz.ZipReport.from_json(f.read())
+    print(report)
+    if _REPORT_DIR.value:
+        print("written: " + ", ".join(write_report(report, _REPORT_DIR.value)))
+
+
+def main(argv):
+    commands = [a for a in argv[1:]]
+    if len(commands) != 1 or commands[0] not in COMMANDS:
+        raise UsageError(f"usage: tf-mtz {{{'|'.join(COMMANDS)}}} [flags]; see tf-mtz --helpfull.")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from tf_mtz.registry import ZipError
+
+    try:
+        {"zip": _zip, "report": _report}[commands[0]]()
+    except ZipError as exc:
+        print(f"tf-mtz: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run():
+    """Console-script entry point."""
+    if any(arg in ("--help", "-h", "--helpshort", "help") for arg in sys.argv[1:]):
+        # absl's --help lists the flags of the launcher script only; show this module's instead.
+        print(__doc__)
+        print(flags.FLAGS.module_help(__name__))
+        return
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
