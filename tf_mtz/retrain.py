@@ -186,7 +186,8 @@ class JointTrainer:
             optimizer.apply_gradients(zip(grads, self.variables))
             return total
 
-        bar = keras.utils.Progbar(steps, verbose=verbose, unit_name="step") if verbose else None
+        bar = (keras.utils.Progbar(steps, verbose=verbose, unit_name="step", stateful_metrics=[f"{label} loss"])
+               if verbose else None)
         total = None
         for i in range(steps):
             batches = {}
