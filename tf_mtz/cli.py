@@ -17,8 +17,10 @@ COMMANDS = ("zip", "report")
 
 _MODEL = flags.DEFINE_multi_string("model", [], "TASK=PATH of a saved .keras model; give one per task.")
 _CALIBRATION = flags.DEFINE_multi_string(
-    "calibration", [], "Calibration inputs: TASK=PATH per task, or one PATH for every task (.npy, or .npz with "
-    "an array named 'x' or a single array).")
+    "calibration", [], "Calibration inputs: TASK=SOURCE per task, or one SOURCE for every task. SOURCE is a .npy "
+    "file, a .npz with an array named 'x' (or a single array), or tfds:DATASET/SPLIT read from --data_dir "
+    "without downloading.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TensorFlow Datasets data directory for tfds: sources.")
 _SHARING = flags.DEFINE_string(
     "sharing", "1.0", "Fraction of every hidden layer's units to share, or LAYER=VALUE[,LAYER=VALUE...] where "
     "VALUE is a fraction (with a dot) or a unit count.")
@@ -55,6 +57,14 @@ def _pairs(values, what):
 def _load_array(path):
     import numpy as np
 
+    if path.startswith("tfds:"):
+        import tensorflow_datasets as tfds
+
+        name, _, split = path[len("tfds:"):].partition("/")
+        try:
+            return tfds.load(name, split=split or "train", data_dir=_DATA_DIR.value, download=False)
+        except Exception as exc:  # tfds raises many types; the user needs the message, not the trace
+            raise UsageError(f"Could not read {path} from --data_dir={_DATA_DIR.value}: {exc}") from exc
     if not os.path.exists(path):
         raise UsageError(f"Calibration file {path} does not exist.")
     data = np.load(path)
@@ -133,6 +143,14 @@ def _zip():
     if _TFLITE.value:
         quantization = None if _QUANTIZATION.value == "none" else _QUANTIZATION.value
         representative = calibration if not isinstance(calibration, dict) else next(iter(calibration.values()))
+        if not hasattr(representative, "shape"):  # a tf.data pipeline: take a few hundred inputs
+            import numpy as np
+
+            from tf_mtz import data as data_lib
+
+            batches = [x for x in data_lib.as_dataset(representative, "int8", tuple(zipped.inputs[0].shape[1:]),
+                                                         "Calibration data", 200).take(1)]
+            representative = np.asarray(batches[0])
         tf_mtz.export_tflite(zipped, _TFLITE.value, quantization=quantization, representative_data=representative,
                              overwrite=_OVERWRITE.value)
         written.append(_TFLITE.value)

@@ -38,7 +38,7 @@ def as_dataset(data, task: str, input_shape: tuple, what: str, batch_size: int,
         ZipError: empty arrays, wrong feature shape, NaN/Inf in numpy input, labels missing.
     """
     if isinstance(data, tf.data.Dataset):
-        dataset = data
+        dataset = _from_feature_dicts(data, task, what)
         spec = dataset.element_spec
         x_spec, y_spec = _split(spec)
         if not isinstance(x_spec, tf.TensorSpec):
@@ -83,6 +83,25 @@ def as_dataset(data, task: str, input_shape: tuple, what: str, batch_size: int,
     if shuffle:
         dataset = dataset.shuffle(min(len(x), 50_000), seed=seed, reshuffle_each_iteration=True)
     return dataset.batch(batch_size)
+
+
+_INPUT_KEYS = ("image", "x", "features", "input", "inputs")
+
+
+def _from_feature_dicts(dataset: tf.data.Dataset, task: str, what: str) -> tf.data.Dataset:
+    """Maps dict elements (what `tfds.load` gives without `as_supervised`) to x or (x, label)."""
+    spec = dataset.element_spec
+    if not isinstance(spec, dict):
+        return dataset
+    keys = list(spec)
+    candidates = [k for k in _INPUT_KEYS if k in spec] or [k for k in keys if k != "label"]
+    if len(candidates) != 1 and not any(k in spec for k in _INPUT_KEYS):
+        raise ZipError(f"{what} for task '{task}' yields dicts with keys {keys}; tf_mtz cannot tell which is the "
+                       "input. Map the dataset to x or (x, y) first.")
+    x_key = candidates[0]
+    if "label" in spec:
+        return dataset.map(lambda e: (e[x_key], e["label"]))
+    return dataset.map(lambda e: e[x_key])
 
 
 def _compatible(shape: tuple, expected: tuple) -> bool:
