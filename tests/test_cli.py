@@ -26,12 +26,14 @@ def test_zip_then_report_from_saved_files(tmp_path, rng):
     x = rng.normal(size=(300, 20)).astype("float32")
     np.save(tmp_path / "x_a.npy", x)
     np.savez(tmp_path / "x_b.npz", x=x)
+    y = np.argmax(a.predict(x, verbose=0), axis=1)
+    np.savez(tmp_path / "eval.npz", x=x, y=y)
     out = tmp_path / "out"
     result = run_cli("zip", f"--model=digits={tmp_path / 'a.keras'}", f"--model=parity={tmp_path / 'b.keras'}",
                      f"--calibration=digits={tmp_path / 'x_a.npy'}", f"--calibration=parity={tmp_path / 'x_b.npz'}",
                      "--sharing=fc1=1.0,fc2=8", "--matching=optimal", f"--output={out / 'zipped.keras'}",
                      f"--tflite={out / 'zipped.tflite'}", f"--saved_model={out / 'serving' / 'zipped' / '1'}",
-                     f"--report_dir={out / 'report'}")
+                     f"--report_dir={out / 'report'}", f"--evaluation={tmp_path / 'eval.npz'}")
     assert result.returncode == 0, result.stderr[-3000:]
     zipped = keras.models.load_model(out / "zipped.keras")
     expected = zipped.predict(x, verbose=0)
@@ -41,8 +43,13 @@ def test_zip_then_report_from_saved_files(tmp_path, rng):
     assert (out / "serving" / "zipped" / "1" / "saved_model.pb").exists()
     report = json.loads((out / "report" / "report.json").read_text())
     assert [layer["shared"] for layer in report["layers"]] == [24, 8, 0]
+    assert report["accuracy_original"]["digits"] == 1.0  # labels are model a's own predictions
+    assert set(report["layers"][0]["accuracy_zipped"]) == {"digits", "parity"}
+    assert report["tflite_bytes"]["zipped"] == (out / "zipped.tflite").stat().st_size
+    assert report["tflite_bytes"]["separate"] > 0
     assert (out / "report" / "report.png").stat().st_size > 10_000
-    assert "| fc1 | Dense |" in (out / "report" / "report.md").read_text()
+    markdown = (out / "report" / "report.md").read_text()
+    assert "| fc1 | Dense |" in markdown and "| original models | 1.0000 |" in markdown
 
     again = run_cli("report", f"--report={out / 'report' / 'report.json'}", f"--report_dir={tmp_path / 'r2'}")
     assert again.returncode == 0, again.stderr[-3000:]

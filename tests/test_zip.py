@@ -144,7 +144,15 @@ def test_label_retraining_improves_accuracy(rng):
     w = rng.normal(size=(20, 5))
     y = np.argmax(x @ w, axis=1)
     retrain = tf_mtz.Retrain(data=(x, y), steps_per_layer=200, loss="labels", learning_rate=3e-3)
-    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, retrain=retrain, verbose=0)
+    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, retrain=retrain, evaluation_data=(x, y), verbose=0)
     out = predict(zipped, x)
-    assert np.mean(np.argmax(out["a"], 1) == y) > 0.6
-    assert np.mean(np.argmax(out["b"], 1) == y) > 0.6
+    accuracy = {t: np.mean(np.argmax(out[t], 1) == y) for t in ("a", "b")}
+    assert accuracy["a"] > 0.6 and accuracy["b"] > 0.6
+    report = zipped.zip_report
+    for t in ("a", "b"):
+        np.testing.assert_allclose(report.accuracy_final[t], accuracy[t])
+        np.testing.assert_allclose(report.accuracy_original[t], np.mean(np.argmax(predict({"a": a, "b": b}[t], x),
+                                                                                  1) == y))
+        # Retraining on the labels raised accuracy over the freshly zipped layer.
+        assert report.layers[1].accuracy_retrained[t] > report.layers[1].accuracy_zipped[t]
+    assert ("fc1 zipped", report.layers[0].accuracy_zipped) in report.accuracy_rows()

@@ -30,6 +30,9 @@ _DAMPING = flags.DEFINE_float("damping", 1e-2, "Hessian damping, as a fraction o
 _RETRAIN_STEPS = flags.DEFINE_integer(
     "retrain_steps", 0, "Joint distillation steps after each zipped layer (label-free, on the calibration "
     "inputs); 0 skips retraining.")
+_EVALUATION = flags.DEFINE_multi_string(
+    "evaluation", [], "Optional labelled data for accuracies in the report: TASK=PATH per task or one PATH, "
+    "each an .npz with arrays 'x' and 'y'.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the zipped .keras model.")
 _TFLITE = flags.DEFINE_string("tflite", None, "Optional .tflite to write.")
 _QUANTIZATION = flags.DEFINE_enum("quantization", "none", ["none", "dynamic", "float16", "int8"],
@@ -75,6 +78,17 @@ def _load_array(path):
             return data[data.files[0]]
         raise UsageError(f"{path} holds {data.files}; name the input array 'x'.")
     return data
+
+
+def _load_labelled(path):
+    import numpy as np
+
+    if not os.path.exists(path):
+        raise UsageError(f"Evaluation file {path} does not exist.")
+    data = np.load(path)
+    if not isinstance(data, np.lib.npyio.NpzFile) or not {"x", "y"} <= set(data.files):
+        raise UsageError(f"Evaluation file {path} must be an .npz with arrays 'x' and 'y'.")
+    return data["x"], data["y"]
 
 
 def parse_sharing(text: str):
@@ -134,9 +148,14 @@ def _zip():
             raise UsageError(f"Model file {path} (task {task!r}) does not exist.")
         loaded[task] = keras.models.load_model(path)
     retrain = tf_mtz.Retrain(steps_per_layer=_RETRAIN_STEPS.value) if _RETRAIN_STEPS.value else None
+    evaluation = None
+    if len(_EVALUATION.value) == 1 and "=" not in _EVALUATION.value[0]:
+        evaluation = _load_labelled(_EVALUATION.value[0])
+    elif _EVALUATION.value:
+        evaluation = {task: _load_labelled(path) for task, path in _pairs(_EVALUATION.value, "evaluation").items()}
     zipped = tf_mtz.zip_models(loaded, calibration, sharing=parse_sharing(_SHARING.value),
                                matching=_MATCHING.value, retrain=retrain, conv_hessian=_CONV_HESSIAN.value,
-                               damping=_DAMPING.value)
+                               damping=_DAMPING.value, evaluation_data=evaluation)
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     zipped.save(_OUTPUT.value)
     written = [_OUTPUT.value]
@@ -151,8 +170,10 @@ def _zip():
             batches = [x for x in data_lib.as_dataset(representative, "int8", tuple(zipped.inputs[0].shape[1:]),
                                                          "Calibration data", 200).take(1)]
             representative = np.asarray(batches[0])
-        tf_mtz.export_tflite(zipped, _TFLITE.value, quantization=quantization, representative_data=representative,
-                             overwrite=_OVERWRITE.value)
+        zipped_bytes = tf_mtz.export_tflite(zipped, _TFLITE.value, quantization=quantization,
+                                            representative_data=representative, overwrite=_OVERWRITE.value)
+        separate_bytes = sum(len(tf_mtz.tflite_bytes(m, quantization, representative)) for m in loaded.values())
+        zipped.zip_report.tflite_bytes = {"separate": separate_bytes, "zipped": zipped_bytes}
         written.append(_TFLITE.value)
     if _SAVED_MODEL.value:
         tf_mtz.export_saved_model(zipped, _SAVED_MODEL.value, overwrite=_OVERWRITE.value)

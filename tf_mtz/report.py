@@ -24,6 +24,8 @@ class LayerReport:
         retrain_loss: summed joint loss at the end of this layer's retraining, if any.
         shared_units: `{task: [unit index in that task's original layer]}`, in shared-unit order: shared
             unit i merges unit `shared_units[t][i]` of every task t.
+        accuracy_zipped: `{task: accuracy}` on the evaluation data right after this layer was zipped.
+        accuracy_retrained: `{task: accuracy}` after this layer's retraining.
     """
 
     name: str
@@ -40,6 +42,8 @@ class LayerReport:
     seconds: float
     retrain_loss: float | None = None
     shared_units: dict = dataclasses.field(default_factory=dict)
+    accuracy_zipped: dict = dataclasses.field(default_factory=dict)
+    accuracy_retrained: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -53,6 +57,9 @@ class ZipReport:
         params_zipped: parameters of the zipped model.
         params_shared: parameters held once for all tasks.
         settings: the options the model was zipped with.
+        accuracy_original: `{task: accuracy}` of each original model on the evaluation data (if given).
+        accuracy_final: `{task: accuracy}` of the returned zipped model (if evaluation data was given).
+        tflite_bytes: `{"separate": bytes, "zipped": bytes}` when filled in (the CLI does with --tflite).
     """
 
     tasks: list
@@ -61,6 +68,9 @@ class ZipReport:
     params_zipped: int
     params_shared: int
     settings: dict
+    accuracy_original: dict = dataclasses.field(default_factory=dict)
+    accuracy_final: dict = dataclasses.field(default_factory=dict)
+    tflite_bytes: dict = dataclasses.field(default_factory=dict)
 
     @property
     def shared_fraction(self) -> float:
@@ -89,7 +99,8 @@ class ZipReport:
         layers = [LayerReport(**{k: v for k, v in layer.items() if k in fields}) for layer in data["layers"]]
         return cls(tasks=data["tasks"], layers=layers, params_original=data["params_original"],
                    params_zipped=data["params_zipped"], params_shared=data["params_shared"],
-                   settings=data.get("settings", {}))
+                   settings=data.get("settings", {}), accuracy_original=data.get("accuracy_original", {}),
+                   accuracy_final=data.get("accuracy_final", {}), tflite_bytes=data.get("tflite_bytes", {}))
 
     def to_markdown(self) -> str:
         """The per-layer table and totals as markdown."""
@@ -104,7 +115,26 @@ class ZipReport:
         lines += ["", f"Parameters: {self.params_original:,} in {len(self.tasks)} models → {self.params_zipped:,} "
                       f"zipped ({self.compression:.1%}); {self.params_shared:,} shared = {self.shared_fraction:.1%} "
                       "of an average task model."]
+        if self.tflite_bytes:
+            lines.append(f".tflite bytes: separate models {self.tflite_bytes['separate']:,}, zipped "
+                         f"{self.tflite_bytes['zipped']:,} ({self.tflite_bytes['zipped'] / self.tflite_bytes['separate']:.2f}x).")
+        if self.accuracy_original:
+            lines += ["", "| accuracy | " + " | ".join(self.tasks) + " |", "|---|" + "---|" * len(self.tasks)]
+            for label, values in self.accuracy_rows():
+                lines.append(f"| {label} | " + " | ".join(f"{values[t]:.4f}" for t in self.tasks) + " |")
         return "\n".join(lines)
+
+    def accuracy_rows(self) -> list:
+        """(label, {task: accuracy}) rows: the originals, each layer before and after retraining, final."""
+        rows = [("original models", self.accuracy_original)]
+        for layer in self.layers:
+            if layer.accuracy_zipped:
+                rows.append((f"{layer.name} zipped", layer.accuracy_zipped))
+            if layer.accuracy_retrained:
+                rows.append((f"{layer.name} retrained", layer.accuracy_retrained))
+        if self.accuracy_final:
+            rows.append(("zipped model", self.accuracy_final))
+        return rows
 
     def plot(self, path: str) -> str:
         """Saves a PNG: units shared per layer and task, merge cost per layer, parameters before/after.
@@ -123,7 +153,12 @@ class ZipReport:
         hidden = [layer for layer in self.layers if not layer.head]
         names = [layer.name for layer in hidden]
         x = np.arange(len(hidden))
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        panels = 3 + bool(self.tflite_bytes) + bool(self.accuracy_original)
+        rows = 1 if panels <= 3 else 2
+        fig, grid = plt.subplots(rows, 3, figsize=(15, 4.2 * rows), squeeze=False)
+        axes = grid.reshape(-1)
+        for unused in axes[panels:]:
+            unused.axis("off")
         width = 0.8 / (len(self.tasks) + 1)
         for i, task in enumerate(self.tasks):
             axes[0].bar(x + i * width, [layer.units[task] for layer in hidden], width, label=f"units of {task}")
@@ -144,6 +179,20 @@ class ZipReport:
         axes[2].set_xticks(xx, all_names, rotation=30)
         axes[2].set_title(f"parameters: {self.params_original:,} → {self.params_zipped:,}")
         axes[2].legend(fontsize=8)
+        panel = 3
+        if self.tflite_bytes:
+            labels = ["separate models", "zipped"]
+            axes[panel].bar(labels, [self.tflite_bytes["separate"], self.tflite_bytes["zipped"]],
+                            color=["tab:blue", "tab:orange"])
+            axes[panel].set_title(".tflite bytes")
+            panel += 1
+        if self.accuracy_original:
+            rows = self.accuracy_rows()
+            for task in self.tasks:
+                axes[panel].plot(range(len(rows)), [values[task] for _, values in rows], marker="o", label=task)
+            axes[panel].set_xticks(range(len(rows)), [label for label, _ in rows], rotation=30, ha="right")
+            axes[panel].set_title("accuracy on the evaluation data")
+            axes[panel].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -20,7 +20,7 @@ from tf_mtz.registry import ZipError
 
 def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "greedy", retrain=None, *,
                conv_hessian: str = "channel", damping: float = 1e-2, batch_size: int = 256,
-               verbose: int = 1) -> keras.Model:
+               evaluation_data=None, verbose: int = 1) -> keras.Model:
     """Zips several trained models into one network with a shared trunk and one head per task.
 
     Layers are zipped from the input: each task's layer-wise Hessian is measured on its calibration
@@ -44,6 +44,9 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
             LeNet-5 better before retraining and as well after) or "patch" (the exact im2col Hessian).
         damping: λ = damping · trace(H)/dim added to each Hessian, so singular Hessians stay solvable.
         batch_size: calibration batch size.
+        evaluation_data: optional labelled data, `{task: (x, y) | dataset of (x, y)}` or one for all
+            tasks: the report then holds each task's accuracy for the original models, after each layer
+            is zipped, after its retraining, and for the result.
         verbose: 0 silent, 1 per-layer log lines and progress bars.
 
     Returns:
@@ -80,6 +83,11 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
     calibration = {t: data_lib.as_dataset(d, t, plan.input_shape, "Calibration data", batch_size)
                    for t, d in data_lib.per_task(calibration_data, tasks, "Calibration data").items()}
     weights_before = {t: [w.copy() for w in m.get_weights()] for t, m in models.items()}
+    evaluation = None
+    if evaluation_data is not None:
+        evaluation = {t: data_lib.as_dataset(d, t, plan.input_shape, "Evaluation data", batch_size,
+                                             with_labels=True)
+                      for t, d in data_lib.per_task(evaluation_data, tasks, "Evaluation data").items()}
 
     trainer_inputs = None
     if retrain is not None:
@@ -108,17 +116,21 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
             if verbose:
                 io_utils.print_msg(f"tf_mtz: zipping layer {index + 1}/{len(plan.slots) - 1} '{position.name}': "
                                    f"sharing {count} units")
-            chosen, hessians, shared_units = _zip_layer(plan, state, index, count, calibration, matching, conv_hessian,
-                                          damping)
+            chosen, hessians, shared_units = _zip_layer(plan, state, index, count, calibration, matching,
+                                                        conv_hessian, damping)
             samples = {t: h.samples for t, h in hessians.items()}
             deficient = [t for t, h in hessians.items() if h.rank_deficient]
         seconds = time.perf_counter() - layer_started
-        loss = None
+        layer_report = _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, seconds,
+                                     shared_units)
+        if count and evaluation is not None:
+            layer_report.accuracy_zipped = _accuracy(rebuild.build_model(plan, state).model, evaluation)
         if count and retrain is not None and retrain.steps_per_layer:
-            loss = _retrain(plan, state, retrain, trainer_inputs, retrain.steps_per_layer,
-                            f"layer {index + 1}", verbose)
-        layer_reports.append(_layer_report(position, slot, is_head, tasks, chosen, samples, deficient,
-                                           seconds, loss, shared_units))
+            layer_report.retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.steps_per_layer,
+                                                 f"layer {index + 1}", verbose)
+            if evaluation is not None:
+                layer_report.accuracy_retrained = _accuracy(rebuild.build_model(plan, state).model, evaluation)
+        layer_reports.append(layer_report)
     if retrain is not None and retrain.final_steps:
         layer_reports[-1].retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.final_steps,
                                                   "final", verbose)
@@ -139,6 +151,10 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
                       k: v for k, v in vars(retrain).items() if k != "data" and not callable(v)
                       and isinstance(v, (int, float, str))},
                   "seconds": time.perf_counter() - started})
+    if evaluation is not None:
+        report.accuracy_original = {t: _accuracy(models[t], {t: evaluation[t]}, single_output=True)[t]
+                                    for t in tasks}
+        report.accuracy_final = _accuracy(zipped, evaluation)
     zipped.zip_report = report
     if verbose:
         io_utils.print_msg(f"tf_mtz: zipped {len(tasks)} models in {time.perf_counter() - started:.1f} s")
@@ -273,7 +289,27 @@ def _retrain(plan, state, retrain, trainer_inputs, steps, label, verbose):
     return loss
 
 
-def _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, seconds, loss, shared_units):
+def _accuracy(model, evaluation: dict, single_output: bool = False) -> dict:
+    """Per-task share of correct predictions (argmax; 0.5 threshold for one-unit outputs)."""
+    result = {}
+    for task, dataset in evaluation.items():
+        correct = total = 0
+        for x, y in dataset:
+            out = model(x, training=False)
+            out = np.asarray(out if single_output else out[task])
+            y = np.asarray(y)
+            if out.shape[-1] == 1:
+                predicted, truth = (out[..., 0] > 0.5).astype(np.int64), y.reshape(-1).astype(np.int64)
+            else:
+                predicted = np.argmax(out, axis=-1)
+                truth = np.argmax(y, axis=-1) if y.ndim == out.ndim else y.reshape(-1)
+            correct += int(np.sum(predicted == truth))
+            total += len(predicted)
+        result[task] = correct / max(total, 1)
+    return result
+
+
+def _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, seconds, shared_units):
     spatial = {t: int(np.prod(slot.kernels[t].shape[:-2])) for t in tasks}
     rows = {t: slot.kernels[t].shape[-2] for t in tasks}
     before = sum(spatial[t] * rows[t] * slot.units(t) + slot.units(t) for t in tasks)
@@ -290,4 +326,4 @@ def _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, se
         cost_sum=float(np.sum(chosen)) if len(chosen) else 0.0,
         cost_max=float(np.max(chosen)) if len(chosen) else 0.0,
         params_before=int(before), params_after=int(after), calibration_samples=samples,
-        rank_deficient=deficient, seconds=seconds, retrain_loss=loss, shared_units=shared_units)
+        rank_deficient=deficient, seconds=seconds, shared_units=shared_units)

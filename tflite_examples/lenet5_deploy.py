@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 import tf_mtz  # noqa: E402
@@ -53,6 +53,7 @@ def latency(runs, frames, x):
 
 
 def main(_):
+    logging.set_verbosity(logging.WARNING)  # TF logs every SavedModel write at INFO
     (x_train, y_train), _, (x_test, y_test) = load_mnist()
     models = {"a": trained_model("lenet5", 1, x_train, y_train, EPOCHS.value),
               "b": trained_model("lenet5", 2, x_train, y_train, EPOCHS.value)}
