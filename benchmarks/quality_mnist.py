@@ -33,6 +33,7 @@ CALIBRATION = flags.DEFINE_integer("calibration", 10000, "Calibration images per
 CONV_HESSIAN = flags.DEFINE_enum("conv_hessian", "channel", ["patch", "channel"], "Conv Hessian.")
 MATCHING = flags.DEFINE_enum("matching", "greedy", ["greedy", "optimal"], "Matching.")
 RECIPE = flags.DEFINE_enum("recipe", "default", ["default", "paper"], "Retraining recipe.")
+METHOD = flags.DEFINE_enum("method", "default", ["default", "paper"], "zip_models method preset.")
 OUT = flags.DEFINE_string("out", "docs", "Where to write the result table.")
 
 
@@ -67,7 +68,7 @@ def main(_):
                     retrain = tf_mtz.Retrain(data=x_train, steps_per_layer=per_layer, seed=pair)
             started = time.perf_counter()
             zipped = tf_mtz.zip_models(models, calibration, matching=MATCHING.value, retrain=retrain,
-                                       conv_hessian=CONV_HESSIAN.value, verbose=0)
+                                       conv_hessian=CONV_HESSIAN.value, method=METHOD.value, verbose=0)
             seconds.append(time.perf_counter() - started)
             out = zipped.predict(x_test, verbose=0, batch_size=1000)
             rows[f"zipped, {budget} steps"].append([error(out["a"], y_test), error(out["b"], y_test)])
@@ -75,7 +76,7 @@ def main(_):
 
     conv = f", conv_hessian={CONV_HESSIAN.value}" if ARCH.value == "lenet5" else ""
     title = (f"MNIST test error (%), {ARCH.value}, all hidden layers 100% shared, matching={MATCHING.value}"
-             f"{conv}, recipe={RECIPE.value}, mean ± std over {PAIRS.value} seed pairs")
+             f"{conv}, method={METHOD.value}, recipe={RECIPE.value}, mean ± std over {PAIRS.value} seed pairs")
     lines = [title, "", "| | task A | task B | A − base A | B − base B |", "|---|---|---|---|---|"]
     base = np.array([[r[0] for r in rows["model A"]], [r[1] for r in rows["model B"]]])  # (2, pairs)
     for label, values in rows.items():
@@ -96,7 +97,7 @@ def main(_):
     print(text)
     os.makedirs(OUT.value, exist_ok=True)
     conv = f"_{CONV_HESSIAN.value}" if ARCH.value == "lenet5" else ""
-    stem = f"quality_{ARCH.value}{conv}_{MATCHING.value}_{RECIPE.value}"
+    stem = f"quality_{ARCH.value}{conv}_{METHOD.value}_{MATCHING.value}_{RECIPE.value}"
     with open(os.path.join(OUT.value, stem + ".md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(OUT.value, stem + ".json"), "w") as f:

@@ -118,6 +118,9 @@ def test_options_validated(pair, x):
     zip_raises(r"matching must be one of", dict(a=pair[0], b=pair[1]), x, matching="hungarian")
     zip_raises(r"conv_hessian must be", dict(a=pair[0], b=pair[1]), x, conv_hessian="full")
     zip_raises(r"damping must be", dict(a=pair[0], b=pair[1]), x, damping=-1.0)
+    zip_raises(r"method must be one of \['default', 'paper'\]", dict(a=pair[0], b=pair[1]), x, method="best")
+    zip_raises(r"pairing must be one of", dict(a=pair[0], b=pair[1]), x, pairing="cosine")
+    zip_raises(r"merge must be one of", dict(a=pair[0], b=pair[1]), x, merge="max")
     zip_raises(r"Retrain.loss must be one of", dict(a=pair[0], b=pair[1]), x,
                retrain=tf_mtz.Retrain(loss="mse"))
     zip_raises(r"Retraining data for task 'a' has no labels", dict(a=pair[0], b=pair[1]), x,

@@ -126,8 +126,8 @@ def test_retraining_and_fine_tune_reduce_distillation_gap(rng):
         out = predict(model, x)
         return sum(np.mean(np.abs(out[t] - teacher[t])) for t in teacher)
 
-    raw = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0)
-    retrained = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0,
+    raw = tf_mtz.zip_models({"a": a, "b": b}, x, method="paper", verbose=0)
+    retrained = tf_mtz.zip_models({"a": a, "b": b}, x, method="paper", verbose=0,
                                   retrain=tf_mtz.Retrain(steps_per_layer=150, learning_rate=3e-3))
     assert gap(retrained) < 0.7 * gap(raw)
     losses = [layer.retrain_loss for layer in retrained.zip_report.layers if not layer.head]
@@ -156,3 +156,36 @@ def test_label_retraining_improves_accuracy(rng):
         # Retraining on the labels raised accuracy over the freshly zipped layer.
         assert report.layers[1].accuracy_retrained[t] > report.layers[1].accuracy_zipped[t]
     assert ("fc1 zipped", report.layers[0].accuracy_zipped) in report.accuracy_rows()
+
+
+def test_refit_brings_zipped_outputs_closer_to_the_originals(rng):
+    a, b = mlp("a", seed=0), mlp("b", seed=1)
+    x = rng.normal(size=(2000, 20)).astype("float32")
+    teacher = {t: predict(m, x) for t, m in (("a", a), ("b", b))}
+
+    def gap(model):
+        out = predict(model, x)
+        return sum(np.mean((out[t] - teacher[t]) ** 2) for t in teacher)
+
+    paper = tf_mtz.zip_models({"a": a, "b": b}, x, method="paper", verbose=0)
+    refitted = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0)
+    assert refitted.zip_report.settings["refit"] and not paper.zip_report.settings["refit"]
+    assert gap(refitted) < 0.5 * gap(paper)
+
+
+@pytest.mark.parametrize("pairing,merge,matching", [("euclidean", "average", "greedy"), ("weights", "average", "optimal"),
+                                                    ("correlation", "average", "greedy"), ("random", "average", "greedy"),
+                                                    ("hessian", "first", "greedy")])
+def test_baseline_strategies_zip_permuted_copies(rng, pairing, merge, matching):
+    """Every pairing but random finds the permutation of a permuted copy, and then any merge keeps the outputs."""
+    model = mlp("a", widths=(12, 10))
+    copy, _ = permuted_copy(model, seed=3)
+    x = rng.normal(size=(400, 20)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, pairing=pairing, merge=merge, matching=matching,
+                               refit=False, verbose=0)
+    error = np.abs(predict(zipped, x)["a"] - predict(model, x)).max()
+    if pairing == "random":
+        assert error > 1e-3 and zipped.zip_report.layers[0].cost_sum > 0
+    else:
+        assert error < 1e-5
+        assert zipped.zip_report.settings["pairing"] == pairing

@@ -126,3 +126,64 @@ def merged_weights(blocks_a, blocks_b, hessian_a, hessian_b) -> np.ndarray:
     rhs = tf.matmul(hessian_a, _flatten_blocks(a)) + tf.matmul(hessian_b, _flatten_blocks(b))
     solved = tf.linalg.cholesky_solve(factor, rhs)
     return tf.transpose(tf.reshape(solved, (d, k, n)), (1, 0, 2)).numpy()
+
+
+PAIRINGS = ("hessian", "euclidean", "weights", "correlation", "random")
+MERGES = ("hessian", "average", "first")
+
+
+def pairing_costs(pairing: str, blocks_a, blocks_b, hessian_a, hessian_b, pooled=None, seed: int = 0):
+    """Cost of pairing every unit of A with every unit of B under a pairing strategy (lower pairs first).
+
+    Args:
+        pairing: "hessian" (ΔE, the paper), "euclidean" (‖a − b‖² of the incoming weights), "weights"
+            (−aᵀb: weight matching as in Git Re-Basin), "correlation" (1 − correlation of the two units'
+            pre-activations on the pooled calibration data, as ZipIt! pairs features), or "random".
+        blocks_a, blocks_b: `(K, D, n)` incoming weights, bias last.
+        hessian_a, hessian_b: damped `(D, D)` Hessians (used by "hessian").
+        pooled: undamped `(D, D)` second-moment matrix of the pooled calibration inputs (for "correlation").
+        seed: seed of "random".
+
+    Returns:
+        `(n_a, n_b)` numpy array.
+    """
+    if pairing == "hessian":
+        return cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b)
+    a = np.asarray(blocks_a, np.float64)
+    b = np.asarray(blocks_b, np.float64)
+    n_a, n_b = a.shape[2], b.shape[2]
+    if pairing == "random":
+        return np.random.default_rng(seed).random((n_a, n_b))
+    cross = np.einsum("kdi,kdj->ij", a, b)
+    if pairing == "weights":
+        return -cross
+    if pairing == "euclidean":
+        return np.maximum(np.sum(a * a, axis=(0, 1))[:, None] + np.sum(b * b, axis=(0, 1))[None, :] - 2 * cross, 0)
+    if pairing == "correlation":
+        mean = pooled[:, -1]  # E[x̃]: the bias coordinate is constantly 1
+        second_ab = np.einsum("kdi,de,kej->ij", a, pooled, b)
+        mean_a, mean_b = np.einsum("kdi,d->i", a, mean), np.einsum("kdj,d->j", b, mean)
+        var_a = np.einsum("kdi,de,kei->i", a, pooled, a) - mean_a ** 2
+        var_b = np.einsum("kdj,de,kej->j", b, pooled, b) - mean_b ** 2
+        covariance = second_ab - np.outer(mean_a, mean_b)
+        return 1.0 - covariance / np.sqrt(np.outer(np.maximum(var_a, 1e-12), np.maximum(var_b, 1e-12)))
+    raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}.")
+
+
+def merge_units(merge: str, blocks_a, blocks_b, hessian_a, hessian_b, tasks_in_a: int = 1) -> np.ndarray:
+    """Merged incoming weights of matched columns: "hessian" (the paper's update), "average" (all tasks
+    merged so far weigh the same; `tasks_in_a` counts those already in A), or "first" (keep A's)."""
+    if merge == "hessian":
+        return merged_weights(blocks_a, blocks_b, hessian_a, hessian_b)
+    a = np.asarray(blocks_a, np.float64)
+    if merge == "first":
+        return a
+    if merge == "average":
+        return (tasks_in_a * a + np.asarray(blocks_b, np.float64)) / (tasks_in_a + 1)
+    raise ValueError(f"merge must be one of {MERGES}, got {merge!r}.")
+
+
+def merge_error(merged, blocks, hessian) -> np.ndarray:
+    """Per unit ½ δᵀ H δ, δ = merged − original: the pre-activation error a merge causes for one task."""
+    delta = np.asarray(merged, np.float64) - np.asarray(blocks, np.float64)
+    return 0.5 * np.einsum("kdi,de,kei->i", delta, np.asarray(hessian, np.float64), delta)

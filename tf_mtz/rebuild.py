@@ -72,6 +72,7 @@ class Binding:
 class BuiltModel:
     model: keras.Model
     taps: list  # per unit layer: task -> shared part of that layer's input (None where nothing is shared)
+    parts: list  # per unit layer: task -> (shared part, task-specific part) of that layer's input
     logits: dict  # task -> pre-activation of the head
     bindings: list
 
@@ -94,7 +95,7 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
     tasks = plan.tasks
     inputs = keras.Input(shape=plan.input_shape, dtype=plan.input_dtype, name=names(plan.input_name))
     features = {t: (inputs, None) for t in tasks}
-    taps, logits, bindings = [], {}, []
+    taps, parts, logits, bindings = [], [], {}, []
     slot_index = 0
     for position in plan.body:
         if not position.is_units:
@@ -123,6 +124,7 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
         slot = state.slots[slot_index]
         is_head = slot_index == len(state.slots) - 1
         taps.append({t: features[t][0] if slot.shared_inputs else None for t in tasks})
+        parts.append({t: features[t] for t in tasks})
         if is_head:
             for t in tasks:
                 layer = position.layers[t]
@@ -148,7 +150,7 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
             out = type(layer).from_config({**layer.get_config(), "name": names(f"{t}_{layer.name}")})(out)
         outputs[t] = out
     model = keras.Model(inputs, outputs, name=name)
-    return BuiltModel(model, taps, logits, bindings)
+    return BuiltModel(model, taps, parts, logits, bindings)
 
 
 def _join(feature, name):

@@ -10,6 +10,7 @@ import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras.src.utils import io_utils
 
 from tf_mtz import costs as costs_lib
@@ -18,9 +19,18 @@ from tf_mtz import graph, matching, rebuild, report as report_lib, retrain as re
 from tf_mtz.registry import ZipError
 
 
+METHODS = {
+    # The paper: Hessian pair costs, Hessian-weighted merge, greedy matching, nothing else.
+    "paper": {"pairing": "hessian", "merge": "hessian", "refit": False},
+    # Measured best (README): the paper's costs and merge plus a least-squares refit of the next layer.
+    "default": {"pairing": "hessian", "merge": "hessian", "refit": True},
+}
+
+
 def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "greedy", retrain=None, *,
-               conv_hessian: str = "channel", damping: float = 1e-2, batch_size: int = 256,
-               evaluation_data=None, verbose: int = 1) -> keras.Model:
+               method: str = "default", pairing: str | None = None, merge: str | None = None,
+               refit: bool | None = None, conv_hessian: str = "channel", damping: float = 1e-2,
+               batch_size: int = 256, evaluation_data=None, seed: int = 0, verbose: int = 1) -> keras.Model:
     """Zips several trained models into one network with a shared trunk and one head per task.
 
     Layers are zipped from the input: each task's layer-wise Hessian is measured on its calibration
@@ -40,6 +50,16 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
             are not shared.
         matching: "greedy" (the paper: cheapest pairs first) or "optimal" (least total cost).
         retrain: a `tf_mtz.Retrain` for joint retraining after each zipped layer, or None.
+        method: "default" or "paper": presets of `pairing`, `merge` and `refit` (explicit values win).
+            "paper" is the published procedure exactly; "default" adds the refit.
+        pairing: how units are paired: "hessian" (ΔE, the paper), "euclidean" (distance of incoming
+            weights), "weights" (weight matching as in Git Re-Basin; use with matching="optimal"),
+            "correlation" (of the units' pre-activations on the pooled calibration data, as ZipIt!
+            pairs features), or "random". The non-Hessian pairings are baselines for comparison.
+        merge: how a pair's weights become one: "hessian" ((H_A+H_B)⁻¹(H_A w_A + H_B w_B)), "average",
+            or "first" (keep the first task's).
+        refit: after each zipped layer, refit the next layer of every task by ridge least squares so its
+            pre-activations match the original model's on the calibration data.
         conv_hessian: "channel" (the reference code's per-offset approximation, the default: it zipped
             LeNet-5 better before retraining and as well after) or "patch" (the exact im2col Hessian).
         damping: λ = damping · trace(H)/dim added to each Hessian, so singular Hessians stay solvable.
@@ -47,6 +67,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
         evaluation_data: optional labelled data, `{task: (x, y) | dataset of (x, y)}` or one for all
             tasks: the report then holds each task's accuracy for the original models, after each layer
             is zipped, after its retraining, and for the result.
+        seed: seed of the "random" pairing.
         verbose: 0 silent, 1 per-layer log lines and progress bars.
 
     Returns:
@@ -68,6 +89,18 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
     started = time.perf_counter()
     if matching not in matching_methods():
         raise ZipError(f"matching must be one of {matching_methods()}, got {matching!r}.")
+    if method not in METHODS:
+        raise ZipError(f"method must be one of {sorted(METHODS)}, got {method!r}.")
+    options = {**METHODS[method], "matching": matching, "conv_hessian": conv_hessian, "damping": damping,
+               "seed": seed}
+    for name, value, allowed in (("pairing", pairing, costs_lib.PAIRINGS), ("merge", merge, costs_lib.MERGES)):
+        if value is not None:
+            if value not in allowed:
+                raise ZipError(f"{name} must be one of {allowed}, got {value!r}.")
+            options[name] = value
+    if refit is not None:
+        options["refit"] = bool(refit)
+    refit = options["refit"]
     if conv_hessian not in ("patch", "channel"):
         raise ZipError(f"conv_hessian must be 'patch' or 'channel', got {conv_hessian!r}.")
     if not (isinstance(damping, (int, float)) and damping >= 0 and np.isfinite(damping)):
@@ -116,8 +149,9 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
             if verbose:
                 io_utils.print_msg(f"tf_mtz: zipping layer {index + 1}/{len(plan.slots) - 1} '{position.name}': "
                                    f"sharing {count} units")
-            chosen, hessians, shared_units = _zip_layer(plan, state, index, count, calibration, matching,
-                                                        conv_hessian, damping)
+            chosen, hessians, shared_units = _zip_layer(plan, state, index, count, calibration, options)
+            if refit:
+                _refit_next_layer(plan, state, index, calibration, models)
             samples = {t: h.samples for t, h in hessians.items()}
             deficient = [t for t, h in hessians.items() if h.rank_deficient]
         seconds = time.perf_counter() - layer_started
@@ -145,8 +179,8 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
         params_original=int(sum(m.count_params() for m in models.values())),
         params_zipped=int(zipped.count_params()),
         params_shared=rebuild.count_shared_parameters(state),
-        settings={"sharing": sharing if not isinstance(sharing, dict) else dict(sharing),
-                  "matching": matching, "conv_hessian": conv_hessian, "damping": damping,
+        settings={"sharing": sharing if not isinstance(sharing, dict) else dict(sharing), "method": method,
+                  **{k: options[k] for k in ("pairing", "merge", "refit", "matching", "conv_hessian", "damping")},
                   "retrain": None if retrain is None else {
                       k: v for k, v in vars(retrain).items() if k != "data" and not callable(v)
                       and isinstance(v, (int, float, str))},
@@ -210,13 +244,13 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
     return counts
 
 
-def _zip_layer(plan, state, index, count, calibration, matching_method, conv_hessian, damping):
-    """Zips one hidden layer in `state`; returns the chosen pair costs and the per-task Hessians."""
+def _zip_layer(plan, state, index, count, calibration, options):
+    """Zips one hidden layer in `state`; returns the chosen pairs' ΔE, the Hessians and the unit orders."""
     tasks = plan.tasks
     slot = state.slots[index]
     position = plan.slots[index].position
     handler = position.handler
-    mode = conv_hessian if conv_hessian in handler.hessian_modes else handler.hessian_modes[0]
+    mode = options["conv_hessian"] if options["conv_hessian"] in handler.hessian_modes else handler.hessian_modes[0]
     built = rebuild.build_model(plan, state, name="probe")
     hessians = {}
     for t in tasks:
@@ -227,26 +261,35 @@ def _zip_layer(plan, state, index, count, calibration, matching_method, conv_hes
             task=t, layer_name=position.name, is_first_layer=index == 0)
     rows = slot.shared_rows
     blocks = {t: handler.to_blocks(slot.kernels[t][..., :rows, :], slot.biases[t], mode) for t in tasks}
-    damped = {t: statistics.damped(hessians[t].matrix, damping) for t in tasks}
+    damped = {t: statistics.damped(hessians[t].matrix, options["damping"]) for t in tasks}
+    pooled = None
+    if options["pairing"] == "correlation":
+        total = sum(h.samples for h in hessians.values())
+        pooled = sum(h.matrix * (h.samples / total) for h in hessians.values())
 
+    def pair(merged, merged_hessian, t, tasks_in_merged):
+        cost = costs_lib.pairing_costs(options["pairing"], merged, blocks[t], merged_hessian, damped[t], pooled,
+                                       seed=options["seed"] + index)
+        return matching.match(cost, count, options["matching"])
+
+    # The first two tasks pick `count` pairs; each further task is matched against those shared units,
+    # whose Hessian is the sum of the merged tasks' (as in the reference code).
     first, second = tasks[0], tasks[1]
-    cost = costs_lib.cost_matrix(blocks[first], blocks[second], damped[first], damped[second])
-    pick_first, pick_second = matching.match(cost, count, matching_method)
-    chosen = [cost[pick_first, pick_second]]
+    pick_first, pick_second = pair(blocks[first], damped[first], second, 1)
     orders = {first: pick_first, second: pick_second}
-    merged = costs_lib.merged_weights(blocks[first][:, :, pick_first], blocks[second][:, :, pick_second],
-                                      damped[first], damped[second])
+    merged = costs_lib.merge_units(options["merge"], blocks[first][:, :, pick_first],
+                                   blocks[second][:, :, pick_second], damped[first], damped[second])
     accumulated = damped[first] + damped[second]
-    for t in tasks[2:]:
-        # Further tasks are matched against the shared units: the merged unit's Hessian is the sum.
-        cost = costs_lib.cost_matrix(merged, blocks[t], accumulated, damped[t])
-        shared_index, picks = matching.match(cost, count, matching_method)
+    for count_merged, t in enumerate(tasks[2:], start=2):
+        shared_index, picks = pair(merged, accumulated, t, count_merged)
         order = np.empty(count, np.int64)
         order[shared_index] = picks
-        chosen.append(cost[shared_index, picks])
         orders[t] = order
-        merged = costs_lib.merged_weights(merged, blocks[t][:, :, order], accumulated, damped[t])
+        merged = costs_lib.merge_units(options["merge"], merged, blocks[t][:, :, order], accumulated, damped[t],
+                                       tasks_in_a=count_merged)
         accumulated = accumulated + damped[t]
+    # ΔE actually caused: Σ_t ½ δ_tᵀ H_t δ_t per shared unit (equals the paper's pair cost for its merge).
+    chosen = sum(costs_lib.merge_error(merged, blocks[t][:, :, orders[t]], damped[t]) for t in tasks)
 
     kernel_shape = slot.kernels[first][..., :rows, :count].shape
     merged_kernel, merged_bias = handler.from_blocks(merged, kernel_shape, mode)
@@ -263,7 +306,55 @@ def _zip_layer(plan, state, index, count, calibration, matching_method, conv_hes
                                                                    following.rows_per_input_unit), :]
     slot.shared = count
     following.shared_inputs = count
-    return np.concatenate(chosen), hessians, {t: orders[t].tolist() for t in tasks}
+    return chosen, hessians, {t: orders[t].tolist() for t in tasks}
+
+
+def _refit_next_layer(plan, state, index, calibration, models, ridge: float = 1e-3):
+    """Refits the layer after `index`, per task, by ridge least squares so that its pre-activations in the
+    zipped network match the original model's on the calibration data (compensating the merge)."""
+    slot_index = index + 1
+    slot = state.slots[slot_index]
+    position = plan.slots[slot_index].position
+    handler = position.handler
+    mode = "patch" if "patch" in handler.hessian_modes else handler.hessian_modes[0]
+    built = rebuild.build_model(plan, state, name="refit")
+    for t in plan.tasks:
+        template = position.layers[t]
+        shared_part, specific_part = built.parts[slot_index][t]
+        outputs = [x for x in (shared_part, specific_part) if x is not None]
+        zipped_probe = keras.Model(built.model.inputs, outputs)
+        original_probe = keras.Model(models[t].inputs, template.input)
+        original = handler.to_blocks(*handler.kernel_and_bias(template), mode)[0]
+        # Ridge towards the current weights, not towards zero: where the zipped inputs already reproduce
+        # the original pre-activations, the refit changes nothing.
+        current = handler.to_blocks(slot.kernels[t], slot.biases[t], mode)[0]
+
+        def samples(x, probe=zipped_probe, template=template):
+            parts = probe(x, training=False)
+            parts = parts if isinstance(parts, (list, tuple)) else [parts]
+            full = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+            return _augment(handler.hessian_samples(template, full, mode))
+
+        gram, cross = None, None
+        for x in calibration[t]:
+            inputs = samples(x)
+            targets = tf.matmul(_augment(handler.hessian_samples(template, original_probe(x, training=False),
+                                                                 mode)), original)
+            targets -= tf.matmul(inputs, current)
+            g = tf.matmul(inputs, inputs, transpose_a=True).numpy().astype(np.float64)
+            c = tf.matmul(inputs, targets, transpose_a=True).numpy().astype(np.float64)
+            gram, cross = (g, c) if gram is None else (gram + g, cross + c)
+        dim = gram.shape[0]
+        gram += ridge * max(np.trace(gram) / dim, 1e-12) * np.eye(dim)
+        solution = current + np.linalg.solve(gram, cross)
+        kernel, bias = handler.from_blocks(solution[None].astype(np.float32), slot.kernels[t].shape, mode)
+        slot.kernels[t] = np.ascontiguousarray(kernel, np.float32)
+        slot.biases[t] = np.ascontiguousarray(bias, np.float32)
+
+
+def _augment(samples):
+    samples = tf.cast(samples, tf.float32)
+    return tf.concat([samples, tf.ones_like(samples[:, :1])], axis=1)
 
 
 def _row_order(permutation: np.ndarray, shared: int, rows_per_unit: int) -> np.ndarray:

@@ -10,11 +10,11 @@ import numpy as np
 from mnist_data import cache_dir
 
 
-def lenet_300_100(name: str) -> keras.Model:
+def lenet_300_100(name: str, classes: int = 10) -> keras.Model:
     inputs = keras.Input((784,), name="image")
     h = keras.layers.Dense(300, activation="relu", name="fc1")(inputs)
     h = keras.layers.Dense(100, activation="relu", name="fc2")(h)
-    outputs = keras.layers.Dense(10, activation="softmax", name="logits")(h)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="logits")(h)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -41,7 +41,7 @@ def trained_model(arch: str, seed: int, x: np.ndarray, y: np.ndarray, epochs: in
     if os.path.exists(path):
         return keras.models.load_model(path)
     keras.utils.set_random_seed(seed)
-    model = ARCHITECTURES[arch](f"{arch}_{tag}_seed{seed}")
+    model = ARCHITECTURES[arch](f"{arch}_{tag}_seed{seed}", classes=int(y.max()) + 1)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     model.fit(x, y, batch_size=128, epochs=epochs, verbose=verbose, shuffle=True)
