@@ -189,3 +189,14 @@ def test_baseline_strategies_zip_permuted_copies(rng, pairing, merge, matching):
     else:
         assert error < 1e-5
         assert zipped.zip_report.settings["pairing"] == pairing
+
+
+def test_same_inputs_give_bit_identical_weights(rng):
+    a, b = small_cnn("a", seed=0), small_cnn("b", seed=1)
+    x = rng.normal(size=(256, 12, 12, 1)).astype("float32")
+    runs = [tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0, sharing=0.75,
+                              retrain=tf_mtz.Retrain(steps_per_layer=20, seed=3)) for _ in range(2)]
+    first, second = (run.get_weights() for run in runs)
+    assert len(first) == len(second)
+    for u, v in zip(first, second):
+        np.testing.assert_array_equal(u, v)

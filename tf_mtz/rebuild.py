@@ -19,6 +19,7 @@ import dataclasses
 import keras
 import numpy as np
 
+from tf_mtz import registry
 from tf_mtz.graph import ZipPlan
 
 
@@ -112,7 +113,7 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
             if slot_index == 0:
                 # Before any unit layer the input is not split: replay the layer exactly, once.
                 ref = position.layers[tasks[0]]
-                out = type(ref).from_config({**ref.get_config(), "name": names(ref.name)})(features[tasks[0]][0])
+                out = registry.copy_layer(ref, names(ref.name))(features[tasks[0]][0])
                 features = {t: (out, None) for t in tasks}
                 continue
             ref_name = position.name
@@ -147,7 +148,7 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
     for t in tasks:
         out = features[t][0]
         for layer in plan.suffixes[t]:
-            out = type(layer).from_config({**layer.get_config(), "name": names(f"{t}_{layer.name}")})(out)
+            out = registry.copy_layer(layer, names(f"{t}_{layer.name}"))(out)
         outputs[t] = out
     model = keras.Model(inputs, outputs, name=name)
     return BuiltModel(model, taps, parts, logits, bindings)

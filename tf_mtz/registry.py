@@ -14,6 +14,7 @@ means registering one handler rather than touching the zipper. Two roles exist:
 from __future__ import annotations
 
 import math
+import zlib
 import keras
 import numpy as np
 import tensorflow as tf
@@ -89,9 +90,20 @@ class PassThroughHandler(LayerHandler):
 
     def apply_to_part(self, layer, x: tf.Tensor, name: str) -> tf.Tensor:
         """Applies a copy of `layer` to `x`, a feature holding a subset of the layer's input units."""
-        config = dict(layer.get_config())
-        config["name"] = name
-        return type(layer).from_config(config)(x)
+        return copy_layer(layer, name)(x)
+
+
+def copy_layer(layer, name: str):
+    """A fresh copy of a weightless layer under a new name.
+
+    Random layers (Dropout, noise) left unseeded get a seed derived from the name, so that zipping and
+    retraining give bit-identical results run after run.
+    """
+    config = dict(layer.get_config())
+    config["name"] = name
+    if "seed" in config and config["seed"] is None:
+        config["seed"] = zlib.crc32(name.encode()) % (2 ** 31)
+    return type(layer).from_config(config)
 
 
 def _activation_name(layer) -> str:
