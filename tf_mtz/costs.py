@@ -22,9 +22,6 @@ import scipy.linalg
 import tensorflow as tf
 
 
-_USE_LAPACK = True
-
-
 def _on_gpu() -> bool:
     return bool(tf.config.list_logical_devices("GPU"))
 
@@ -40,7 +37,7 @@ def _cholesky(matrix: np.ndarray) -> tf.Tensor:
     for attempt in range(8):
         shifted = matrix + jitter * eye if jitter else matrix
         try:
-            if _on_gpu() or not _USE_LAPACK:
+            if _on_gpu():
                 factor = tf.linalg.cholesky(shifted)
             else:
                 factor = tf.constant(scipy.linalg.cholesky(shifted, lower=True, check_finite=False))

@@ -23,7 +23,7 @@ def per_task(data, tasks: list, what: str) -> dict:
     return {t: data for t in tasks}
 
 
-def _split(element):
+def split_element(element):
     """Returns (x, y) from an element that is x, (x,), (x, y) or (x, y, sample_weight)."""
     if isinstance(element, (tuple, list)):
         return element[0], (element[1] if len(element) > 1 else None)
@@ -40,7 +40,7 @@ def as_dataset(data, task: str, input_shape: tuple, what: str, batch_size: int,
     if isinstance(data, tf.data.Dataset):
         dataset = _from_feature_dicts(data, task, what)
         spec = dataset.element_spec
-        x_spec, y_spec = _split(spec)
+        x_spec, y_spec = split_element(spec)
         if not isinstance(x_spec, tf.TensorSpec):
             raise ZipError(f"{what} for task '{task}': expected a dataset of tensors or (x, y) tuples, "
                            f"got element spec {spec}.")
@@ -49,7 +49,7 @@ def as_dataset(data, task: str, input_shape: tuple, what: str, batch_size: int,
                            "label-free distillation.")
         if x_spec.shape.rank == len(input_shape):
             dataset = dataset.batch(batch_size)
-            x_spec = _split(dataset.element_spec)[0]
+            x_spec = split_element(dataset.element_spec)[0]
         feature_shape = tuple(x_spec.shape[1:])
         if not _compatible(feature_shape, input_shape):
             raise ZipError(f"{what} for task '{task}' has samples of shape {feature_shape}; the models "
@@ -58,7 +58,7 @@ def as_dataset(data, task: str, input_shape: tuple, what: str, batch_size: int,
             return dataset.map(lambda *e: (tf.cast(e[0], tf.float32), e[1]))
         return dataset.map(lambda *e: tf.cast(e[0], tf.float32))
 
-    x, y = _split(data)
+    x, y = split_element(data)
     x = np.asarray(x)
     if x.ndim == 0 or x.shape[0] == 0:
         raise ZipError(f"{what} for task '{task}' is empty.")

@@ -214,7 +214,7 @@ def training_datasets(retrain: Retrain, tasks: list, input_shape: tuple, fallbac
     for i, t in enumerate(tasks):
         value = per_task[t]
         if not with_labels and not isinstance(value, tf.data.Dataset):
-            value = data_lib._split(value)[0]
+            value = data_lib.split_element(value)[0]
         ds = data_lib.as_dataset(value, t, input_shape, "Retraining data", retrain.batch_size,
                                  with_labels=with_labels, shuffle=True, seed=retrain.seed + i)
         out[t] = ds.prefetch(2)

@@ -267,7 +267,7 @@ def _zip_layer(plan, state, index, count, calibration, options):
         total = sum(h.samples for h in hessians.values())
         pooled = sum(h.matrix * (h.samples / total) for h in hessians.values())
 
-    def pair(merged, merged_hessian, t, tasks_in_merged):
+    def pair(merged, merged_hessian, t):
         cost = costs_lib.pairing_costs(options["pairing"], merged, blocks[t], merged_hessian, damped[t], pooled,
                                        seed=options["seed"] + index)
         return matching.match(cost, count, options["matching"])
@@ -275,13 +275,13 @@ def _zip_layer(plan, state, index, count, calibration, options):
     # The first two tasks pick `count` pairs; each further task is matched against those shared units,
     # whose Hessian is the sum of the merged tasks' (as in the reference code).
     first, second = tasks[0], tasks[1]
-    pick_first, pick_second = pair(blocks[first], damped[first], second, 1)
+    pick_first, pick_second = pair(blocks[first], damped[first], second)
     orders = {first: pick_first, second: pick_second}
     merged = costs_lib.merge_units(options["merge"], blocks[first][:, :, pick_first],
                                    blocks[second][:, :, pick_second], damped[first], damped[second])
     accumulated = damped[first] + damped[second]
     for count_merged, t in enumerate(tasks[2:], start=2):
-        shared_index, picks = pair(merged, accumulated, t, count_merged)
+        shared_index, picks = pair(merged, accumulated, t)
         order = np.empty(count, np.int64)
         order[shared_index] = picks
         orders[t] = order
