@@ -41,6 +41,7 @@ OUT = flags.DEFINE_string("out", "docs", "Output folder.")
 METHODS = {
     "tf_mtz default": dict(method="default"),
     "paper (no refit)": dict(method="paper"),
+    "paper + refit": dict(method="paper", refit=True),
     "euclidean + average": dict(pairing="euclidean", merge="average", refit=True),
     "weight matching + average": dict(pairing="weights", merge="average", matching="optimal", refit=True),
     "correlation + average": dict(pairing="correlation", merge="average", refit=True),

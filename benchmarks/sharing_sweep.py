@@ -26,7 +26,7 @@ SEEDS = flags.DEFINE_integer("seeds", 3, "Seed pairs.")
 ARCH = flags.DEFINE_enum("arch", "lenet300", ["lenet300", "lenet5"], "Architecture.")
 FRACTIONS = flags.DEFINE_list("fractions", ["0", "0.25", "0.5", "0.75", "0.9", "1.0"], "Shared fractions.")
 OUT = flags.DEFINE_string("out", "docs", "Output folder.")
-SHOWN = ("tf_mtz default", "paper (no refit)", "euclidean + average", "correlation + average", "random + average")
+SHOWN = ("tf_mtz default", "paper (no refit)", "paper + refit", "euclidean + average", "random + average")
 
 
 def main(_):

@@ -22,8 +22,9 @@ from tf_mtz.registry import ZipError
 METHODS = {
     # The paper: Hessian pair costs, Hessian-weighted merge, greedy matching, nothing else.
     "paper": {"pairing": "hessian", "merge": "hessian", "refit": False},
-    # Measured best (README): the paper's costs and merge plus a least-squares refit of the next layer.
-    "default": {"pairing": "hessian", "merge": "hessian", "refit": True},
+    # Measured best (README): the paper's pair costs, averaged weights, and a least-squares refit of the
+    # next layer. With the refit, averaging beat the Hessian-weighted merge on MNIST digits 0-4 vs 5-9.
+    "default": {"pairing": "hessian", "merge": "average", "refit": True},
 }
 
 
@@ -51,7 +52,8 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
         matching: "greedy" (the paper: cheapest pairs first) or "optimal" (least total cost).
         retrain: a `tf_mtz.Retrain` for joint retraining after each zipped layer, or None.
         method: "default" or "paper": presets of `pairing`, `merge` and `refit` (explicit values win).
-            "paper" is the published procedure exactly; "default" adds the refit.
+            "paper" is the published procedure exactly; "default" averages the paired weights and adds
+            the refit.
         pairing: how units are paired: "hessian" (ΔE, the paper), "euclidean" (distance of incoming
             weights), "weights" (weight matching as in Git Re-Basin; use with matching="optimal"),
             "correlation" (of the units' pre-activations on the pooled calibration data, as ZipIt!
