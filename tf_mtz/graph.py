@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import numpy as np
 
 from tf_mtz import registry
 from tf_mtz.registry import ZipError
@@ -22,6 +23,7 @@ class Position:
     index: int
     layers: dict  # task -> keras layer
     handler: registry.LayerHandler
+    weights: dict | None = None  # unit layers: task -> (kernel, bias), any following BatchNormalization folded in
 
     @property
     def name(self) -> str:
@@ -49,6 +51,7 @@ class ZipPlan:
     body: list  # Positions from the input up to and including the heads
     suffixes: dict  # task -> list of layers after that task's head
     slots: list  # Slots of the unit positions in `body`; the last is the heads
+    chains: dict  # task -> the original model's layers from input to output (nested models inlined)
 
     @property
     def hidden_slots(self) -> list:
@@ -88,14 +91,48 @@ def _chain(model: keras.Model, task: str) -> list:
                 f"Layer '{op.name}' of model '{model.name}' (task '{task}') takes {len(parents)} inputs; "
                 "branching graphs (Add, Concatenate) are not supported yet.")
         if isinstance(op, keras.Model):
-            raise ZipError(
-                f"Layer '{op.name}' of model '{model.name}' (task '{task}') is a nested model; nested "
-                "models are not supported yet: rebuild the model with its layers inlined.")
-        layers.append(op)
+            # A nested model is read as its own chain of layers, spliced in place.
+            layers.extend(reversed(_chain(op, task)))
+        else:
+            layers.append(op)
         tensor = parents[0]
     if tensor is not inputs[0] and tensor._keras_history[0] is not inputs[0]._keras_history[0]:
         raise ZipError(f"Model '{model.name}' (task '{task}') does not lead from its input to its output.")
     return layers[::-1]
+
+
+def _fold_batch_norms(layers: list, model_name: str) -> tuple[list, dict]:
+    """Folds each BatchNormalization into the Dense/Conv2D right before it (inference statistics).
+
+    Returns the chain without the folded layers and `{id(unit layer): (kernel, bias)}` with the folded
+    weights: kernel·γ/√(σ²+ε) and (bias − μ)·γ/√(σ²+ε) + β.
+    """
+    out, folded = [], {}
+    for layer in layers:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            out.append(layer)
+            continue
+        previous = out[-1] if out else None
+        handler = registry.handler_for(previous) if previous is not None else None
+        axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
+        rank = len(layer.input.shape)
+        if (not isinstance(handler, registry.UnitLayerHandler) or axis not in (-1, rank - 1)
+                or handler.activation(previous) != "linear" or id(previous) in folded):
+            raise ZipError(
+                f"BatchNormalization '{layer.name}' of model '{model_name}' can only be zipped when it directly "
+                "follows a Dense or Conv2D layer without activation and normalises the last axis: it is then "
+                "folded into that layer.")
+        kernel, bias = handler.kernel_and_bias(previous)
+        gamma = (np.asarray(keras.ops.convert_to_numpy(layer.gamma), np.float64) if layer.scale
+                 else np.ones(kernel.shape[-1]))
+        beta = (np.asarray(keras.ops.convert_to_numpy(layer.beta), np.float64) if layer.center
+                else np.zeros(kernel.shape[-1]))
+        mean = np.asarray(keras.ops.convert_to_numpy(layer.moving_mean), np.float64)
+        variance = np.asarray(keras.ops.convert_to_numpy(layer.moving_variance), np.float64)
+        scale = gamma / np.sqrt(variance + layer.epsilon)
+        folded[id(previous)] = ((kernel * scale).astype(np.float32),
+                                ((bias - mean) * scale + beta).astype(np.float32))
+    return out, folded
 
 
 def _is_functional(model) -> bool:
@@ -137,8 +174,11 @@ def read_models(models: dict) -> ZipPlan:
     if len({id(m) for m in models.values()}) != len(models):
         raise ZipError("The same model object is given for two tasks; pass separate models (a clone is fine).")
     tasks = list(models)
-    chains = {task: _chain(model, task) for task, model in models.items()}
     names = {task: models[task].name for task in tasks}
+    originals, chains, folded = {}, {}, {}
+    for task, model in models.items():
+        originals[task] = _chain(model, task)
+        chains[task], folded[task] = _fold_batch_norms(originals[task], names[task])
     first = tasks[0]
 
     shapes = {t: tuple(models[t].inputs[0].shape[1:]) for t in tasks}
@@ -196,7 +236,10 @@ def read_models(models: dict) -> ZipPlan:
             raise ZipError(
                 f"Layer '{ref.name}' of model '{names[first]}' applies softmax before the output layer; "
                 "softmax mixes units and can only follow a task's output layer.")
-        body.append(Position(i, layers, handlers[first][i]))
+        weights = None
+        if handlers[first][i].role == "units":
+            weights = {t: folded[t].get(id(layers[t])) or handlers[t][i].kernel_and_bias(layers[t]) for t in tasks}
+        body.append(Position(i, layers, handlers[first][i], weights))
     suffixes = {t: chains[t][head_index[t] + 1:] for t in tasks}
 
     slots = []
@@ -213,14 +256,24 @@ def read_models(models: dict) -> ZipPlan:
 
     input_name = models[first].inputs[0].name or "input"
     return ZipPlan(tasks=tasks, input_shape=shapes[first], input_dtype=dtypes[first],
-                   input_name=_clean_name(input_name), body=body, suffixes=suffixes, slots=slots)
+                   input_name=_clean_name(input_name), body=body, suffixes=suffixes, slots=slots,
+                   chains=originals)
+
+
+def run_prefix(plan: ZipPlan, task: str, layer, x):
+    """The input that `layer` receives in the original model of `task`, computed eagerly from `x` (calling
+    the original layers on concrete tensors adds nothing to their graphs)."""
+    chain = plan.chains[task]
+    for earlier in chain[:next(i for i, l in enumerate(chain) if l is layer)]:
+        x = earlier(x, training=False)
+    return x
 
 
 def _rows_per_unit(previous: Position, position: Position, names: dict) -> int:
     """How many kernel rows of `position` each output unit of `previous` feeds (H*W after a Flatten)."""
     per_task = set()
     for task, layer in position.layers.items():
-        units_in = position.handler.kernel_and_bias(layer)[0].shape[-2]
+        units_in = position.weights[task][0].shape[-2]
         units_prev = previous.handler.units(previous.layers[task])
         if units_in % units_prev:
             raise ZipError(

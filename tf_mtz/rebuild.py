@@ -49,8 +49,7 @@ class ZipState:
     def from_plan(cls, plan: ZipPlan) -> "ZipState":
         slots = []
         for index, slot in enumerate(plan.slots):
-            handler = slot.position.handler
-            weights = {t: handler.kernel_and_bias(layer) for t, layer in slot.position.layers.items()}
+            weights = slot.position.weights
             kernels = {t: k.copy() for t, (k, _) in weights.items()}
             biases = {t: b.copy() for t, (_, b) in weights.items()}
             first_kernel = next(iter(kernels.values()))
@@ -113,7 +112,12 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
             if slot_index == 0:
                 # Before any unit layer the input is not split: replay the layer exactly, once.
                 ref = position.layers[tasks[0]]
-                out = registry.copy_layer(ref, names(ref.name))(features[tasks[0]][0])
+                copy = registry.copy_layer(ref, names(ref.name))
+                out = copy(features[tasks[0]][0])
+                if ref.get_weights():  # e.g. Normalization's adapted mean and variance
+                    copy.set_weights(ref.get_weights())
+                    if hasattr(copy, "finalize_state"):  # Normalization derives its statistics from them
+                        copy.finalize_state()
                 features = {t: (out, None) for t in tasks}
                 continue
             ref_name = position.name

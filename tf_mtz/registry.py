@@ -177,6 +177,17 @@ class ChannelwiseHandler(PassThroughHandler):
     """Pooling, dropout and element-wise activations: safe on any subset of units."""
 
 
+class InputOnlyHandler(PassThroughHandler):
+    """Preprocessing (Rescaling, Normalization): allowed before the first Dense/Conv2D layer only, where
+    every task sees the same input and the layer is replayed as it is, weights included."""
+
+    channelwise = False
+
+    def check_between_units(self, layer, model_name):
+        raise ZipError(f"Layer '{layer.name}' ({type(layer).__name__}) of model '{model_name}' is supported "
+                       "only before the first Dense/Conv2D layer.")
+
+
 class SoftmaxHandler(PassThroughHandler):
     """Softmax mixes units: allowed after a head only (the zipper checks where it sits)."""
 
@@ -269,10 +280,13 @@ _channelwise = ChannelwiseHandler()
 for _cls in (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Dropout,
              keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.SpatialDropout2D,
              keras.layers.GaussianNoise, keras.layers.GaussianDropout, keras.layers.AlphaDropout,
-             keras.layers.Identity):
+             keras.layers.Identity, keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
+             keras.layers.ZeroPadding2D, keras.layers.Cropping2D, keras.layers.UpSampling2D):
     register_layer_handler(_cls, _channelwise)
 register_layer_handler(keras.layers.Activation, ChannelwiseHandler())
 register_layer_handler(keras.layers.Softmax, SoftmaxHandler())
+for _cls in (keras.layers.Rescaling, keras.layers.Normalization):
+    register_layer_handler(_cls, InputOnlyHandler())
 register_layer_handler(keras.layers.Flatten, FlattenHandler())
 register_layer_handler(keras.layers.Reshape, ReshapeHandler())
 register_layer_handler(keras.layers.Dense, DenseHandler())

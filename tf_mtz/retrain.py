@@ -93,7 +93,11 @@ def logits_model(model: keras.Model, output) -> tuple[keras.Model, str]:
     The logits are the input of a trailing softmax/sigmoid (an Activation layer, a Softmax layer, or
     the activation of a Dense/Conv2D head); a linear output is its own logits.
     """
-    op = output._keras_history.operation
+    op, node_index, _ = output._keras_history
+    if isinstance(op, keras.Model):
+        # The head sits in a nested model: find its logits there and call that on the nested input.
+        inner, activation = logits_model(op, op.outputs[0])
+        return keras.Model(model.inputs, inner(op._inbound_nodes[node_index].input_tensors[0])), activation
     if isinstance(op, keras.layers.Softmax):
         return keras.Model(model.inputs, op.input), "softmax"
     if isinstance(op, keras.layers.Activation):
@@ -111,6 +115,40 @@ def logits_model(model: keras.Model, output) -> tuple[keras.Model, str]:
             linear.set_weights([kernel, bias])
             return keras.Model(model.inputs, logits), act
     return keras.Model(model.inputs, output), "linear"
+
+
+class _ChainTeacher:
+    """Original model's logits, computed by calling its own layers (no new graph nodes on them)."""
+
+    def __init__(self, plan, task, linear_head):
+        self.plan, self.task, self.linear_head = plan, task, linear_head
+        self.head = plan.slots[-1].position.layers[task]
+
+    def __call__(self, x, training=False):
+        from tf_mtz import graph
+
+        return self.linear_head(graph.run_prefix(self.plan, self.task, self.head, x))
+
+
+def chain_teacher(plan, task) -> tuple:
+    """`(teacher, activation)` for distillation: the original head's pre-activation (BatchNormalization
+    after it folded in) and the activation that turns it into the output (softmax, sigmoid or linear)."""
+    position = plan.slots[-1].position
+    head, handler = position.layers[task], position.handler
+    kernel, bias = position.weights[task]
+    linear = handler.build_layer(head, kernel.shape[-1], use_bias=True, activation=None,
+                                 name=f"{head.name}_teacher_logits")
+    linear.build(tuple(head.input.shape))
+    linear.set_weights([kernel, bias])
+    activation = handler.activation(head)
+    if activation == "linear":
+        for layer in plan.suffixes[task]:
+            if isinstance(layer, keras.layers.Softmax):
+                activation = "softmax"
+            elif isinstance(layer, keras.layers.Activation):
+                name = keras.activations.serialize(layer.activation)
+                activation = name if name in ("softmax", "sigmoid") else activation
+    return _ChainTeacher(plan, task, linear), activation
 
 
 def _loss_fn(kind: str, activation: str, temperature: float, labels_spec):

@@ -127,7 +127,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
     trainer_inputs = None
     if retrain is not None:
         # The originals' logits are the distillation targets; their output activation picks the loss.
-        logits = {t: retrain_lib.logits_model(models[t], models[t].outputs[0]) for t in tasks}
+        logits = {t: retrain_lib.chain_teacher(plan, t) for t in tasks}
         teachers = {t: logits[t][0] for t in tasks} if retrain.loss == "distill" else None
         activations = {t: logits[t][1] for t in tasks}
         fallback = calibration_data if retrain.loss == "distill" else None
@@ -208,7 +208,7 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
         ZipError: fractions outside [0, 1], counts above the narrowest task's width, unknown layer names.
     """
     hidden = plan.hidden_slots
-    widths = [min(s.position.handler.units(layer) for layer in s.position.layers.values()) for s in hidden]
+    widths = [min(int(w[0].shape[-1]) for w in s.position.weights.values()) for s in hidden]
 
     def to_count(value, width, where):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -325,8 +325,7 @@ def _refit_next_layer(plan, state, index, calibration, models, ridge: float = 1e
         shared_part, specific_part = built.parts[slot_index][t]
         outputs = [x for x in (shared_part, specific_part) if x is not None]
         zipped_probe = keras.Model(built.model.inputs, outputs)
-        original_probe = keras.Model(models[t].inputs, template.input)
-        original = handler.to_blocks(*handler.kernel_and_bias(template), mode)[0]
+        original = handler.to_blocks(*position.weights[t], mode)[0]
         # Ridge towards the current weights, not towards zero: where the zipped inputs already reproduce
         # the original pre-activations, the refit changes nothing.
         current = handler.to_blocks(slot.kernels[t], slot.biases[t], mode)[0]
@@ -340,8 +339,8 @@ def _refit_next_layer(plan, state, index, calibration, models, ridge: float = 1e
         gram, cross = None, None
         for x in calibration[t]:
             inputs = samples(x)
-            targets = tf.matmul(_augment(handler.hessian_samples(template, original_probe(x, training=False),
-                                                                 mode)), original)
+            original_input = graph.run_prefix(plan, t, template, x)
+            targets = tf.matmul(_augment(handler.hessian_samples(template, original_input, mode)), original)
             targets -= tf.matmul(inputs, current)
             g = tf.matmul(inputs, inputs, transpose_a=True).numpy().astype(np.float64)
             c = tf.matmul(inputs, targets, transpose_a=True).numpy().astype(np.float64)
