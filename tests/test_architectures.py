@@ -165,3 +165,31 @@ def test_normalization_layer_keeps_its_adapted_statistics(rng):
     model = normed("m", 0)
     zipped = tf_mtz.zip_models({"a": model, "b": permuted_copy(model, seed=5)}, x, verbose=0)
     np.testing.assert_allclose(zipped.predict(x, verbose=0)["a"], model.predict(x, verbose=0), atol=1e-4)
+
+
+def test_conv1d_model_permuted_copy_and_patch_hessian(rng):
+    def conv1d(name, seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((24, 3), name="signal")
+        h = keras.layers.Conv1D(8, 5, padding="same", activation="relu", name="c1")(x)
+        h = keras.layers.MaxPooling1D(2)(h)
+        h = keras.layers.Conv1D(10, 3, strides=2, activation="relu", name="c2")(h)
+        h = keras.layers.GlobalAveragePooling1D()(h)
+        return keras.Model(x, keras.layers.Dense(4, activation="softmax", name="head")(h), name=name)
+
+    model = conv1d("m", 0)
+    copy = permuted_copy(model, seed=6)
+    x = rng.normal(size=(150, 24, 3)).astype("float32")
+    for conv_hessian in ("channel", "patch"):
+        zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, conv_hessian=conv_hessian, verbose=0)
+        np.testing.assert_allclose(zipped.predict(x, verbose=0)["b"], model.predict(x, verbose=0), atol=1e-5)
+        assert max(layer.cost_max for layer in zipped.zip_report.layers) < 1e-4
+
+    # The im2col samples of a Conv1D times its flattened kernel are its pre-activation.
+    layer = model.get_layer("c2")
+    handler = registry.handler_for(layer)
+    inputs = rng.normal(size=(2, 12, 8)).astype("float32")
+    samples = handler.hessian_samples(layer, inputs, "patch").numpy()
+    blocks = handler.to_blocks(*handler.kernel_and_bias(layer), "patch")[0]
+    pre_activation = keras.ops.convert_to_numpy(keras.ops.conv(inputs, layer.kernel, strides=2)) + layer.bias.numpy()
+    np.testing.assert_allclose(samples @ blocks[:-1] + blocks[-1], pre_activation.reshape(-1, 10), atol=1e-5)

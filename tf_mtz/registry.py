@@ -173,6 +173,38 @@ class Conv2DHandler(UnitLayerHandler):
         return blocks[0, :-1].reshape(kernel_shape), blocks[0, -1]
 
 
+class Conv1DHandler(Conv2DHandler):
+    """Conv1D, channels last, no groups, 'valid' or 'same' padding; same Hessian modes as Conv2D."""
+
+    def check(self, layer, model_name):
+        super().check(layer, model_name)
+        if layer.padding == "causal":
+            raise ZipError(f"Layer '{layer.name}' of model '{model_name}' uses causal padding, which tf_mtz "
+                           "does not support yet.")
+
+    def build_layer(self, template, units, *, use_bias, activation, name):
+        return keras.layers.Conv1D(
+            units, template.kernel_size, strides=template.strides, padding=template.padding,
+            dilation_rate=template.dilation_rate, use_bias=use_bias, activation=activation, name=name,
+            dtype=template.dtype_policy)
+
+    def hessian_samples(self, template, x, mode):
+        if mode == "channel":
+            return tf.reshape(x, (-1, x.shape[-1]))
+        (k,), (stride,), (rate,) = template.kernel_size, template.strides, template.dilation_rate
+        patches = tf.image.extract_patches(
+            x[:, None], sizes=[1, 1, k, 1], strides=[1, 1, stride, 1], rates=[1, 1, rate, 1],
+            padding=template.padding.upper())
+        return tf.reshape(patches, (-1, k * x.shape[-1]))
+
+    def to_blocks(self, kernel, bias, mode):
+        return super().to_blocks(kernel[None], bias, mode)
+
+    def from_blocks(self, blocks, kernel_shape, mode):
+        kernel, bias = super().from_blocks(blocks, (1,) + tuple(kernel_shape), mode)
+        return kernel[0], bias
+
+
 class ChannelwiseHandler(PassThroughHandler):
     """Pooling, dropout and element-wise activations: safe on any subset of units."""
 
@@ -281,7 +313,9 @@ for _cls in (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.lay
              keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.SpatialDropout2D,
              keras.layers.GaussianNoise, keras.layers.GaussianDropout, keras.layers.AlphaDropout,
              keras.layers.Identity, keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
-             keras.layers.ZeroPadding2D, keras.layers.Cropping2D, keras.layers.UpSampling2D):
+             keras.layers.ZeroPadding2D, keras.layers.Cropping2D, keras.layers.UpSampling2D,
+             keras.layers.MaxPooling1D, keras.layers.AveragePooling1D, keras.layers.GlobalAveragePooling1D,
+             keras.layers.GlobalMaxPooling1D, keras.layers.ZeroPadding1D):
     register_layer_handler(_cls, _channelwise)
 register_layer_handler(keras.layers.Activation, ChannelwiseHandler())
 register_layer_handler(keras.layers.Softmax, SoftmaxHandler())
@@ -291,6 +325,7 @@ register_layer_handler(keras.layers.Flatten, FlattenHandler())
 register_layer_handler(keras.layers.Reshape, ReshapeHandler())
 register_layer_handler(keras.layers.Dense, DenseHandler())
 register_layer_handler(keras.layers.Conv2D, Conv2DHandler())
+register_layer_handler(keras.layers.Conv1D, Conv1DHandler())
 
 
 def mixes_units(layer) -> bool:
