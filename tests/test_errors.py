@@ -147,3 +147,28 @@ def test_singular_hessian_from_constant_inputs_gives_finite_model(rng):
         out = zipped.predict(x, verbose=0)
         assert all(np.isfinite(v).all() for v in out.values())
         assert all(np.isfinite(w).all() for w in zipped.get_weights())
+
+
+def test_different_input_dtypes(pair, x):
+    inp = keras.Input((20,), dtype="float16")
+    h = keras.layers.Dense(16, name="fc2")(keras.layers.Dense(24, name="fc1")(inp))
+    half = keras.Model(inp, keras.layers.Dense(5)(h), name="half")
+    zip_raises(r"'half'.*\(20,\) float16.*'model_a'.*float32", {"a": pair[0], "b": half}, x)
+
+
+def test_multi_input_model(pair, x):
+    a, b = keras.Input((10,)), keras.Input((10,))
+    two = keras.Model([a, b], keras.layers.Dense(5)(keras.layers.Concatenate()([a, b])), name="two_inputs")
+    zip_raises(r"'two_inputs'.*2 inputs and 1 outputs.*single-input", {"a": pair[0], "b": two}, x)
+
+
+def test_little_calibration_data_warns_rank_deficient(pair, rng):
+    with pytest.warns(tf_mtz.RankDeficientWarning, match=r"Layer 'fc1'.*\['a', 'b'\].*8 < 21"):
+        zipped = tf_mtz.zip_models(dict(a=pair[0], b=pair[1]), rng.normal(size=(8, 20)), verbose=0)
+    assert zipped.zip_report.layers[0].rank_deficient == ["a", "b"]
+    assert all(np.isfinite(w).all() for w in zipped.get_weights())
+
+
+def test_retraining_data_missing_a_task(pair, x):
+    zip_raises(r"Retraining data has no data for task\(s\) \['b'\]", dict(a=pair[0], b=pair[1]), x,
+               retrain=tf_mtz.Retrain(data={"a": x}))

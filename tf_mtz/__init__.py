@@ -19,12 +19,12 @@ from tf_mtz.registry import (  # noqa: E402
 from tf_mtz.report import LayerReport, ZipReport  # noqa: E402
 from tf_mtz.tf_keras_bridge import to_tf_keras  # noqa: E402
 from tf_mtz.retrain import Retrain, fine_tune, paper_retrain  # noqa: E402
-from tf_mtz.zipper import zip_models  # noqa: E402
+from tf_mtz.zipper import RankDeficientWarning, zip_models  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "zip_models", "Retrain", "paper_retrain", "fine_tune", "export_tflite", "export_saved_model", "tflite_bytes",
     "ZipReport", "LayerReport", "ZipError", "register_layer_handler", "LayerHandler", "UnitLayerHandler",
-    "PassThroughHandler", "to_tf_keras",
+    "PassThroughHandler", "to_tf_keras", "RankDeficientWarning",
 ]

@@ -7,6 +7,7 @@ matching -> merged weights -> re-indexed next layer -> optional joint retraining
 from __future__ import annotations
 
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -17,6 +18,10 @@ from tf_mtz import costs as costs_lib
 from tf_mtz import data as data_lib
 from tf_mtz import graph, matching, rebuild, report as report_lib, retrain as retrain_lib, statistics
 from tf_mtz.registry import ZipError
+
+
+class RankDeficientWarning(UserWarning):
+    """A layer's Hessian came from fewer calibration samples than the layer has inputs."""
 
 
 METHODS = {
@@ -156,6 +161,12 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
                 _refit_next_layer(plan, state, index, calibration, models)
             samples = {t: h.samples for t, h in hessians.items()}
             deficient = [t for t, h in hessians.items() if h.rank_deficient]
+            if deficient:
+                warnings.warn(
+                    f"Layer '{position.name}': fewer calibration samples than inputs for task(s) {deficient} "
+                    f"({min(hessians[t].samples for t in deficient)} < {hessians[deficient[0]].matrix.shape[0]}); "
+                    "the Hessian is rank-deficient and damping decides the unseen directions. Give more "
+                    "calibration data.", RankDeficientWarning, stacklevel=2)
         seconds = time.perf_counter() - layer_started
         layer_report = _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, seconds,
                                      shared_units)
