@@ -31,37 +31,15 @@ import tf_mtz  # noqa: E402
 from mnist_data import load_mnist  # noqa: E402
 from models import trained_model  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from experiments import METHODS, error, experiment_data  # noqa: E402
+
 QUICK = flags.DEFINE_bool("quick", False, "One seed, LeNet-300-100, E1, budgets 0 and 100.")
 ARCHS = flags.DEFINE_list("archs", ["lenet300", "lenet5"], "Architectures.")
 EXPERIMENTS = flags.DEFINE_list("experiments", ["E1", "E2"], "Experiments.")
 SEEDS = flags.DEFINE_integer("seeds", 3, "Seed pairs.")
 BUDGETS = flags.DEFINE_list("budgets", ["0", "100", "300", "1000"], "Total joint retraining steps.")
 OUT = flags.DEFINE_string("out", "docs", "Output folder.")
-
-METHODS = {
-    "tf_mtz default": dict(method="default"),
-    "paper (no refit)": dict(method="paper"),
-    "paper + refit": dict(method="paper", refit=True),
-    "euclidean + average": dict(pairing="euclidean", merge="average", refit=True),
-    "weight matching + average": dict(pairing="weights", merge="average", matching="optimal", refit=True),
-    "correlation + average": dict(pairing="correlation", merge="average", refit=True),
-    "hessian pairing, A's weights": dict(pairing="hessian", merge="first", refit=True),
-    "random + average": dict(pairing="random", merge="average", refit=True),
-}
-
-
-def experiment_data(name, x_train, y_train, x_test, y_test):
-    """Per task: (x_train, y_train, x_test, y_test)."""
-    if name == "E1":
-        return {"a": (x_train, y_train, x_test, y_test), "b": (x_train, y_train, x_test, y_test)}
-    low_train, low_test = y_train < 5, y_test < 5
-    return {"a": (x_train[low_train], y_train[low_train], x_test[low_test], y_test[low_test]),
-            "b": (x_train[~low_train], y_train[~low_train] - 5, x_test[~low_test], y_test[~low_test] - 5)}
-
-
-def error(predictions, y):
-    return float(np.mean(np.argmax(predictions, -1) != y) * 100)
-
 
 def main(_):
     logging.set_verbosity(logging.WARNING)

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 import tf_mtz  # noqa: E402
-from compare_methods import METHODS, error, experiment_data  # noqa: E402
+from experiments import METHODS, error, experiment_data  # noqa: E402
 from mnist_data import load_mnist  # noqa: E402
 from models import trained_model  # noqa: E402
 

@@ -1,0 +1,29 @@
+"""What the MNIST benchmarks share: the methods compared and the two experiments."""
+
+from __future__ import annotations
+
+import numpy as np
+
+METHODS = {
+    "tf_mtz default": dict(method="default"),
+    "paper (no refit)": dict(method="paper"),
+    "paper + refit": dict(method="paper", refit=True),
+    "euclidean + average": dict(pairing="euclidean", merge="average", refit=True),
+    "weight matching + average": dict(pairing="weights", merge="average", matching="optimal", refit=True),
+    "correlation + average": dict(pairing="correlation", merge="average", refit=True),
+    "hessian pairing, A's weights": dict(pairing="hessian", merge="first", refit=True),
+    "random + average": dict(pairing="random", merge="average", refit=True),
+}
+
+
+def experiment_data(name, x_train, y_train, x_test, y_test):
+    """Per task: (x_train, y_train, x_test, y_test)."""
+    if name == "E1":
+        return {"a": (x_train, y_train, x_test, y_test), "b": (x_train, y_train, x_test, y_test)}
+    low_train, low_test = y_train < 5, y_test < 5
+    return {"a": (x_train[low_train], y_train[low_train], x_test[low_test], y_test[low_test]),
+            "b": (x_train[~low_train], y_train[~low_train] - 5, x_test[~low_test], y_test[~low_test] - 5)}
+
+
+def error(predictions, y):
+    return float(np.mean(np.argmax(predictions, -1) != y) * 100)
