@@ -12,6 +12,18 @@ def predict(model, x):
     return model.predict(x, verbose=0, batch_size=512)
 
 
+def output_gap(originals, x, squared):
+    """A function measuring how far a zipped model's outputs are from the original models' on `x`."""
+    teacher = {t: predict(m, x) for t, m in originals.items()}
+
+    def gap(model):
+        out = predict(model, x)
+        return sum(np.mean(np.square(out[t] - teacher[t]) if squared else np.abs(out[t] - teacher[t]))
+                   for t in teacher)
+
+    return gap
+
+
 @pytest.mark.parametrize("builder,shape", [(mlp, (20,)), (small_cnn, (12, 12, 1))])
 @pytest.mark.parametrize("sharing", [1.0, 0.5])
 def test_permuted_copy_reproduces_outputs_and_costs_vanish(rng, builder, shape, sharing):
@@ -120,11 +132,7 @@ def test_reported_cost_equals_measured_preactivation_error_undamped(rng):
 def test_retraining_and_fine_tune_reduce_distillation_gap(rng):
     a, b = mlp("a", seed=0), mlp("b", seed=1)
     x = rng.normal(size=(2000, 20)).astype("float32")
-    teacher = {t: predict(m, x) for t, m in (("a", a), ("b", b))}
-
-    def gap(model):
-        out = predict(model, x)
-        return sum(np.mean(np.abs(out[t] - teacher[t])) for t in teacher)
+    gap = output_gap({"a": a, "b": b}, x, squared=False)
 
     raw = tf_mtz.zip_models({"a": a, "b": b}, x, method="paper", verbose=0)
     retrained = tf_mtz.zip_models({"a": a, "b": b}, x, method="paper", verbose=0,
@@ -161,11 +169,7 @@ def test_label_retraining_improves_accuracy(rng):
 def test_refit_brings_zipped_outputs_closer_to_the_originals(rng):
     a, b = mlp("a", seed=0), mlp("b", seed=1)
     x = rng.normal(size=(2000, 20)).astype("float32")
-    teacher = {t: predict(m, x) for t, m in (("a", a), ("b", b))}
-
-    def gap(model):
-        out = predict(model, x)
-        return sum(np.mean((out[t] - teacher[t]) ** 2) for t in teacher)
+    gap = output_gap({"a": a, "b": b}, x, squared=True)
 
     paper = tf_mtz.zip_models({"a": a, "b": b}, x, method="paper", verbose=0)
     refitted = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0)

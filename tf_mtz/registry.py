@@ -144,8 +144,10 @@ class Conv2DHandler(UnitLayerHandler):
             raise ZipError(f"Layer '{layer.name}' of model '{model_name}' is a grouped convolution "
                            f"(groups={layer.groups}); grouped convolutions are not supported.")
 
+    layer_class = keras.layers.Conv2D
+
     def build_layer(self, template, units, *, use_bias, activation, name):
-        return keras.layers.Conv2D(
+        return self.layer_class(
             units, template.kernel_size, strides=template.strides, padding=template.padding,
             dilation_rate=template.dilation_rate, use_bias=use_bias, activation=activation, name=name,
             dtype=template.dtype_policy)
@@ -182,15 +184,11 @@ class Conv1DHandler(Conv2DHandler):
             raise ZipError(f"Layer '{layer.name}' of model '{model_name}' uses causal padding, which tf_mtz "
                            "does not support yet.")
 
-    def build_layer(self, template, units, *, use_bias, activation, name):
-        return keras.layers.Conv1D(
-            units, template.kernel_size, strides=template.strides, padding=template.padding,
-            dilation_rate=template.dilation_rate, use_bias=use_bias, activation=activation, name=name,
-            dtype=template.dtype_policy)
+    layer_class = keras.layers.Conv1D
 
     def hessian_samples(self, template, x, mode):
         if mode == "channel":
-            return tf.reshape(x, (-1, x.shape[-1]))
+            return super().hessian_samples(template, x, mode)
         (k,), (stride,), (rate,) = template.kernel_size, template.strides, template.dilation_rate
         patches = tf.image.extract_patches(
             x[:, None], sizes=[1, 1, k, 1], strides=[1, 1, stride, 1], rates=[1, 1, rate, 1],
