@@ -158,7 +158,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
                                    f"sharing {count} units")
             chosen, hessians, shared_units = _zip_layer(plan, state, index, count, calibration, options)
             if refit:
-                _refit_next_layer(plan, state, index, calibration, models)
+                _refit_next_layer(plan, state, index, calibration)
             samples = {t: h.samples for t, h in hessians.items()}
             deficient = [t for t, h in hessians.items() if h.rank_deficient]
             if deficient:
@@ -322,7 +322,7 @@ def _zip_layer(plan, state, index, count, calibration, options):
     return chosen, hessians, {t: orders[t].tolist() for t in tasks}
 
 
-def _refit_next_layer(plan, state, index, calibration, models, ridge: float = 1e-3):
+def _refit_next_layer(plan, state, index, calibration, ridge: float = 1e-3):
     """Refits the layer after `index`, per task, by ridge least squares so that its pre-activations in the
     zipped network match the original model's on the calibration data (compensating the merge)."""
     slot_index = index + 1
