@@ -68,6 +68,8 @@ def _lower_solve(factor: tf.Tensor, rhs: tf.Tensor, leaf: int = 512) -> tf.Tenso
 def _flatten_blocks(blocks: tf.Tensor) -> tf.Tensor:
     """(K, D, n) -> (D, K*n) so one product handles every block."""
     k, d, n = blocks.shape
+    if k == 1:
+        return blocks[0]  # no transpose copy for the common single-block case
     return tf.reshape(tf.transpose(blocks, (1, 0, 2)), (d, k * n))
 
 
