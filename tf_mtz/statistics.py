@@ -29,25 +29,37 @@ class LayerHessian:
 
 
 def layer_hessian(probe: keras.Model, dataset: tf.data.Dataset, sample_fn, *, task: str,
-                  layer_name: str, is_first_layer: bool) -> LayerHessian:
+                  layer_name: str, is_first_layer: bool, strategy=None) -> LayerHessian:
     """Streams `dataset` through `probe` (input -> this layer's shared input) and returns the Hessian.
 
     Args:
         probe: model mapping the zipped network's input to the part of the layer's input that is shared.
         dataset: batches of that task's calibration inputs.
         sample_fn: maps a batch of probe outputs to a `(samples, features)` matrix.
+        strategy: optional `tf.distribute.Strategy`: each batch is split across its replicas and their
+            Gram matrices are summed, so the result equals the single-device one up to rounding.
 
     Raises:
         ZipError: when the data is empty or produces NaN/Inf.
     """
 
-    @tf.function(reduce_retracing=True)
-    def batch_gram(x):
+    def replica_gram(x):
         samples = sample_fn(probe(x, training=False))
         samples = tf.cast(samples, tf.float32)
         ones = tf.ones_like(samples[:, :1])
         augmented = tf.concat([samples, ones], axis=1)
         return tf.matmul(augmented, augmented, transpose_a=True), tf.shape(samples)[0]
+
+    if strategy is None:
+        batch_gram = tf.function(replica_gram, reduce_retracing=True)
+    else:
+        dataset = strategy.experimental_distribute_dataset(dataset)
+
+        @tf.function(reduce_retracing=True)
+        def batch_gram(x):
+            grams, counts = strategy.run(replica_gram, args=(x,))
+            total = tf.distribute.ReduceOp.SUM
+            return strategy.reduce(total, grams, axis=None), strategy.reduce(total, counts, axis=None)
 
     gram = None
     count = 0

@@ -36,7 +36,8 @@ METHODS = {
 def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "greedy", retrain=None, *,
                method: str = "default", pairing: str | None = None, merge: str | None = None,
                refit: bool | None = None, conv_hessian: str = "channel", damping: float = 1e-2,
-               batch_size: int = 256, evaluation_data=None, seed: int = 0, verbose: int = 1) -> keras.Model:
+               batch_size: int = 256, evaluation_data=None, seed: int = 0, strategy=None,
+               verbose: int = 1) -> keras.Model:
     """Zips several trained models into one network with a shared trunk and one head per task.
 
     Layers are zipped from the input: each task's layer-wise Hessian is measured on its calibration
@@ -75,6 +76,9 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
             tasks: the report then holds each task's accuracy for the original models, after each layer
             is zipped, after its retraining, and for the result.
         seed: seed of the "random" pairing.
+        strategy: a `tf.distribute.Strategy` for the layer statistics (the Hessians), e.g.
+            `MirroredStrategy`; defaults to the ambient one inside `with strategy.scope():`. Results equal
+            the single-device ones up to rounding. Refit and retraining run on the default device.
         verbose: 0 silent, 1 per-layer log lines and progress bars.
 
     Returns:
@@ -98,8 +102,10 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
         raise ZipError(f"matching must be one of {matching_methods()}, got {matching!r}.")
     if method not in METHODS:
         raise ZipError(f"method must be one of {sorted(METHODS)}, got {method!r}.")
+    if strategy is None and tf.distribute.has_strategy():
+        strategy = tf.distribute.get_strategy()
     options = {**METHODS[method], "matching": matching, "conv_hessian": conv_hessian, "damping": damping,
-               "seed": seed}
+               "seed": seed, "strategy": strategy}
     for name, value, allowed in (("pairing", pairing, costs_lib.PAIRINGS), ("merge", merge, costs_lib.MERGES)):
         if value is not None:
             if value not in allowed:
@@ -271,7 +277,7 @@ def _zip_layer(plan, state, index, count, calibration, options):
         template = position.layers[t]
         hessians[t] = statistics.layer_hessian(
             probe, calibration[t], lambda x, template=template: handler.hessian_samples(template, x, mode),
-            task=t, layer_name=position.name, is_first_layer=index == 0)
+            task=t, layer_name=position.name, is_first_layer=index == 0, strategy=options["strategy"])
     rows = slot.shared_rows
     blocks = {t: handler.to_blocks(slot.kernels[t][..., :rows, :], slot.biases[t], mode) for t in tasks}
     damped = {t: statistics.damped(hessians[t].matrix, options["damping"]) for t in tasks}
