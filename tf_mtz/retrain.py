@@ -185,12 +185,17 @@ class JointTrainer:
     """Runs joint steps on per-task logits models that share layers."""
 
     def __init__(self, students: dict, activations: dict, retrain: Retrain, datasets: dict,
-                 teachers: dict | None):
+                 teachers: dict | None, strategy=None):
         self.tasks = list(students)
         self.students = students
         self.teachers = teachers
         self.retrain = retrain
-        self.iterators = {t: iter(datasets[t].repeat()) for t in self.tasks}
+        self.strategy = strategy
+        repeated = {t: datasets[t].repeat() for t in self.tasks}
+        if strategy is not None:
+            # Each replica gets a slice of every task's batch; students must be built in strategy.scope().
+            repeated = {t: strategy.experimental_distribute_dataset(d) for t, d in repeated.items()}
+        self.iterators = {t: iter(repeated[t]) for t in self.tasks}
         labels_specs = {t: (datasets[t].element_spec[1] if retrain.loss == "labels" else None)
                         for t in self.tasks}
         self.losses = {t: _loss_fn(retrain.loss, activations[t], retrain.temperature, labels_specs[t])
@@ -206,12 +211,14 @@ class JointTrainer:
         """Runs `steps` joint steps with a fresh optimizer; returns the last summed loss."""
         if steps <= 0:
             return float("nan")
-        optimizer = _make_optimizer(self.retrain, steps)
-        optimizer.build(self.variables)
+        strategy = self.strategy or tf.distribute.get_strategy()
+        with strategy.scope():
+            optimizer = _make_optimizer(self.retrain, steps)
+            optimizer.build(self.variables)
         distill = self.retrain.loss == "distill"
+        replicas = strategy.num_replicas_in_sync
 
-        @tf.function
-        def step(batches):
+        def replica_step(batches):
             with tf.GradientTape() as tape:
                 losses = {}
                 for t in self.tasks:
@@ -219,10 +226,19 @@ class JointTrainer:
                     if distill:
                         target = tf.stop_gradient(self.teachers[t](x, training=False))
                     losses[t] = self.losses[t](target, self.students[t](x, training=True))
-                total = tf.add_n(list(losses.values()))
+                # Each replica's mean is over its slice; dividing by the replica count makes the summed
+                # gradients those of the whole batch.
+                total = tf.add_n(list(losses.values())) / replicas
             grads = tape.gradient(total, self.variables)
             optimizer.apply_gradients(zip(grads, self.variables))
             return total
+
+        @tf.function
+        def step(batches):
+            if self.strategy is None:
+                return replica_step(batches)
+            per_replica = self.strategy.run(replica_step, args=(batches,))
+            return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
         bar = (keras.utils.Progbar(steps, verbose=verbose, unit_name="step", stateful_metrics=[f"{label} loss"])
                if verbose else None)

@@ -6,6 +6,7 @@ matching -> merged weights -> re-indexed next layer -> optional joint retraining
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 
@@ -78,7 +79,8 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
         seed: seed of the "random" pairing.
         strategy: a `tf.distribute.Strategy` for the layer statistics (the Hessians), e.g.
             `MirroredStrategy`; defaults to the ambient one inside `with strategy.scope():`. Results equal
-            the single-device ones up to rounding. Refit and retraining run on the default device.
+            the single-device ones up to rounding. Retraining runs under it too (each replica takes a
+            slice of every task's batch); the refit runs on the default device.
         verbose: 0 silent, 1 per-layer log lines and progress bars.
 
     Returns:
@@ -143,7 +145,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
         activations = {t: logits[t][1] for t in tasks}
         fallback = calibration_data if retrain.loss == "distill" else None
         trainer_inputs = (teachers, activations,
-                          retrain_lib.training_datasets(retrain, tasks, plan.input_shape, fallback))
+                          retrain_lib.training_datasets(retrain, tasks, plan.input_shape, fallback), strategy)
 
     state = rebuild.ZipState.from_plan(plan)
     layer_reports = []
@@ -389,10 +391,11 @@ def _row_order(permutation: np.ndarray, shared: int, rows_per_unit: int) -> np.n
 
 
 def _retrain(plan, state, retrain, trainer_inputs, steps, label, verbose):
-    teachers, activations, datasets = trainer_inputs
-    built = rebuild.build_model(plan, state, name="retrain")
-    students = {t: keras.Model(built.model.inputs, built.logits[t]) for t in plan.tasks}
-    trainer = retrain_lib.JointTrainer(students, activations, retrain, datasets, teachers)
+    teachers, activations, datasets, strategy = trainer_inputs
+    with (strategy.scope() if strategy is not None else contextlib.nullcontext()):
+        built = rebuild.build_model(plan, state, name="retrain")
+        students = {t: keras.Model(built.model.inputs, built.logits[t]) for t in plan.tasks}
+    trainer = retrain_lib.JointTrainer(students, activations, retrain, datasets, teachers, strategy)
     loss = trainer.run(steps, label, verbose)
     rebuild.read_back(state, built)
     return loss
