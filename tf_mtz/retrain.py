@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mtz import data as data_lib
-from tf_mtz import registry
+from tf_mtz import graph, registry
 from tf_mtz.registry import ZipError
 
 LOSSES = ("distill", "labels")
@@ -98,23 +98,34 @@ def logits_model(model: keras.Model, output) -> tuple[keras.Model, str]:
         # The head sits in a nested model: find its logits there and call that on the nested input.
         inner, activation = logits_model(op, op.outputs[0])
         return keras.Model(model.inputs, inner(op._inbound_nodes[node_index].input_tensors[0])), activation
-    if isinstance(op, keras.layers.Softmax):
-        return keras.Model(model.inputs, op.input), "softmax"
-    if isinstance(op, keras.layers.Activation):
-        act = keras.activations.serialize(op.activation)
-        if act in ("softmax", "sigmoid"):
-            return keras.Model(model.inputs, op.input), act
+    squashing = _squashing(op)
+    if squashing:
+        return keras.Model(model.inputs, op.input), squashing
     handler = registry.handler_for(op)
     if isinstance(handler, registry.UnitLayerHandler):
         act = handler.activation(op)
         if act in ("softmax", "sigmoid"):
-            kernel, bias = handler.kernel_and_bias(op)
-            linear = handler.build_layer(op, kernel.shape[-1], use_bias=True, activation=None,
-                                         name=f"{op.name}_logits")
-            logits = linear(op.input)
-            linear.set_weights([kernel, bias])
-            return keras.Model(model.inputs, logits), act
+            linear = _linear_copy(handler, op, *handler.kernel_and_bias(op), name=f"{op.name}_logits")
+            return keras.Model(model.inputs, linear(op.input)), act
     return keras.Model(model.inputs, output), "linear"
+
+
+def _squashing(layer) -> str | None:
+    """"softmax" or "sigmoid" for a Softmax layer or such an Activation layer, else None."""
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    if isinstance(layer, keras.layers.Activation):
+        name = keras.activations.serialize(layer.activation)
+        return name if name in ("softmax", "sigmoid") else None
+    return None
+
+
+def _linear_copy(handler, layer, kernel, bias, name: str):
+    """A built copy of a unit layer with the given weights and no activation: its pre-activation."""
+    linear = handler.build_layer(layer, kernel.shape[-1], use_bias=True, activation=None, name=name)
+    linear.build(tuple(layer.input.shape))
+    linear.set_weights([kernel, bias])
+    return linear
 
 
 class _ChainTeacher:
@@ -125,8 +136,6 @@ class _ChainTeacher:
         self.head = plan.slots[-1].position.layers[task]
 
     def __call__(self, x, training=False):
-        from tf_mtz import graph
-
         return self.linear_head(graph.run_prefix(self.plan, self.task, self.head, x))
 
 
@@ -135,19 +144,11 @@ def chain_teacher(plan, task) -> tuple:
     after it folded in) and the activation that turns it into the output (softmax, sigmoid or linear)."""
     position = plan.slots[-1].position
     head, handler = position.layers[task], position.handler
-    kernel, bias = position.weights[task]
-    linear = handler.build_layer(head, kernel.shape[-1], use_bias=True, activation=None,
-                                 name=f"{head.name}_teacher_logits")
-    linear.build(tuple(head.input.shape))
-    linear.set_weights([kernel, bias])
+    linear = _linear_copy(handler, head, *position.weights[task], name=f"{head.name}_teacher_logits")
     activation = handler.activation(head)
     if activation == "linear":
         for layer in plan.suffixes[task]:
-            if isinstance(layer, keras.layers.Softmax):
-                activation = "softmax"
-            elif isinstance(layer, keras.layers.Activation):
-                name = keras.activations.serialize(layer.activation)
-                activation = name if name in ("softmax", "sigmoid") else activation
+            activation = _squashing(layer) or activation
     return _ChainTeacher(plan, task, linear), activation
 
 

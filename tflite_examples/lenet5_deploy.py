@@ -20,7 +20,7 @@ from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 import tf_mtz  # noqa: E402
 from mnist_data import load_mnist  # noqa: E402
-from models import trained_model  # noqa: E402
+from models import zipped_pair  # noqa: E402
 
 STEPS = flags.DEFINE_integer("steps_per_layer", 500, "Joint distillation steps after each zipped layer.")
 EPOCHS = flags.DEFINE_integer("epochs", 4, "Epochs of each base LeNet-5 (cached).")
@@ -55,11 +55,7 @@ def latency(runs, frames, x):
 def main(_):
     logging.set_verbosity(logging.WARNING)  # TF logs every SavedModel write at INFO
     (x_train, y_train), _, (x_test, y_test) = load_mnist()
-    models = {"a": trained_model("lenet5", 1, x_train, y_train, EPOCHS.value),
-              "b": trained_model("lenet5", 2, x_train, y_train, EPOCHS.value)}
-    calibration = x_train[np.random.default_rng(0).permutation(len(x_train))[:10000]]
-    zipped = tf_mtz.zip_models(models, calibration, retrain=tf_mtz.Retrain(data=x_train,
-                                                                           steps_per_layer=STEPS.value))
+    models, calibration, zipped = zipped_pair("lenet5", x_train, y_train, EPOCHS.value, STEPS.value)
     os.makedirs(OUT.value, exist_ok=True)
     paths = {name: os.path.join(OUT.value, f"{name}.tflite") for name in ("a", "b", "zipped", "zipped_int8")}
     for task, model in models.items():

@@ -18,7 +18,7 @@ from absl import app, flags, logging  # noqa: E402
 
 import tf_mtz  # noqa: E402
 from mnist_data import load_mnist  # noqa: E402
-from models import error_percent, trained_model  # noqa: E402
+from models import calibration_sample, error_percent, trained_model  # noqa: E402
 
 STEPS = flags.DEFINE_integer("steps_per_layer", 500, "Joint retraining steps after each zipped layer.")
 ARCH = flags.DEFINE_enum("arch", "lenet300", ["lenet300", "lenet5"], "Base architecture.")
@@ -49,8 +49,7 @@ def main(_):
     model_b = trained_model(ARCH.value, 2, x_train, y_train, EPOCHS.value)
     print(f"base models ready in {time.perf_counter() - started:.1f} s (cached after the first run)")
 
-    rng = np.random.default_rng(0)
-    calibration = x_train[rng.permutation(len(x_train))[:CALIBRATION.value]]
+    calibration = calibration_sample(x_train, CALIBRATION.value)
     retrain = tf_mtz.Retrain(data=x_train, steps_per_layer=STEPS.value, loss="distill")
     started = time.perf_counter()
     zipped_raw = tf_mtz.zip_models({"a": model_a, "b": model_b}, calibration_data=calibration, verbose=0)

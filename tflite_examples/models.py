@@ -51,6 +51,26 @@ def trained_model(arch: str, seed: int, x: np.ndarray, y: np.ndarray, epochs: in
     return model
 
 
+def calibration_sample(x: np.ndarray, count: int = 10000) -> np.ndarray:
+    """A fixed random subset of the training inputs for the layer statistics."""
+    return x[np.random.default_rng(0).permutation(len(x))[:count]]
+
+
+def zipped_pair(arch: str, x_train, y_train, epochs: int, steps_per_layer: int, verbose: int = 1):
+    """Two cached base models (seeds 1 and 2) zipped fully with label-free retraining.
+
+    Returns `(models, calibration, zipped)`.
+    """
+    import tf_mtz
+
+    models = {"a": trained_model(arch, 1, x_train, y_train, epochs),
+              "b": trained_model(arch, 2, x_train, y_train, epochs)}
+    calibration = calibration_sample(x_train)
+    zipped = tf_mtz.zip_models(models, calibration, verbose=verbose,
+                               retrain=tf_mtz.Retrain(data=x_train, steps_per_layer=steps_per_layer))
+    return models, calibration, zipped
+
+
 def error_percent(predict, x: np.ndarray, y: np.ndarray) -> float:
     """Test error in percent of `predict(x) -> probabilities`."""
     return float(np.mean(np.argmax(predict(x), axis=-1) != y) * 100.0)
