@@ -29,24 +29,37 @@ def _on_gpu() -> bool:
 def _cholesky(matrix: np.ndarray) -> tf.Tensor:
     """Lower Cholesky factor, adding jitter when rounding made the (damped) matrix numerically singular.
 
-    On a CPU, LAPACK's blocked factorisation (through scipy) is about twice as fast as TensorFlow's.
+    Only the lower triangle of the result is meaningful: every consumer (the blocked solve below and
+    `tf.linalg.cholesky_solve`) reads just that, so the upper one is not cleared. On a CPU, LAPACK's
+    potrf is about 2.5 times as fast as TensorFlow's factorisation.
     """
-    scale = float(np.mean(np.diag(matrix)))
-    eye = np.eye(matrix.shape[0], dtype=matrix.dtype)
+    matrix = np.ascontiguousarray(matrix)
+    diagonal = np.diagonal(matrix)
+    scale = float(np.mean(diagonal))
     jitter = 0.0
     for attempt in range(8):
-        shifted = matrix + jitter * eye if jitter else matrix
-        try:
-            if _on_gpu():
-                factor = tf.linalg.cholesky(shifted)
-            else:
-                factor = tf.constant(scipy.linalg.cholesky(shifted, lower=True, check_finite=False))
-            if bool(tf.reduce_all(tf.math.is_finite(tf.linalg.diag_part(factor)))):
-                return factor
-        except (tf.errors.InvalidArgumentError, np.linalg.LinAlgError):
-            pass
+        shifted = matrix
+        if jitter:
+            shifted = matrix.copy()
+            np.fill_diagonal(shifted, diagonal + jitter)
+        factor = _factorise(shifted)
+        if factor is not None and bool(tf.reduce_all(tf.math.is_finite(tf.linalg.diag_part(factor)))):
+            return factor
         jitter = scale * 10.0 ** (attempt - (7 if matrix.dtype == np.float64 else 5))
     raise FloatingPointError("The summed layer Hessian could not be factorised even with jitter.")
+
+
+def _factorise(matrix: np.ndarray):
+    if _on_gpu():
+        try:
+            return tf.linalg.cholesky(matrix)
+        except tf.errors.InvalidArgumentError:
+            return None
+    potrf = scipy.linalg.lapack.dpotrf if matrix.dtype == np.float64 else scipy.linalg.lapack.spotrf
+    # A C-ordered symmetric matrix is its own Fortran-ordered transpose: factorising the upper triangle of
+    # `matrix.T` in place of a copy gives Uᵀ = L back as a C-ordered array, with no transposes or copies.
+    upper, info = potrf(matrix.T, lower=0, overwrite_a=0)
+    return tf.constant(upper.T) if info == 0 else None
 
 
 def _lower_solve(factor: tf.Tensor, rhs: tf.Tensor, leaf: int = 512) -> tf.Tensor:
@@ -97,21 +110,36 @@ def cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b, dtype=tf.float32) -> n
     p_b = tf.matmul(hessian_b, flat_b)
     solved = _lower_solve(factor, tf.concat([p_a, p_b], axis=1))
     u, v = solved[:, :k * n_a], solved[:, k * n_a:]
-    half_q_a = 0.5 * (tf.reduce_sum(flat_a * p_a, axis=0) - tf.reduce_sum(tf.square(u), axis=0))
-    half_q_b = 0.5 * (tf.reduce_sum(flat_b * p_b, axis=0) - tf.reduce_sum(tf.square(v), axis=0))
+    half_q_a = _half_quadratic(flat_a, p_a, u)
+    half_q_b = _half_quadratic(flat_b, p_b, v)
     if k > 1:
         half_q_a = tf.reduce_sum(tf.reshape(half_q_a, (k, n_a)), axis=0)
         half_q_b = tf.reduce_sum(tf.reshape(half_q_b, (k, n_b)), axis=0)
         # Uᵀ V summed over blocks: stack each block's rows so one product does it.
         u = tf.reshape(tf.transpose(tf.reshape(u, (d, k, n_a)), (1, 0, 2)), (k * d, n_a))
         v = tf.reshape(tf.transpose(tf.reshape(v, (d, k, n_b)), (1, 0, 2)), (k * d, n_b))
-    # ½q_a[i] + ½q_b[j] − (UᵀV)[i, j] as one product: two extra rows carry the diagonal terms, so no
-    # elementwise pass over the n_a × n_b result is needed.
-    left = tf.concat([-u, half_q_a[None, :], tf.ones((1, n_a), u.dtype)], axis=0)
-    right = tf.concat([v, tf.ones((1, n_b), v.dtype), half_q_b[None, :]], axis=0)
+    costs = tf.matmul(u, v, transpose_a=True).numpy()
+    # ½q_a[i] + ½q_b[j] − (UᵀV)[i, j], in place: three passes over the result and no temporaries.
+    np.subtract(half_q_a.numpy()[:, None], costs, out=costs)
+    costs += half_q_b.numpy()[None, :]
     # Rounding can push a zero cost slightly negative; a cost is ½‖·‖² of something, so clip at 0.
-    costs = tf.matmul(left, right, transpose_a=True).numpy()
     return np.maximum(costs, 0.0, out=costs)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _fused_half_quadratic(weights, products, solved):
+    return 0.5 * tf.reduce_sum(weights * products - solved * solved, axis=0)
+
+
+def _half_quadratic(weights, products, solved):
+    """½ (colsum(W ⊙ HW) − colsum(U ⊙ U)): the diagonal terms aᵀ H_A S⁻¹ H_B a of every unit.
+
+    For wide layers XLA fuses the three elementwise passes into one, which saves more than its one-off
+    compile time; small layers skip the compile.
+    """
+    if weights.shape.num_elements() >= 1 << 22:
+        return _fused_half_quadratic(weights, products, solved)
+    return 0.5 * (tf.reduce_sum(weights * products, axis=0) - tf.reduce_sum(tf.square(solved), axis=0))
 
 
 def merged_weights(blocks_a, blocks_b, hessian_a, hessian_b) -> np.ndarray:
