@@ -62,3 +62,117 @@ def small_cnn(name, filters=(6, 8), dense=20, classes=10, seed=0):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+_SAME_SPACE = (keras.layers.BatchNormalization, keras.layers.DepthwiseConv2D, keras.layers.Activation,
+               keras.layers.ReLU, keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
+               keras.layers.GlobalAveragePooling2D, keras.layers.ZeroPadding2D, keras.layers.Dropout,
+               keras.layers.Flatten)
+
+
+def _producer(tensor):
+    return tensor._keras_history[0]
+
+
+def permuted_graph_copy(model, seed=0):
+    """Like `permuted_copy`, for flat Functional models with residual `Add`s, BatchNormalization and
+    DepthwiseConv2D: units tied by an Add get one permutation. An independent reading of the graph, so it
+    can check tf_mtz's."""
+    rng = np.random.default_rng(seed)
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    parent = {}
+
+    def find(x):
+        while parent.get(x, x) != x:
+            x = parent[x]
+        return x
+
+    space, width = {}, {}
+    units = [l for l in clone.layers if type(l) in (keras.layers.Dense, keras.layers.Conv2D)]
+    head = units[-1]
+    for layer in clone.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            space[layer.name] = None
+            continue
+        inputs = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
+        sources = [find(space[_producer(t).name]) if space[_producer(t).name] else None for t in inputs]
+        if type(layer) in (keras.layers.Dense, keras.layers.Conv2D):
+            space[layer.name] = layer.name
+            width[layer.name] = layer.get_weights()[0].shape[-1]
+        elif isinstance(layer, keras.layers.Add):
+            for other in sources[1:]:
+                parent[find(other)] = find(sources[0])
+            space[layer.name] = sources[0]
+        elif isinstance(layer, _SAME_SPACE):
+            space[layer.name] = sources[0]
+        else:
+            raise NotImplementedError(type(layer).__name__)
+    perms = {}
+
+    def perm_of(name):
+        root = find(name)
+        if root not in perms:
+            perms[root] = rng.permutation(width[root])
+        return perms[root]
+
+    for layer in clone.layers:
+        if isinstance(layer, keras.layers.InputLayer) or not layer.get_weights():
+            continue
+        weights = layer.get_weights()
+        source = space[_producer(layer.input).name] if not isinstance(layer.input, list) else None
+        if type(layer) in (keras.layers.Dense, keras.layers.Conv2D):
+            kernel, rest = weights[0], weights[1:]
+            if source is not None:
+                p = perm_of(source)
+                rows = kernel.shape[-2] // p.size
+                kernel = kernel[..., (np.arange(rows)[:, None] * p.size + p[None, :]).reshape(-1), :]
+            if layer is not head:
+                p = perm_of(layer.name)
+                kernel, rest = kernel[..., p], [r[p] for r in rest]
+            layer.set_weights([kernel, *rest])
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            p = perm_of(source)
+            layer.set_weights([weights[0][..., p, :], *[w[p] for w in weights[1:]]])
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            p = perm_of(source)
+            layer.set_weights([w[p] for w in weights])
+    return clone
+
+
+def randomize_batch_norms(model, seed=0):
+    """Non-trivial BatchNormalization statistics, so that folding them is tested."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.get_weights()[0].shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n),
+                               rng.uniform(0.5, 1.5, n)])
+    return model
+
+
+def resnet(name, depth=20, width=16, input_shape=(32, 32, 3), classes=10, seed=0):
+    """A ResNet-v1 for CIFAR-sized inputs (He et al. 2016): 3 stages of (depth - 2) / 6 basic blocks,
+    BatchNormalization after every convolution, 1x1 projection shortcuts where the shape changes."""
+    keras.utils.set_random_seed(seed)
+    blocks = (depth - 2) // 6
+    x = keras.Input(input_shape, name="image")
+
+    def conv_bn(h, filters, kernel, strides, label, relu=True):
+        h = keras.layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=label)(h)
+        h = keras.layers.BatchNormalization(name=f"{label}_bn")(h)
+        return keras.layers.ReLU(name=f"{label}_relu")(h) if relu else h
+
+    h = conv_bn(x, width, 3, 1, "stem")
+    for stage in range(3):
+        filters = width * 2 ** stage
+        for block in range(blocks):
+            strides = 2 if stage and not block else 1
+            label = f"s{stage + 1}b{block + 1}"
+            y = conv_bn(h, filters, 3, strides, f"{label}_conv1")
+            y = conv_bn(y, filters, 3, 1, f"{label}_conv2", relu=False)
+            if strides != 1 or h.shape[-1] != filters:
+                h = conv_bn(h, filters, 1, strides, f"{label}_shortcut", relu=False)
+            h = keras.layers.ReLU(name=f"{label}_out")(keras.layers.Add(name=f"{label}_add")([h, y]))
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    return keras.Model(x, keras.layers.Dense(classes, activation="softmax", name="head")(h), name=name)

@@ -127,13 +127,23 @@ def test_options_validated(pair, x):
                retrain=tf_mtz.Retrain(data=x, loss="labels"))
 
 
-def test_branching_and_mismatched_activation(pair, x):
+def _residual_mlp(name, chained):
     inp = keras.Input((20,))
     h1 = keras.layers.Dense(24, name="fc1")(inp)
-    h2 = keras.layers.Dense(24, name="side")(inp)
+    h2 = keras.layers.Dense(24, name="fc2")(h1 if chained else inp)
     h = keras.layers.Add(name="merge")([h1, h2])
+    return keras.Model(inp, keras.layers.Dense(5, name="head")(h), name=name)
+
+
+def test_concatenate_mismatched_wiring_and_activation(pair, x):
+    inp = keras.Input((20,))
+    h = keras.layers.Concatenate(name="concat")([keras.layers.Dense(8, name="fc1")(inp),
+                                                 keras.layers.Dense(8, name="side")(inp)])
     out = keras.layers.Dense(5)(keras.layers.Dense(16)(h))
-    zip_raises(r"'merge'.*takes 2 inputs", {"a": keras.Model(inp, out, name="branchy"), "b": pair[1]}, x)
+    zip_raises(r"'concat' \(Concatenate\) of model 'branchy' is not supported.*register_layer_handler",
+               {"a": keras.Model(inp, out, name="branchy"), "b": pair[1]}, x)
+    zip_raises(r"'fc2' of model 'side_by_side'.*wired to different inputs than 'fc2' of model 'chained'",
+               {"a": _residual_mlp("chained", True), "b": _residual_mlp("side_by_side", False)}, x)
     tanh = mlp("tanh_model", activation="tanh")
     zip_raises(r"'fc1' of model 'tanh_model'.*configured differently", {"a": pair[0], "b": tanh}, x)
 

@@ -1,8 +1,15 @@
 """Reading the Keras graphs: checks that the models line up and turns them into one zip plan.
 
-The plan is a list of positions; each position holds the corresponding layer of every task. Positions
-up to the last unit layer (the head) must agree in layer type across tasks; the head and anything after
-it belong to one task alone.
+Each model is read as a list of operations in topological order (nested models inlined,
+SeparableConv2D split into its depthwise and pointwise parts, BatchNormalization folded into the layer
+before it). The plan aligns these lists position by position across tasks; positions up to the last
+unit layer (the head) must agree in layer type and wiring; the head and anything after it belong to one
+task alone.
+
+Units live in *unit spaces*: a Dense/Conv layer opens one; weightless and per-channel layers
+(pooling, activations, DepthwiseConv2D) keep it; an element-wise merge such as a residual `Add` ties its
+inputs' spaces into one *group*. All layers of a group share one unit order, so a group is paired once
+and every member layer follows that pairing.
 """
 
 from __future__ import annotations
@@ -15,19 +22,35 @@ import numpy as np
 from tf_mtz import registry
 from tf_mtz.registry import ZipError
 
+INPUT = -1  # the model input: as a parent index and as a unit space
+
+
+@dataclasses.dataclass
+class Op:
+    """One operation of a task's graph: a layer and the indices of the operations feeding it."""
+
+    layer: keras.layers.Layer
+    parents: list
+
 
 @dataclasses.dataclass
 class Position:
-    """One layer position of the aligned models."""
+    """One operation position of the aligned models."""
 
     index: int
     layers: dict  # task -> keras layer
     handler: registry.LayerHandler
-    weights: dict | None = None  # unit layers: task -> (kernel, bias), any following BatchNormalization folded in
+    parents: list  # positions feeding this one (INPUT for the model input)
+    weights: dict | None = None  # unit and channel layers: task -> (kernel, bias), BatchNormalization folded in
+    space: int = INPUT  # unit space (group) of the output
 
     @property
     def name(self) -> str:
         return next(iter(self.layers.values())).name
+
+    @property
+    def role(self) -> str:
+        return self.handler.role
 
     @property
     def is_units(self) -> bool:
@@ -36,10 +59,21 @@ class Position:
 
 @dataclasses.dataclass
 class Slot:
-    """A position with shareable units, plus how its kernel rows relate to the previous slot's units."""
+    """A position with shareable units, plus how its kernel rows relate to its input's units."""
 
     position: Position
     rows_per_input_unit: int  # spatial positions folded into the kernel's input axis per unit (Flatten)
+    input_space: int  # unit space of the input (INPUT: the model input, whose rows are always common)
+    group: int | None  # the unit group this layer's outputs belong to (None for the head)
+
+
+@dataclasses.dataclass
+class Group:
+    """Unit layers whose outputs are tied (by residual merges) and the layers that read or scale them."""
+
+    members: list  # slot indices, topological order
+    channel_positions: list  # body indices of per-channel weighted layers (DepthwiseConv2D) in the group
+    consumers: list  # slot indices of the unit layers whose input is this group
 
 
 @dataclasses.dataclass
@@ -50,19 +84,22 @@ class ZipPlan:
     input_name: str
     body: list  # Positions from the input up to and including the heads
     suffixes: dict  # task -> list of layers after that task's head
-    slots: list  # Slots of the unit positions in `body`; the last is the heads
-    chains: dict  # task -> the original model's layers from input to output (nested models inlined)
+    slots: list  # Slots of the unit positions in `body`, topological order; the last is the heads
+    groups: dict  # group id -> Group
+    originals: dict  # task -> list of Ops of the model as read (BatchNormalization not folded)
 
     @property
     def hidden_slots(self) -> list:
         return self.slots[:-1]
 
+    def slot_of(self, position_index: int) -> int:
+        return next(i for i, s in enumerate(self.slots) if s.position.index == position_index)
 
-def _chain(model: keras.Model, task: str) -> list:
-    """Returns the model's layers from input to output, refusing anything that is not a plain chain."""
+
+def _check_model(model, task: str):
     if not isinstance(model, keras.Model):
         raise ZipError(f"Task '{task}': expected a keras.Model, got {type(model).__name__}.")
-    if not isinstance(model, (keras.Sequential,)) and not _is_functional(model):
+    if not isinstance(model, keras.Sequential) and not _is_functional(model):
         raise ZipError(
             f"Model '{model.name}' (task '{task}') is a subclassed keras.Model; tf_mtz reads the layer "
             "graph, so rebuild it as a Functional or Sequential model with the same layers and weights.")
@@ -78,61 +115,112 @@ def _chain(model: keras.Model, task: str) -> list:
         raise ZipError(
             f"Model '{model.name}' (task '{task}') has {len(inputs)} inputs and {len(outputs)} outputs; "
             "tf_mtz zips single-input, single-output models.")
-    layers = []
-    tensor = outputs[0]
-    while True:
+    return inputs[0], outputs[0]
+
+
+def _read_ops(model, task: str, ops: list, input_index: int, top_name: str) -> int:
+    """Appends the operations of `model` to `ops` (its input being operation `input_index`) and returns
+    the index of the operation producing its output. Nested models are inlined."""
+    model_input, model_output = _check_model(model, task)
+    memo = {}
+
+    def visit(tensor) -> int:
+        if id(tensor) in memo:
+            return memo[id(tensor)]
         op, node_index, _ = tensor._keras_history
         if isinstance(op, keras.layers.InputLayer):
-            break
+            if op is not model_input._keras_history[0]:
+                raise ZipError(f"Model '{top_name}' (task '{task}') does not lead from its input to its output.")
+            memo[id(tensor)] = input_index
+            return input_index
         node = op._inbound_nodes[node_index]
-        parents = node.input_tensors
-        if len(parents) != 1:
-            raise ZipError(
-                f"Layer '{op.name}' of model '{model.name}' (task '{task}') takes {len(parents)} inputs; "
-                "branching graphs (Add, Concatenate) are not supported yet.")
+        parents = [visit(p) for p in node.input_tensors]
         if isinstance(op, keras.Model):
-            # A nested model is read as its own chain of layers, spliced in place.
-            layers.extend(reversed(_chain(op, task)))
+            if len(parents) != 1:
+                raise ZipError(f"Nested model '{op.name}' of model '{top_name}' (task '{task}') takes "
+                               f"{len(parents)} inputs; nested models must take one.")
+            index = _read_ops(op, task, ops, parents[0], top_name)
+        elif isinstance(op, keras.layers.SeparableConv2D):
+            index = _split_separable(op, parents[0], ops, top_name)
         else:
-            layers.append(op)
-        tensor = parents[0]
-    if tensor is not inputs[0] and tensor._keras_history[0] is not inputs[0]._keras_history[0]:
-        raise ZipError(f"Model '{model.name}' (task '{task}') does not lead from its input to its output.")
-    return layers[::-1]
+            if any(o.layer is op for o in ops):
+                raise ZipError(
+                    f"Layer '{op.name}' of model '{top_name}' (task '{task}') is called more than once; tf_mtz "
+                    "needs each layer used once (use separate layers, or zip the shared part yourself).")
+            ops.append(Op(op, parents))
+            index = len(ops) - 1
+        memo[id(tensor)] = index
+        return index
+
+    return visit(model_output)
 
 
-def _fold_batch_norms(layers: list, model_name: str) -> tuple[list, dict]:
-    """Folds each BatchNormalization into the Dense/Conv2D right before it (inference statistics).
+def _split_separable(layer, parent: int, ops: list, model_name: str) -> int:
+    """A SeparableConv2D as the standard DepthwiseConv2D and 1x1 Conv2D it computes."""
+    if layer.depth_multiplier != 1:
+        raise ZipError(f"SeparableConv2D '{layer.name}' of model '{model_name}' has depth_multiplier="
+                       f"{layer.depth_multiplier}; tf_mtz supports depth_multiplier=1.")
+    if layer.data_format != "channels_last":
+        raise ZipError(f"Layer '{layer.name}' of model '{model_name}' uses data_format='{layer.data_format}'; "
+                       "tf_mtz supports channels_last convolutions only.")
+    weights = layer.get_weights()
+    depthwise = keras.layers.DepthwiseConv2D(
+        layer.kernel_size, strides=layer.strides, padding=layer.padding, dilation_rate=layer.dilation_rate,
+        use_bias=False, name=f"{layer.name}_depthwise", dtype=layer.dtype_policy)
+    depthwise.build(tuple(layer.input.shape))
+    depthwise.set_weights([weights[0]])
+    pointwise = keras.layers.Conv2D(layer.filters, 1, use_bias=layer.use_bias, activation=layer.activation,
+                                    name=f"{layer.name}_pointwise", dtype=layer.dtype_policy)
+    pointwise.build(tuple(depthwise.compute_output_shape(tuple(layer.input.shape))))
+    pointwise.set_weights(weights[1:])
+    ops.append(Op(depthwise, [parent]))
+    ops.append(Op(pointwise, [len(ops) - 1]))
+    return len(ops) - 1
 
-    Returns the chain without the folded layers and `{id(unit layer): (kernel, bias)}` with the folded
-    weights: kernel·γ/√(σ²+ε) and (bias − μ)·γ/√(σ²+ε) + β.
+
+def _fold_batch_norms(ops: list, model_name: str) -> tuple[list, dict]:
+    """Folds each BatchNormalization into the Dense/Conv/DepthwiseConv2D feeding it (inference statistics).
+
+    Returns the operations without the folded ones (parents re-indexed) and
+    `{id(layer): (kernel, bias)}` with the folded weights: kernel·γ/√(σ²+ε) and (bias − μ)·γ/√(σ²+ε) + β.
     """
-    out, folded = [], {}
-    for layer in layers:
+    consumers = {}
+    for i, op in enumerate(ops):
+        for p in op.parents:
+            consumers.setdefault(p, []).append(i)
+    folded, keep, new_index = {}, [], {INPUT: INPUT}
+    for i, op in enumerate(ops):
+        layer = op.layer
         if not isinstance(layer, keras.layers.BatchNormalization):
-            out.append(layer)
+            new_index[i] = len(keep)
+            keep.append(Op(layer, [new_index[p] for p in op.parents]))
             continue
-        previous = out[-1] if out else None
+        parent = op.parents[0]
+        previous = ops[parent].layer if parent != INPUT else None
         handler = registry.handler_for(previous) if previous is not None else None
         axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
         rank = len(layer.input.shape)
-        if (not isinstance(handler, registry.UnitLayerHandler) or axis not in (-1, rank - 1)
-                or handler.activation(previous) != "linear" or id(previous) in folded):
+        if (not isinstance(handler, (registry.UnitLayerHandler, registry.DepthwiseHandler))
+                or axis not in (-1, rank - 1) or handler.activation(previous) != "linear"
+                or len(consumers.get(parent, [])) != 1):
             raise ZipError(
                 f"BatchNormalization '{layer.name}' of model '{model_name}' can only be zipped when it directly "
-                "follows a Dense or Conv2D layer without activation and normalises the last axis: it is then "
-                "folded into that layer.")
+                "follows a Dense, Conv or DepthwiseConv2D layer without activation (and is that layer's only "
+                "consumer) and normalises the last axis: it is then folded into that layer.")
         kernel, bias = handler.kernel_and_bias(previous)
+        units = bias.shape[0]
         gamma = (np.asarray(keras.ops.convert_to_numpy(layer.gamma), np.float64) if layer.scale
-                 else np.ones(kernel.shape[-1]))
+                 else np.ones(units))
         beta = (np.asarray(keras.ops.convert_to_numpy(layer.beta), np.float64) if layer.center
-                else np.zeros(kernel.shape[-1]))
+                else np.zeros(units))
         mean = np.asarray(keras.ops.convert_to_numpy(layer.moving_mean), np.float64)
         variance = np.asarray(keras.ops.convert_to_numpy(layer.moving_variance), np.float64)
         scale = gamma / np.sqrt(variance + layer.epsilon)
-        folded[id(previous)] = ((kernel * scale).astype(np.float32),
+        kernel_scale = scale if kernel.shape[-1] == units else scale[:, None]  # depthwise: (..., C, 1)
+        folded[id(previous)] = ((kernel * kernel_scale).astype(np.float32),
                                 ((bias - mean) * scale + beta).astype(np.float32))
-    return out, folded
+        new_index[i] = new_index[parent]
+    return keep, folded
 
 
 def _is_functional(model) -> bool:
@@ -154,17 +242,36 @@ def _comparable_config(layer) -> dict:
     config = dict(layer.get_config())
     for key in ("name", "units", "filters", "trainable", "dtype", "kernel_initializer", "bias_initializer",
                 "kernel_regularizer", "bias_regularizer", "activity_regularizer", "kernel_constraint",
-                "bias_constraint", "seed", "rate"):
+                "bias_constraint", "seed", "rate", "depthwise_initializer", "depthwise_regularizer",
+                "depthwise_constraint"):
         config.pop(key, None)
     return config
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent = {}
+
+    def find(self, x):
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a, b):
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # The earlier layer names the group.
+            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 def read_models(models: dict) -> ZipPlan:
     """Checks that the task models line up and returns their zip plan.
 
     Raises:
-        ZipError: mismatched depths, layer types or input shapes, unsupported layers, unbuilt,
-            subclassed or branching models.
+        ZipError: mismatched depths, layer types, wiring or input shapes, unsupported layers, unbuilt or
+            subclassed models.
     """
     if not isinstance(models, dict) or len(models) < 2:
         raise ZipError("zip_models needs a dict of at least two task name -> keras.Model entries.")
@@ -175,10 +282,11 @@ def read_models(models: dict) -> ZipPlan:
         raise ZipError("The same model object is given for two tasks; pass separate models (a clone is fine).")
     tasks = list(models)
     names = {task: models[task].name for task in tasks}
-    originals, chains, folded = {}, {}, {}
+    originals, ops, folded = {}, {}, {}
     for task, model in models.items():
-        originals[task] = _chain(model, task)
-        chains[task], folded[task] = _fold_batch_norms(originals[task], names[task])
+        originals[task] = []
+        _read_ops(model, task, originals[task], INPUT, names[task])
+        ops[task], folded[task] = _fold_batch_norms(originals[task], names[task])
     first = tasks[0]
 
     shapes = {t: tuple(models[t].inputs[0].shape[1:]) for t in tasks}
@@ -190,11 +298,11 @@ def read_models(models: dict) -> ZipPlan:
                 f"'{names[first]}' (task '{first}') takes {shapes[first]} {dtypes[first]}; all models must "
                 "take the same input.")
 
-    handlers = {t: [_handler(layer, names[t]) for layer in chains[t]] for t in tasks}
+    handlers = {t: [_handler(op.layer, names[t]) for op in ops[t]] for t in tasks}
     unit_counts = {t: sum(h.role == "units" for h in handlers[t]) for t in tasks}
     for task in tasks:
         if unit_counts[task] == 0:
-            raise ZipError(f"Model '{names[task]}' (task '{task}') has no Dense or Conv2D layer to zip.")
+            raise ZipError(f"Model '{names[task]}' (task '{task}') has no Dense or Conv layer to zip.")
     for task in tasks[1:]:
         if unit_counts[task] != unit_counts[first]:
             raise ZipError(
@@ -203,82 +311,143 @@ def read_models(models: dict) -> ZipPlan:
                 "same depth.")
 
     head_index = {t: max(i for i, h in enumerate(handlers[t]) if h.role == "units") for t in tasks}
+    for task in tasks:
+        for i in range(head_index[task] + 1, len(ops[task])):
+            if ops[task][i].parents != [i - 1] or handlers[task][i].role == "merge":
+                raise ZipError(
+                    f"Layer '{ops[task][i].layer.name}' of model '{names[task]}' (task '{task}') follows the output "
+                    f"layer '{ops[task][head_index[task]].layer.name}' but does not just transform its output; "
+                    "the model's output must come from one Dense/Conv layer through weightless layers.")
     for task in tasks[1:]:
         for i in range(min(head_index[task], head_index[first]) + 1):
-            ref, other = chains[first][i], chains[task][i]
-            if type(other) is not type(ref):
+            ref, other = ops[first][i], ops[task][i]
+            if type(other.layer) is not type(ref.layer):
                 raise ZipError(
-                    f"Layer '{other.name}' ({type(other).__name__}) of model '{names[task]}' (task '{task}') "
-                    f"sits where model '{names[first]}' (task '{first}') has '{ref.name}' "
-                    f"({type(ref).__name__}); the models must have the same layer types in the same order.")
+                    f"Layer '{other.layer.name}' ({type(other.layer).__name__}) of model '{names[task]}' (task "
+                    f"'{task}') sits where model '{names[first]}' (task '{first}') has '{ref.layer.name}' "
+                    f"({type(ref.layer).__name__}); the models must have the same layer types in the same order.")
+            if other.parents != ref.parents:
+                raise ZipError(
+                    f"Layer '{other.layer.name}' of model '{names[task]}' (task '{task}') is wired to different "
+                    f"inputs than '{ref.layer.name}' of model '{names[first]}' (task '{first}'); the models must "
+                    "have the same graph.")
         if head_index[task] != head_index[first]:
             raise ZipError(
                 f"Model '{names[task]}' (task '{task}') has {head_index[task] + 1} layers up to its output "
                 f"layer but model '{names[first]}' (task '{first}') has {head_index[first] + 1}; the models "
                 "must have the same layers in the same order.")
+
+    spaces = _UnionFind()
+    space_of = {INPUT: INPUT}
     body = []
-    for i in range(head_index[first] + 1):
-        layers = {t: chains[t][i] for t in tasks}
+    head = head_index[first]
+    for i in range(head + 1):
+        layers = {t: ops[t][i].layer for t in tasks}
         ref = layers[first]
-        is_head = i == head_index[first]
-        for task in tasks[1:]:
-            other = layers[task]
-            if not is_head and _comparable_config(other) != _comparable_config(ref):
+        handler = handlers[first][i]
+        parents = ops[first][i].parents
+        if i != head:
+            for task in tasks[1:]:
+                if _comparable_config(layers[task]) != _comparable_config(ref):
+                    raise ZipError(
+                        f"Layer '{layers[task].name}' of model '{names[task]}' (task '{task}') is configured "
+                        f"differently from '{ref.name}' of model '{names[first]}': "
+                        f"{_comparable_config(layers[task])} vs {_comparable_config(ref)}.")
+        parent_spaces = [spaces.find(space_of[p]) if space_of[p] != INPUT else INPUT for p in parents]
+        if handler.role == "units":
+            space = i
+        elif handler.role == "merge":
+            if INPUT in parent_spaces and any(s != INPUT for s in parent_spaces):
                 raise ZipError(
-                    f"Layer '{other.name}' of model '{names[task]}' (task '{task}') is configured differently "
-                    f"from '{ref.name}' of model '{names[first]}': {_comparable_config(other)} vs "
-                    f"{_comparable_config(ref)}.")
-        first_units = min(j for j, h in enumerate(handlers[first]) if h.role == "units")
-        if first_units < i < head_index[first] and not handlers[first][i].role == "units":
+                    f"Layer '{ref.name}' of model '{names[first]}' merges the model input with the output of "
+                    "a Dense/Conv layer; such residual connections from the raw input cannot be zipped.")
+            space = parent_spaces[0]
+            for other in parent_spaces[1:]:
+                spaces.union(space, other)
+        else:
+            space = parent_spaces[0]
+        if space != INPUT and handler.role != "units":
             for task in tasks:
                 handlers[task][i].check_between_units(layers[task], names[task])
-        if not is_head and i > first_units and registry.mixes_units(ref):
-            raise ZipError(
-                f"Layer '{ref.name}' of model '{names[first]}' applies softmax before the output layer; "
-                "softmax mixes units and can only follow a task's output layer.")
+            if i != head and registry.mixes_units(ref):
+                raise ZipError(
+                    f"Layer '{ref.name}' of model '{names[first]}' applies softmax before the output layer; "
+                    "softmax mixes units and can only follow a task's output layer.")
+        if space == INPUT and handler.role == "channel_units":
+            raise ZipError(f"Layer '{ref.name}' ({type(ref).__name__}) of model '{names[first]}' acts on the "
+                           "model input with per-task weights; put a Dense/Conv layer before it.")
+        space_of[i] = space
         weights = None
-        if handlers[first][i].role == "units":
+        if handler.role in ("units", "channel_units"):
             weights = {t: folded[t].get(id(layers[t])) or handlers[t][i].kernel_and_bias(layers[t]) for t in tasks}
-        body.append(Position(i, layers, handlers[first][i], weights))
-    suffixes = {t: chains[t][head_index[t] + 1:] for t in tasks}
+        body.append(Position(i, layers, handler, list(parents), weights, space))
+    for position in body:
+        if position.space != INPUT:
+            position.space = spaces.find(position.space)
+    suffixes = {t: [op.layer for op in ops[t][head_index[t] + 1:]] for t in tasks}
 
-    slots = []
-    previous = None
+    slots, groups = [], {}
     for position in body:
         if not position.is_units:
+            if position.role == "channel_units":
+                groups.setdefault(position.space, Group([], [], [])).channel_positions.append(position.index)
             continue
-        if previous is None:
-            rows = 1
-        else:
-            rows = _rows_per_unit(previous, position, names)
-        slots.append(Slot(position, rows))
-        previous = position
+        parent = position.parents[0]
+        input_space = body[parent].space if parent != INPUT else INPUT
+        is_head = position.index == head
+        group = None if is_head else position.space
+        slot_index = len(slots)
+        if group is not None:
+            groups.setdefault(group, Group([], [], [])).members.append(slot_index)
+        if input_space != INPUT:
+            groups.setdefault(input_space, Group([], [], [])).consumers.append(slot_index)
+        slots.append(Slot(position, 1, input_space, group))
+    if slots[-1].position.space in groups and slots[-1].position.space != INPUT:
+        head_space = slots[-1].position.space
+        if groups[head_space].members or groups[head_space].channel_positions:
+            raise ZipError(f"The output layer '{slots[-1].position.name}' of model '{names[first]}' is tied to "
+                           "other layers by a merge; output layers are never shared.")
+    for slot in slots:
+        if slot.input_space != INPUT:
+            slot.rows_per_input_unit = _rows_per_unit(slot, groups[slot.input_space], slots, names)
 
     input_name = models[first].inputs[0].name or "input"
     return ZipPlan(tasks=tasks, input_shape=shapes[first], input_dtype=dtypes[first],
                    input_name=_clean_name(input_name), body=body, suffixes=suffixes, slots=slots,
-                   chains=originals)
+                   groups=groups, originals=originals)
+
+
+def group_width(plan: ZipPlan, group: int, task: str) -> int:
+    """Units of a group in one task (every member has the same number)."""
+    member = plan.slots[plan.groups[group].members[0]].position
+    return int(member.weights[task][0].shape[-1])
 
 
 def run_prefix(plan: ZipPlan, task: str, layer, x):
     """The input that `layer` receives in the original model of `task`, computed eagerly from `x` (calling
     the original layers on concrete tensors adds nothing to their graphs)."""
-    chain = plan.chains[task]
-    for earlier in chain[:next(i for i, l in enumerate(chain) if l is layer)]:
-        x = earlier(x, training=False)
-    return x
+    ops = plan.originals[task]
+    values = {INPUT: x}
+    for i, op in enumerate(ops):
+        args = [values[p] for p in op.parents]
+        if op.layer is layer:
+            return args[0] if len(args) == 1 else args
+        values[i] = op.layer(args[0] if len(args) == 1 else args, training=False)
+    raise KeyError(f"Layer '{layer.name}' is not in the model of task '{task}'.")
 
 
-def _rows_per_unit(previous: Position, position: Position, names: dict) -> int:
-    """How many kernel rows of `position` each output unit of `previous` feeds (H*W after a Flatten)."""
+def _rows_per_unit(slot: Slot, group: Group, slots: list, names: dict) -> int:
+    """How many kernel rows of `slot` each unit of its input group feeds (H*W after a Flatten)."""
     per_task = set()
+    position = slot.position
+    source = slots[group.members[0]].position
     for task, layer in position.layers.items():
         units_in = position.weights[task][0].shape[-2]
-        units_prev = previous.handler.units(previous.layers[task])
+        units_prev = source.weights[task][0].shape[-1]
         if units_in % units_prev:
             raise ZipError(
                 f"Layer '{layer.name}' of model '{names[task]}' has {units_in} inputs, not a multiple of the "
-                f"{units_prev} units of '{previous.layers[task].name}'; the layers between them mix units.")
+                f"{units_prev} units of '{source.layers[task].name}'; the layers between them mix units.")
         per_task.add(units_in // units_prev)
     if len(per_task) != 1:
         raise ZipError(f"Layer '{position.name}' sees different spatial sizes in different models: {per_task}.")

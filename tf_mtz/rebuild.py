@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from tf_mtz import registry
-from tf_mtz.graph import ZipPlan
+from tf_mtz.graph import INPUT, ZipPlan
 
 
 @dataclasses.dataclass
@@ -29,9 +29,11 @@ class SlotState:
 
     kernels: dict  # task -> kernel, input axis -2, output axis -1
     biases: dict  # task -> bias
-    shared: int  # output units shared by all tasks
-    shared_inputs: int  # leading input units (of the previous unit layer, or raw inputs) shared by all tasks
+    shared: int  # output units paired across all tasks (the first `shared` columns)
+    shared_inputs: int  # leading input units (of the input's group, or raw inputs) shared by all tasks
     rows_per_input_unit: int  # kernel rows per input unit (spatial positions folded in by a Flatten)
+    merged: bool = True  # whether the paired units already have common weights (a tied layer pairs first)
+    column_order: dict = None  # task -> original unit of each current column
 
     @property
     def shared_rows(self) -> int:
@@ -42,21 +44,37 @@ class SlotState:
 
 
 @dataclasses.dataclass
+class ChannelState:
+    """Per-channel weights (DepthwiseConv2D) of every task, channels ordered [shared, specific]."""
+
+    kernels: dict  # task -> (kh, kw, channels, 1)
+    biases: dict
+    shared: int = 0
+
+
+@dataclasses.dataclass
 class ZipState:
-    slots: list  # SlotState per unit layer, heads last
+    slots: list  # SlotState per unit layer, topological order, heads last
+    channels: dict  # body index -> ChannelState of per-channel weighted layers
 
     @classmethod
     def from_plan(cls, plan: ZipPlan) -> "ZipState":
         slots = []
-        for index, slot in enumerate(plan.slots):
+        for slot in plan.slots:
             weights = slot.position.weights
             kernels = {t: k.copy() for t, (k, _) in weights.items()}
             biases = {t: b.copy() for t, (_, b) in weights.items()}
             first_kernel = next(iter(kernels.values()))
-            shared_inputs = first_kernel.shape[-2] if index == 0 else 0
-            slots.append(SlotState(kernels, biases, 0, shared_inputs,
-                                   1 if index == 0 else slot.rows_per_input_unit))
-        return cls(slots)
+            from_input = slot.input_space == INPUT
+            slots.append(SlotState(kernels, biases, 0, first_kernel.shape[-2] if from_input else 0,
+                                   1 if from_input else slot.rows_per_input_unit,
+                                   column_order={t: np.arange(k.shape[-1]) for t, k in kernels.items()}))
+        channels = {}
+        for position in plan.body:
+            if position.role == "channel_units":
+                channels[position.index] = ChannelState({t: k.copy() for t, (k, _) in position.weights.items()},
+                                                        {t: b.copy() for t, (_, b) in position.weights.items()})
+        return cls(slots, channels)
 
 
 @dataclasses.dataclass
@@ -64,7 +82,7 @@ class Binding:
     """Where a built layer's weights live in the state, for reading them back after training."""
 
     layer: keras.layers.Layer
-    slot: int
+    target: object  # the SlotState or ChannelState holding the weights
     targets: list  # (task, kernel index, bias index or None)
 
 
@@ -94,68 +112,132 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
     names = _Names()
     tasks = plan.tasks
     inputs = keras.Input(shape=plan.input_shape, dtype=plan.input_dtype, name=names(plan.input_name))
-    features = {t: (inputs, None) for t in tasks}
-    taps, parts, logits, bindings = [], [], {}, []
-    slot_index = 0
+    features = {INPUT: {t: (inputs, None) for t in tasks}}
+    taps, parts = [None] * len(plan.slots), [None] * len(plan.slots)
+    logits, bindings = {}, []
+    slot_of = {slot.position.index: i for i, slot in enumerate(plan.slots)}
+    head_slot = len(plan.slots) - 1
     for position in plan.body:
-        if not position.is_units:
+        parents = [features[p] for p in position.parents]
+        role = position.role
+        if role == "units":
+            index = slot_of[position.index]
+            slot = state.slots[index]
+            feature = parents[0]
+            taps[index] = {t: feature[t][0] if slot.shared_inputs else None for t in tasks}
+            parts[index] = dict(feature)
+            if index == head_slot:
+                features[position.index] = _heads(position, slot, index, feature, tasks, names, bindings, logits)
+            else:
+                features[position.index] = _zipped_layer(position, slot, feature, tasks, names, bindings)
+        elif position.space == INPUT:
+            # Before any unit layer the input is not split: replay the layer exactly, once.
+            ref = position.layers[tasks[0]]
+            copy = registry.copy_layer(ref, names(ref.name))
+            args = [feature[tasks[0]][0] for feature in parents]
+            out = copy(args[0] if len(args) == 1 else args)
+            if ref.get_weights():  # e.g. Normalization's adapted mean and variance
+                copy.set_weights(ref.get_weights())
+                if hasattr(copy, "finalize_state"):  # Normalization derives its statistics from them
+                    copy.finalize_state()
+            features[position.index] = {t: (out, None) for t in tasks}
+        elif role == "channel_units":
+            features[position.index] = _channel_layer(position, state.channels[position.index], parents[0],
+                                                       tasks, names, bindings)
+        elif role == "merge":
+            features[position.index] = _merge(position, parents, tasks, names)
+        else:
             cache = {}
 
             def apply(layer, x, label):
                 if x is None:
                     return None
-                key = id(x)
-                if key not in cache:
-                    cache[key] = position.handler.apply_to_part(layer, x, names(label))
-                return cache[key]
+                if id(x) not in cache:
+                    cache[id(x)] = position.handler.apply_to_part(layer, x, names(label))
+                return cache[id(x)]
 
-            if slot_index == 0:
-                # Before any unit layer the input is not split: replay the layer exactly, once.
-                ref = position.layers[tasks[0]]
-                copy = registry.copy_layer(ref, names(ref.name))
-                out = copy(features[tasks[0]][0])
-                if ref.get_weights():  # e.g. Normalization's adapted mean and variance
-                    copy.set_weights(ref.get_weights())
-                    if hasattr(copy, "finalize_state"):  # Normalization derives its statistics from them
-                        copy.finalize_state()
-                features = {t: (out, None) for t in tasks}
-                continue
-            ref_name = position.name
-            features = {t: (apply(position.layers[t], features[t][0], f"{ref_name}_shared"),
-                            apply(position.layers[t], features[t][1], f"{t}_{position.layers[t].name}"))
-                        for t in tasks}
-            continue
-
-        slot = state.slots[slot_index]
-        is_head = slot_index == len(state.slots) - 1
-        taps.append({t: features[t][0] if slot.shared_inputs else None for t in tasks})
-        parts.append({t: features[t] for t in tasks})
-        if is_head:
-            for t in tasks:
-                layer = position.layers[t]
-                x = _join(features[t], names(f"{t}_{layer.name}_input"))
-                act = position.handler.activation(layer)
-                dense = position.handler.build_layer(layer, slot.units(t), use_bias=True, activation=None,
-                                                     name=names(f"{t}_{layer.name}"))
-                out = dense(x)
-                dense.set_weights([slot.kernels[t], slot.biases[t]])
-                bindings.append(Binding(dense, slot_index, [(t, (...,), (...,))]))
-                logits[t] = out
-                if act != "linear":
-                    out = keras.layers.Activation(act, name=names(f"{t}_{layer.name}_{act}"))(out)
-                features[t] = (out, None)
-        else:
-            features = _zipped_layer(position, slot, slot_index, features, tasks, names, bindings)
-        slot_index += 1
+            features[position.index] = {
+                t: (apply(position.layers[t], parents[0][t][0], f"{position.name}_shared"),
+                    apply(position.layers[t], parents[0][t][1], f"{t}_{position.layers[t].name}"))
+                for t in tasks}
 
     outputs = {}
+    last = features[plan.slots[-1].position.index]
     for t in tasks:
-        out = features[t][0]
+        out = last[t][0]
         for layer in plan.suffixes[t]:
             out = registry.copy_layer(layer, names(f"{t}_{layer.name}"))(out)
         outputs[t] = out
     model = keras.Model(inputs, outputs, name=name)
     return BuiltModel(model, taps, parts, logits, bindings)
+
+
+def _heads(position, slot, index, feature, tasks, names, bindings, logits):
+    out_features = {}
+    for t in tasks:
+        layer = position.layers[t]
+        x = _join(feature[t], names(f"{t}_{layer.name}_input"))
+        act = position.handler.activation(layer)
+        dense = position.handler.build_layer(layer, slot.units(t), use_bias=True, activation=None,
+                                             name=names(f"{t}_{layer.name}"))
+        out = dense(x)
+        dense.set_weights([slot.kernels[t], slot.biases[t]])
+        bindings.append(Binding(dense, slot, [(t, (...,), (...,))]))
+        logits[t] = out
+        if act != "linear":
+            out = keras.layers.Activation(act, name=names(f"{t}_{layer.name}_{act}"))(out)
+        out_features[t] = (out, None)
+    return out_features
+
+
+def _merge(position, parents, tasks, names):
+    """An element-wise merge applied to the shared parts and to the specific parts separately (tied
+    inputs share the same number of units, so the parts line up)."""
+    cache = {}
+    ref = position.layers[tasks[0]]
+
+    def merge(xs, label):
+        if all(x is None for x in xs):
+            return None
+        if any(x is None for x in xs):
+            raise AssertionError(f"Internal error: the inputs of '{ref.name}' are split differently.")
+        key = tuple(id(x) for x in xs)
+        if key not in cache:
+            cache[key] = position.handler.apply_to_parts(ref, list(xs), names(label))
+        return cache[key]
+
+    return {t: (merge([p[t][0] for p in parents], f"{ref.name}_shared"),
+                merge([p[t][1] for p in parents], f"{t}_{position.layers[t].name}")) for t in tasks}
+
+
+def _channel_layer(position, channel: ChannelState, feature, tasks, names, bindings):
+    """Per-channel weighted layer: one layer with the merged weights for the shared channels (called once
+    per distinct input), one per task for its specific channels."""
+    s = channel.shared
+    handler = position.handler
+    ref = position.layers[tasks[0]]
+    shared_layer, calls, out = None, {}, {}
+    for t in tasks:
+        x_shared, x_specific = feature[t]
+        shared_out = specific_out = None
+        if x_shared is not None:
+            if shared_layer is None:
+                shared_layer = handler.build_layer(ref, name=names(f"{ref.name}_shared"))
+            if id(x_shared) not in calls:
+                calls[id(x_shared)] = shared_layer(x_shared)
+            shared_out = calls[id(x_shared)]
+        if x_specific is not None:
+            layer = handler.build_layer(position.layers[t], name=names(f"{t}_{position.layers[t].name}"))
+            specific_out = layer(x_specific)
+            layer.set_weights([channel.kernels[t][..., s:, :], channel.biases[t][s:]])
+            bindings.append(Binding(layer, channel, [(t, (..., slice(s, None), slice(None)), slice(s, None))]))
+        out[t] = (shared_out, specific_out)
+    if shared_layer is not None:
+        t0 = tasks[0]
+        shared_layer.set_weights([channel.kernels[t0][..., :s, :], channel.biases[t0][:s]])
+        bindings.append(Binding(shared_layer, channel,
+                                [(t, (..., slice(0, s), slice(None)), slice(0, s)) for t in tasks]))
+    return out
 
 
 def _join(feature, name):
@@ -167,18 +249,31 @@ def _join(feature, name):
     return keras.layers.Concatenate(axis=-1, name=name)([shared, specific])
 
 
-def _zipped_layer(position, slot: SlotState, slot_index, features, tasks, names, bindings):
+def _zipped_layer(position, slot: SlotState, features, tasks, names, bindings):
     handler = position.handler
     s, rows = slot.shared, slot.shared_rows
     ref_layer = position.layers[tasks[0]]
     act = handler.activation(ref_layer)
+    if s > 0 and not slot.merged:
+        # Paired but not merged yet (a residual merge tied this layer to one zipped earlier): the paired
+        # units keep per-task weights until the zipper reaches this layer.
+        out = {}
+        for t in tasks:
+            layer = position.layers[t]
+            x = _join(features[t], names(f"{t}_{layer.name}_input"))
+            paired = handler.build_layer(layer, s, use_bias=True, activation=act, name=names(f"{t}_{layer.name}_paired"))
+            paired_out = paired(x)
+            paired.set_weights([slot.kernels[t][..., :s], slot.biases[t][:s]])
+            bindings.append(Binding(paired, slot, [(t, (..., slice(0, s)), slice(0, s))]))
+            out[t] = (paired_out, _specific(position, slot, t, features, names, bindings, act))
+        return out
     has_inter = any(features[t][1] is not None for t in tasks) and s > 0
     shared_layer = None
     if s > 0:
         shared_layer = handler.build_layer(ref_layer, s, use_bias=True,
                                            activation=None if has_inter else act,
                                            name=names(f"{ref_layer.name}_shared"))
-        shared_binding = Binding(shared_layer, slot_index,
+        shared_binding = Binding(shared_layer, slot,
                                  [(t, (..., slice(0, rows), slice(0, s)), slice(0, s)) for t in tasks])
     shared_calls = {}
     out = {}
@@ -187,6 +282,8 @@ def _zipped_layer(position, slot: SlotState, slot_index, features, tasks, names,
         x_shared, x_specific = features[t]
         shared_out = None
         if s > 0:
+            if x_shared is None:
+                raise AssertionError(f"Internal error: layer '{layer.name}' shares units but no inputs.")
             key = id(x_shared)
             if key not in shared_calls:
                 shared_calls[key] = shared_layer(x_shared)
@@ -196,7 +293,7 @@ def _zipped_layer(position, slot: SlotState, slot_index, features, tasks, names,
                                             name=names(f"{t}_{layer.name}_into_shared"))
                 contribution = inter(x_specific)
                 inter.set_weights([slot.kernels[t][..., rows:, :s]])
-                bindings.append(Binding(inter, slot_index, [(t, (..., slice(rows, None), slice(0, s)), None)]))
+                bindings.append(Binding(inter, slot, [(t, (..., slice(rows, None), slice(0, s)), None)]))
                 shared_out = keras.layers.Add(name=names(f"{t}_{layer.name}_shared_sum"))([shared_out,
                                                                                            contribution])
             if has_inter and act != "linear":
@@ -204,14 +301,7 @@ def _zipped_layer(position, slot: SlotState, slot_index, features, tasks, names,
                     activated = keras.layers.Activation(act, name=names(f"{t}_{layer.name}_{act}"))(shared_out)
                     shared_calls[id(shared_out)] = activated
                 shared_out = shared_calls[id(shared_out)]
-        specific_out = None
-        if slot.units(t) > s:
-            specific = handler.build_layer(layer, slot.units(t) - s, use_bias=True, activation=act,
-                                           name=names(f"{t}_{layer.name}"))
-            specific_out = specific(_join(features[t], names(f"{t}_{layer.name}_input")))
-            specific.set_weights([slot.kernels[t][..., s:], slot.biases[t][s:]])
-            bindings.append(Binding(specific, slot_index, [(t, (..., slice(s, None)), slice(s, None))]))
-        out[t] = (shared_out, specific_out)
+        out[t] = (shared_out, _specific(position, slot, t, features, names, bindings, act))
     if shared_layer is not None:
         t0 = tasks[0]
         shared_layer.set_weights([slot.kernels[t0][..., :rows, :s], slot.biases[t0][:s]])
@@ -219,23 +309,41 @@ def _zipped_layer(position, slot: SlotState, slot_index, features, tasks, names,
     return out
 
 
+def _specific(position, slot, t, features, names, bindings, act):
+    """The task-specific units of one task, reading its whole input."""
+    s = slot.shared
+    if slot.units(t) <= s:
+        return None
+    layer = position.layers[t]
+    specific = position.handler.build_layer(layer, slot.units(t) - s, use_bias=True, activation=act,
+                                            name=names(f"{t}_{layer.name}"))
+    specific_out = specific(_join(features[t], names(f"{t}_{layer.name}_input")))
+    specific.set_weights([slot.kernels[t][..., s:], slot.biases[t][s:]])
+    bindings.append(Binding(specific, slot, [(t, (..., slice(s, None)), slice(s, None))]))
+    return specific_out
+
+
 def read_back(state: ZipState, built: BuiltModel) -> None:
     """Copies the (retrained) weights of a built model back into `state`, in place."""
     for binding in built.bindings:
         weights = binding.layer.get_weights()
         for task, kernel_index, bias_index in binding.targets:
-            slot = state.slots[binding.slot]
-            slot.kernels[task][kernel_index] = weights[0]
+            binding.target.kernels[task][kernel_index] = weights[0]
             if bias_index is not None:
-                slot.biases[task][bias_index] = weights[1]
+                binding.target.biases[task][bias_index] = weights[1]
 
 
 def count_shared_parameters(state: ZipState) -> int:
-    """Parameters held once for all tasks: the shared units' weights from shared inputs, and their biases."""
+    """Parameters held once for all tasks: the shared units' weights from shared inputs, their biases, and
+    the shared channels of per-channel layers."""
     total = 0
     for slot in state.slots[:-1]:
-        if slot.shared:
+        if slot.shared and slot.merged:
             kernel = next(iter(slot.kernels.values()))
             spatial = int(np.prod(kernel.shape[:-2]))
             total += spatial * slot.shared_rows * slot.shared + slot.shared
+    for channel in state.channels.values():
+        if channel.shared:
+            kernel = next(iter(channel.kernels.values()))
+            total += int(np.prod(kernel.shape[:-2])) * channel.shared + channel.shared
     return total

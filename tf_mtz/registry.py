@@ -9,6 +9,9 @@ means registering one handler rather than touching the zipper. Two roles exist:
 * ``PassThroughHandler``: layers without weights that act on every unit on its own (pooling, dropout,
   activations) or only re-lay out units (Flatten, Reshape). They are applied to the shared and the
   task-specific parts of a feature separately.
+
+Two built-in roles complete the set: ``DepthwiseHandler`` (per-channel weights that follow their input's
+units) and ``MergeHandler`` (element-wise merges such as a residual ``Add``, which tie their inputs' units).
 """
 
 from __future__ import annotations
@@ -203,6 +206,57 @@ class Conv1DHandler(Conv2DHandler):
         return kernel[0], bias
 
 
+class DepthwiseHandler(LayerHandler):
+    """DepthwiseConv2D (depth_multiplier 1): per-channel weights, so its outputs are its input's units.
+
+    Paired channels get one merged kernel: the average of the tasks' kernels (the first task's with
+    merge="first"), after a BatchNormalization that follows it has been folded in.
+    """
+
+    role = "channel_units"
+
+    def check(self, layer, model_name):
+        if layer.depth_multiplier != 1:
+            raise ZipError(f"DepthwiseConv2D '{layer.name}' of model '{model_name}' has depth_multiplier="
+                           f"{layer.depth_multiplier}; tf_mtz supports depth_multiplier=1.")
+        if layer.data_format != "channels_last":
+            raise ZipError(f"Layer '{layer.name}' of model '{model_name}' uses data_format="
+                           f"'{layer.data_format}'; tf_mtz supports channels_last convolutions only.")
+
+    def check_between_units(self, layer, model_name):
+        pass
+
+    def kernel_and_bias(self, layer):
+        kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float32)
+        bias = (np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32) if layer.use_bias
+                else np.zeros(kernel.shape[-2], np.float32))
+        return kernel, bias
+
+    def activation(self, layer):
+        return keras.activations.serialize(layer.activation)
+
+    def build_layer(self, template, *, name: str):
+        return keras.layers.DepthwiseConv2D(
+            template.kernel_size, strides=template.strides, padding=template.padding,
+            dilation_rate=template.dilation_rate, use_bias=True, activation=template.activation, name=name,
+            dtype=template.dtype_policy)
+
+
+class MergeHandler(LayerHandler):
+    """Element-wise merges of same-shaped features (Add, Subtract, Multiply, Average, Maximum, Minimum).
+
+    Their inputs' units are tied together: one unit order for all of them, which the zipper pairs once.
+    """
+
+    role = "merge"
+
+    def check_between_units(self, layer, model_name):
+        pass
+
+    def apply_to_parts(self, layer, xs: list, name: str):
+        return copy_layer(layer, name)(xs)
+
+
 class ChannelwiseHandler(PassThroughHandler):
     """Pooling, dropout and element-wise activations: safe on any subset of units."""
 
@@ -303,7 +357,9 @@ def handler_for(layer) -> LayerHandler | None:
 
 
 def supported_layer_names() -> list[str]:
-    return sorted(cls.__name__ for cls in _REGISTRY)
+    # BatchNormalization is folded into the layer before it and SeparableConv2D is read as its depthwise
+    # and pointwise parts, so neither needs a handler of its own.
+    return sorted([cls.__name__ for cls in _REGISTRY] + ["BatchNormalization", "SeparableConv2D"])
 
 
 _channelwise = ChannelwiseHandler()
@@ -324,6 +380,10 @@ register_layer_handler(keras.layers.Reshape, ReshapeHandler())
 register_layer_handler(keras.layers.Dense, DenseHandler())
 register_layer_handler(keras.layers.Conv2D, Conv2DHandler())
 register_layer_handler(keras.layers.Conv1D, Conv1DHandler())
+register_layer_handler(keras.layers.DepthwiseConv2D, DepthwiseHandler())
+for _cls in (keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average,
+             keras.layers.Maximum, keras.layers.Minimum):
+    register_layer_handler(_cls, MergeHandler())
 
 
 def mixes_units(layer) -> bool:

@@ -149,24 +149,45 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
 
     state = rebuild.ZipState.from_plan(plan)
     layer_reports = []
+    group_counts = {}
     for index, slot_plan in enumerate(plan.slots):
         slot = state.slots[index]
         position = slot_plan.position
         is_head = index == len(plan.slots) - 1
         layer_started = time.perf_counter()
-        count = 0 if is_head else counts[index]
-        if count and slot.shared_inputs == 0:
-            raise ZipError(
-                f"Layer '{position.name}' is set to share {count} units but the layer before it shares none, "
-                "so its shared units would have no shared inputs; share some units of the previous layer.")
-        chosen, samples, deficient, shared_units = np.zeros(0), {t: 0 for t in tasks}, [], {}
-        if count:
-            if verbose:
+        chosen, samples, deficient, shared_units, hessians = np.zeros(0), {t: 0 for t in tasks}, [], {}, None
+        count = 0
+        if not is_head:
+            group = slot_plan.group
+            if group not in group_counts:
+                group_counts[group] = counts[index]
+                if counts[index]:
+                    if slot.shared_inputs == 0:
+                        raise ZipError(
+                            f"Layer '{position.name}' is set to share {counts[index]} units but the layer before "
+                            "it shares none, so its shared units would have no shared inputs; share some units "
+                            "of the previous layer.")
+                    if verbose:
+                        io_utils.print_msg(f"tf_mtz: zipping layer {index + 1}/{len(plan.slots) - 1} "
+                                           f"'{position.name}': sharing {counts[index]} units")
+                    hessians, shared_units = _pair_group(plan, state, group, index, counts[index], calibration,
+                                                         options)
+            elif group_counts[group] and verbose:
                 io_utils.print_msg(f"tf_mtz: zipping layer {index + 1}/{len(plan.slots) - 1} '{position.name}': "
-                                   f"sharing {count} units")
-            chosen, hessians, shared_units = _zip_layer(plan, state, index, count, calibration, options)
+                                   f"{group_counts[group]} units paired with '{plan.slots[plan.groups[group].members[0]].position.name}'")
+            count = group_counts[group]
+        if count:
+            if slot.shared_inputs == 0:
+                first = plan.slots[plan.groups[slot_plan.group].members[0]].position.name
+                raise ZipError(
+                    f"Layer '{position.name}' is tied by a residual merge to '{first}', which shares {count} "
+                    "units, but its own input shares none; share units of the layer feeding it too.")
+            chosen, hessians = _merge_slot(plan, state, index, calibration, options, hessians)
+            if not shared_units:
+                shared_units = {t: state.slots[index].column_order[t][:count].tolist() for t in tasks}
             if refit:
-                _refit_next_layer(plan, state, index, calibration)
+                for consumer in _consumers(plan, index):
+                    _refit(plan, state, consumer, calibration)
             samples = {t: h.samples for t, h in hessians.items()}
             deficient = [t for t, h in hessians.items() if h.rank_deficient]
             if deficient:
@@ -254,86 +275,193 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
             names.setdefault(layer.name, i)
     heads = {layer.name for layer in plan.slots[-1].position.layers.values()}
     counts = [0] * len(hidden)
+    named = {}
     for name, value in sharing.items():
         if name in heads:
             raise ZipError(f"sharing names '{name}', an output layer; output layers are never shared.")
         if name not in names:
-            raise ZipError(f"sharing names layer '{name}', which is not a hidden Dense/Conv2D layer of the "
+            raise ZipError(f"sharing names layer '{name}', which is not a hidden Dense/Conv layer of the "
                            f"models; hidden layers: {[s.position.name for s in hidden]}.")
         i = names[name]
         counts[i] = to_count(value, widths[i], f"['{name}']")
+        named[i] = name
+    # Layers tied by a residual merge share one unit order, hence one count: naming any of them is enough.
+    for group in plan.groups.values():
+        members = [m for m in group.members if m < len(hidden)]
+        given = {counts[m] for m in members if m in named}
+        if len(given) > 1:
+            raise ZipError(
+                f"sharing gives different values to layers {[named[m] for m in members if m in named]}, which "
+                "a residual merge ties together (they must share the same units); give one value.")
+        value = next(iter(given), 0)
+        for m in members:
+            counts[m] = value
     return counts
 
 
-def _zip_layer(plan, state, index, count, calibration, options):
-    """Zips one hidden layer in `state`; returns the chosen pairs' ΔE, the Hessians and the unit orders."""
-    tasks = plan.tasks
-    slot = state.slots[index]
-    position = plan.slots[index].position
-    handler = position.handler
-    mode = options["conv_hessian"] if options["conv_hessian"] in handler.hessian_modes else handler.hessian_modes[0]
+def _hessians(plan, state, indices, calibration, options) -> dict:
+    """`{slot index: {task: LayerHessian}}` of the shared inputs of unit layers, in the current network."""
     built = rebuild.build_model(plan, state, name="probe")
-    hessians = {}
-    for t in tasks:
-        probe = keras.Model(built.model.inputs, built.taps[index][t])
-        template = position.layers[t]
-        hessians[t] = statistics.layer_hessian(
-            probe, calibration[t], lambda x, template=template: handler.hessian_samples(template, x, mode),
-            task=t, layer_name=position.name, is_first_layer=index == 0, strategy=options["strategy"])
-    rows = slot.shared_rows
-    blocks = {t: handler.to_blocks(slot.kernels[t][..., :rows, :], slot.biases[t], mode) for t in tasks}
-    damped = {t: statistics.damped(hessians[t].matrix, options["damping"]) for t in tasks}
-    pooled = None
-    if options["pairing"] == "correlation":
-        total = sum(h.samples for h in hessians.values())
-        pooled = sum(h.matrix * (h.samples / total) for h in hessians.values())
+    result = {}
+    for index in indices:
+        position = plan.slots[index].position
+        handler = position.handler
+        mode = _mode(handler, options)
+        result[index] = {}
+        for t in plan.tasks:
+            probe = keras.Model(built.model.inputs, built.taps[index][t])
+            template = position.layers[t]
+            result[index][t] = statistics.layer_hessian(
+                probe, calibration[t], lambda x, template=template: handler.hessian_samples(template, x, mode),
+                task=t, layer_name=position.name, is_first_layer=plan.slots[index].input_space == graph.INPUT,
+                strategy=options["strategy"])
+    return result
+
+
+def _mode(handler, options):
+    return options["conv_hessian"] if options["conv_hessian"] in handler.hessian_modes else handler.hessian_modes[0]
+
+
+def _pair_group(plan, state, group, index, count, calibration, options):
+    """Pairs `count` units of a group across tasks and puts every member, per-channel layer and consumer of
+    the group into the paired order [paired, rest]. Merging happens per member, in `_merge_slot`.
+
+    The pair costs add up over the group's members whose inputs are already shared (their costs are
+    comparable); the others follow the pairing. Returns the Hessians of slot `index` and the pairs.
+    """
+    tasks = plan.tasks
+    members = plan.groups[group].members
+    ready = [m for m in members
+             if state.slots[m].shared_inputs > 0 and plan.slots[m].input_space != group]
+    hessians = _hessians(plan, state, ready, calibration, options)
+    blocks, damped, pooled = {}, {}, {}
+    for m in ready:
+        slot, handler = state.slots[m], plan.slots[m].position.handler
+        mode = _mode(handler, options)
+        rows = slot.shared_rows
+        blocks[m] = {t: handler.to_blocks(slot.kernels[t][..., :rows, :], slot.biases[t], mode) for t in tasks}
+        damped[m] = {t: statistics.damped(hessians[m][t].matrix, options["damping"]) for t in tasks}
+        pooled[m] = None
+        if options["pairing"] == "correlation":
+            total = sum(h.samples for h in hessians[m].values())
+            pooled[m] = sum(h.matrix * (h.samples / total) for h in hessians[m].values())
 
     def pair(merged, merged_hessian, t):
-        cost = costs_lib.pairing_costs(options["pairing"], merged, blocks[t], merged_hessian, damped[t], pooled,
-                                       seed=options["seed"] + index)
+        cost = sum(costs_lib.pairing_costs(options["pairing"], merged[m], blocks[m][t], merged_hessian[m],
+                                           damped[m][t], pooled[m], seed=options["seed"] + index)
+                   for m in ready)
         return matching.match(cost, count, options["matching"])
 
     # The first two tasks pick `count` pairs; each further task is matched against those shared units,
     # whose Hessian is the sum of the merged tasks' (as in the reference code).
     first, second = tasks[0], tasks[1]
-    pick_first, pick_second = pair(blocks[first], damped[first], second)
+    pick_first, pick_second = pair({m: blocks[m][first] for m in ready}, {m: damped[m][first] for m in ready},
+                                   second)
     orders = {first: pick_first, second: pick_second}
-    merged = costs_lib.merge_units(options["merge"], blocks[first][:, :, pick_first],
-                                   blocks[second][:, :, pick_second], damped[first], damped[second])
-    accumulated = damped[first] + damped[second]
+    merged = {m: costs_lib.merge_units(options["merge"], blocks[m][first][:, :, pick_first],
+                                       blocks[m][second][:, :, pick_second], damped[m][first], damped[m][second])
+              for m in ready}
+    accumulated = {m: damped[m][first] + damped[m][second] for m in ready}
     for count_merged, t in enumerate(tasks[2:], start=2):
         shared_index, picks = pair(merged, accumulated, t)
         order = np.empty(count, np.int64)
         order[shared_index] = picks
         orders[t] = order
-        merged = costs_lib.merge_units(options["merge"], merged, blocks[t][:, :, order], accumulated, damped[t],
+        for m in ready:
+            merged[m] = costs_lib.merge_units(options["merge"], merged[m], blocks[m][t][:, :, order],
+                                              accumulated[m], damped[m][t], tasks_in_a=count_merged)
+            accumulated[m] = accumulated[m] + damped[m][t]
+
+    pairs = {t: [int(state.slots[index].column_order[t][i]) for i in orders[t]] for t in tasks}
+    permutations = {}
+    for t in tasks:
+        width = graph.group_width(plan, group, t)
+        rest = np.setdiff1d(np.arange(width), orders[t], assume_unique=True)
+        permutations[t] = np.concatenate([orders[t], rest]).astype(np.int64)
+    for m in members:
+        slot = state.slots[m]
+        for t in tasks:
+            slot.kernels[t] = slot.kernels[t][..., permutations[t]]
+            slot.biases[t] = slot.biases[t][permutations[t]]
+            slot.column_order[t] = slot.column_order[t][permutations[t]]
+        slot.shared, slot.merged = count, False
+    for position_index in plan.groups[group].channel_positions:
+        channel = state.channels[position_index]
+        for t in tasks:
+            channel.kernels[t] = channel.kernels[t][..., permutations[t], :]
+            channel.biases[t] = channel.biases[t][permutations[t]]
+        kernels = [channel.kernels[t][..., :count, :] for t in tasks]
+        biases = [channel.biases[t][:count] for t in tasks]
+        # Per-channel weights have no layer input of their own to weigh them by: average them
+        # (or keep the first task's, for merge="first").
+        keep_first = options["merge"] == "first"
+        kernel = kernels[0] if keep_first else np.mean(kernels, axis=0)
+        bias = biases[0] if keep_first else np.mean(biases, axis=0)
+        for t in tasks:
+            channel.kernels[t][..., :count, :] = kernel
+            channel.biases[t][:count] = bias
+        channel.shared = count
+    for c in plan.groups[group].consumers:
+        consumer = state.slots[c]
+        for t in tasks:
+            consumer.kernels[t] = consumer.kernels[t][..., _row_order(permutations[t], count,
+                                                                      consumer.rows_per_input_unit), :]
+        consumer.shared_inputs = count
+    return hessians.get(index), pairs
+
+
+def _merge_slot(plan, state, index, calibration, options, hessians=None):
+    """Gives the paired units of one layer common weights; returns the ΔE each merged unit causes
+    (Σ_t ½ δ_tᵀ H_t δ_t, which equals the paper's pair cost for its merge) and the Hessians."""
+    tasks = plan.tasks
+    slot = state.slots[index]
+    handler = plan.slots[index].position.handler
+    mode = _mode(handler, options)
+    if hessians is None:
+        hessians = _hessians(plan, state, [index], calibration, options)[index]
+    rows, count = slot.shared_rows, slot.shared
+    blocks = {t: handler.to_blocks(slot.kernels[t][..., :rows, :count], slot.biases[t][:count], mode) for t in tasks}
+    damped = {t: statistics.damped(hessians[t].matrix, options["damping"]) for t in tasks}
+    first = tasks[0]
+    merged, accumulated = blocks[first], damped[first]
+    for count_merged, t in enumerate(tasks[1:], start=1):
+        merged = costs_lib.merge_units(options["merge"], merged, blocks[t], accumulated, damped[t],
                                        tasks_in_a=count_merged)
         accumulated = accumulated + damped[t]
-    # ΔE actually caused: Σ_t ½ δ_tᵀ H_t δ_t per shared unit (equals the paper's pair cost for its merge).
-    chosen = sum(costs_lib.merge_error(merged, blocks[t][:, :, orders[t]], damped[t]) for t in tasks)
-
+    chosen = sum(costs_lib.merge_error(merged, blocks[t], damped[t]) for t in tasks)
     kernel_shape = slot.kernels[first][..., :rows, :count].shape
     merged_kernel, merged_bias = handler.from_blocks(merged, kernel_shape, mode)
-    following = state.slots[index + 1]
     for t in tasks:
-        units = slot.units(t)
-        rest = np.setdiff1d(np.arange(units), orders[t], assume_unique=True)
-        permutation = np.concatenate([orders[t], rest]).astype(np.int64)
-        slot.kernels[t] = slot.kernels[t][..., permutation]
-        slot.biases[t] = slot.biases[t][permutation]
         slot.kernels[t][..., :rows, :count] = merged_kernel
         slot.biases[t][:count] = merged_bias
-        following.kernels[t] = following.kernels[t][..., _row_order(permutation, count,
-                                                                   following.rows_per_input_unit), :]
-    slot.shared = count
-    following.shared_inputs = count
-    return chosen, hessians, {t: orders[t].tolist() for t in tasks}
+    slot.merged = True
+    return chosen, hessians
 
 
-def _refit_next_layer(plan, state, index, calibration, ridge: float = 1e-3):
-    """Refits the layer after `index`, per task, by ridge least squares so that its pre-activations in the
-    zipped network match the original model's on the calibration data (compensating the merge)."""
-    slot_index = index + 1
+def _consumers(plan, index) -> list:
+    """Slot indices of the unit layers that read slot `index`'s output, through weightless layers,
+    per-channel layers and merges."""
+    children = {}
+    for position in plan.body:
+        for p in position.parents:
+            children.setdefault(p, []).append(position.index)
+    slot_of = {s.position.index: i for i, s in enumerate(plan.slots)}
+    found, stack, seen = [], list(children.get(plan.slots[index].position.index, [])), set()
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        if p in slot_of:
+            found.append(slot_of[p])
+        else:
+            stack.extend(children.get(p, []))
+    return sorted(found)
+
+
+def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3):
+    """Refits one unit layer, per task, by ridge least squares so that its pre-activations in the zipped
+    network match the original model's on the calibration data (compensating the merges before it)."""
     slot = state.slots[slot_index]
     position = plan.slots[slot_index].position
     handler = position.handler
@@ -344,7 +472,8 @@ def _refit_next_layer(plan, state, index, calibration, ridge: float = 1e-3):
         shared_part, specific_part = built.parts[slot_index][t]
         outputs = [x for x in (shared_part, specific_part) if x is not None]
         zipped_probe = keras.Model(built.model.inputs, outputs)
-        original = handler.to_blocks(*position.weights[t], mode)[0]
+        # The original layer's units, in the current column order of the state.
+        original = handler.to_blocks(*position.weights[t], mode)[0][:, slot.column_order[t]]
         # Ridge towards the current weights, not towards zero: where the zipped inputs already reproduce
         # the original pre-activations, the refit changes nothing.
         current = handler.to_blocks(slot.kernels[t], slot.biases[t], mode)[0]

@@ -1,0 +1,76 @@
+"""Residual graphs, BatchNormalization, depthwise and separable convolutions: a model zipped with a
+unit-permuted copy of itself reproduces its outputs."""
+
+import keras
+import numpy as np
+import pytest
+
+import tf_mtz
+from conftest import permuted_graph_copy, randomize_batch_norms, resnet
+
+
+def assert_reproduces(model, zipped, x, atol=1e-4):
+    expected = model.predict(x, verbose=0)
+    out = zipped.predict(x, verbose=0)
+    for task in out:
+        np.testing.assert_allclose(out[task], expected, atol=atol)
+
+
+@pytest.mark.parametrize("sharing", [1.0, 0.5])
+def test_resnet20_with_permuted_copy(rng, sharing):
+    model = randomize_batch_norms(resnet("resnet20"))
+    copy = permuted_graph_copy(model, seed=1)
+    x = rng.normal(size=(24, 32, 32, 3)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=sharing, verbose=0)
+    assert_reproduces(model, zipped, x)
+    report = zipped.zip_report
+    assert all(layer.shared == (layer.units["a"] if sharing == 1.0 else round(layer.units["a"] / 2))
+               for layer in report.layers if not layer.head)
+    assert max(layer.cost_max for layer in report.layers) < 1e-6
+
+
+def test_mobilenet_v2_with_permuted_copy(rng):
+    model = keras.applications.MobileNetV2(weights=None, alpha=0.35, input_shape=(96, 96, 3), classes=10)
+    model = randomize_batch_norms(model)
+    copy = permuted_graph_copy(model, seed=2)
+    x = rng.normal(size=(8, 96, 96, 3)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=1.0, refit=False, verbose=0)
+    assert_reproduces(model, zipped, x)
+    kinds = {type(layer).__name__ for layer in zipped.layers}
+    assert {"DepthwiseConv2D", "Add", "Conv2D"} <= kinds
+
+
+def _separable_net(name, seed=0):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((16, 16, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", name="stem")(x)
+    h = keras.layers.BatchNormalization(name="stem_bn")(h)
+    h = keras.layers.ReLU(name="stem_relu")(h)
+    y = keras.layers.SeparableConv2D(8, 3, padding="same", activation="relu", name="sep")(h)
+    y = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(y)
+    y = keras.layers.BatchNormalization(name="dw_bn")(y)
+    h = keras.layers.Add(name="add")([h, y])
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(x, keras.layers.Dense(4, name="head")(h), name=name)
+
+
+def test_separable_conv_is_read_as_depthwise_and_pointwise(rng):
+    a = randomize_batch_norms(_separable_net("a"))
+    b = randomize_batch_norms(_separable_net("b", seed=1), seed=1)
+    x = rng.normal(size=(32, 16, 16, 3)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, sharing=0.5, verbose=0)
+    report = zipped.zip_report
+    assert [layer.name for layer in report.layers] == ["stem", "sep_pointwise", "head"]
+    # The residual Add ties the stem and the pointwise convolution: both share the same number of units.
+    assert report.layers[0].shared == report.layers[1].shared == 4
+    out = zipped.predict(x, verbose=0)
+    assert all(np.isfinite(v).all() for v in out.values())
+    restored = keras.models.load_model(_save(zipped))
+    np.testing.assert_allclose(restored.predict(x, verbose=0)["a"], out["a"], atol=1e-5)
+
+
+def _save(model):
+    import tempfile, os
+    path = os.path.join(tempfile.mkdtemp(), "zipped.keras")
+    model.save(path)
+    return path
