@@ -96,6 +96,9 @@ def test_nested_model_is_flattened(rng):
     model = nested("outer", 0)
     copy = permuted_copy(model, seed=1)
     x = rng.normal(size=(300, 20)).astype("float32")
+    exact = tf_mtz.zip_models({"a": model, "b": copy}, x, verbose=0)
+    for task in ("a", "b"):
+        np.testing.assert_allclose(exact.predict(x, verbose=0)[task], model.predict(x, verbose=0), atol=1e-4)
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, verbose=0,
                                retrain=tf_mtz.Retrain(steps_per_layer=2))  # distillation reaches nested heads
     out = zipped.predict(x, verbose=0)

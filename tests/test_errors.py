@@ -46,11 +46,11 @@ def test_different_input_shapes(pair, x):
 def test_unsupported_layer_named_with_how_to_register(pair, x):
     inp = keras.Input((20,))
     h = keras.layers.Dense(24, name="fc1")(inp)
-    h = keras.layers.LayerNormalization(name="norm")(h)
+    h = keras.layers.UnitNormalization(name="norm")(h)
     h = keras.layers.Dense(16, name="fc2")(h)
     out = keras.layers.Dense(5)(h)
     odd = keras.Model(inp, out, name="odd")
-    zip_raises(r"'norm' \(LayerNormalization\) of model 'odd' is not supported.*Dense.*register_layer_handler",
+    zip_raises(r"'norm' \(UnitNormalization\) of model 'odd' is not supported.*Dense.*register_layer_handler",
                {"a": odd, "b": pair[1]}, x)
 
 

@@ -74,3 +74,41 @@ def _save(model):
     path = os.path.join(tempfile.mkdtemp(), "zipped.keras")
     model.save(path)
     return path
+
+
+def _layer_norm_mlp(name, seed=0):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((12,), name="features")
+    h = keras.layers.Dense(16, name="fc1")(x)
+    h = keras.layers.LayerNormalization(name="ln1")(h)
+    h = keras.layers.Activation("gelu", name="act1")(h)
+    h = keras.layers.Dense(10, activation="relu", name="fc2")(h)
+    model = keras.Model(x, keras.layers.Dense(3, name="head")(h), name=name)
+    ln = model.get_layer("ln1")
+    rng = np.random.default_rng(seed)
+    ln.set_weights([rng.uniform(0.5, 1.5, 16), rng.normal(0, 0.2, 16)])
+    return model
+
+
+def test_layer_normalization_on_a_dense_stack(rng):
+    model = _layer_norm_mlp("ln_model")
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    p1, p2 = np.random.default_rng(5).permutation(16), np.random.default_rng(6).permutation(10)
+    fc1, ln, fc2, head = (copy.get_layer(n) for n in ("fc1", "ln1", "fc2", "head"))
+    k, b = fc1.get_weights()
+    fc1.set_weights([k[:, p1], b[p1]])
+    ln.set_weights([w[p1] for w in ln.get_weights()])
+    k, b = fc2.get_weights()
+    fc2.set_weights([k[p1][:, p2], b[p2]])
+    k, b = head.get_weights()
+    head.set_weights([k[p2], b])
+    x = rng.normal(size=(200, 12)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, verbose=0)
+    assert_reproduces(model, zipped, x, atol=1e-5)
+    assert "LayerNormalization" in {type(layer).__name__ for layer in zipped.layers}
+    # fc2 may be shared partly; fc1's units are normalised together, so they are shared all or none.
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing={"fc1": 1.0, "fc2": 0.5}, verbose=0)
+    assert_reproduces(model, zipped, x, atol=1e-5)
+    with pytest.raises(ValueError, match=r"'ln1' \(LayerNormalization\) mixes all units of 'fc1'.*all or none"):
+        tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=0.5, verbose=0)

@@ -47,7 +47,7 @@ class SlotState:
 class ChannelState:
     """Per-channel weights (DepthwiseConv2D) of every task, channels ordered [shared, specific]."""
 
-    kernels: dict  # task -> (kh, kw, channels, 1)
+    kernels: dict  # task -> per-unit weights, units along the handler's channel_axis
     biases: dict
     shared: int = 0
 
@@ -229,14 +229,15 @@ def _channel_layer(position, channel: ChannelState, feature, tasks, names, bindi
         if x_specific is not None:
             layer = handler.build_layer(position.layers[t], name=names(f"{t}_{position.layers[t].name}"))
             specific_out = layer(x_specific)
-            layer.set_weights([channel.kernels[t][..., s:, :], channel.biases[t][s:]])
-            bindings.append(Binding(layer, channel, [(t, (..., slice(s, None), slice(None)), slice(s, None))]))
+            specific = handler.channel_index(slice(s, None))
+            layer.set_weights([channel.kernels[t][specific], channel.biases[t][s:]])
+            bindings.append(Binding(layer, channel, [(t, specific, slice(s, None))]))
         out[t] = (shared_out, specific_out)
     if shared_layer is not None:
         t0 = tasks[0]
-        shared_layer.set_weights([channel.kernels[t0][..., :s, :], channel.biases[t0][:s]])
-        bindings.append(Binding(shared_layer, channel,
-                                [(t, (..., slice(0, s), slice(None)), slice(0, s)) for t in tasks]))
+        shared = handler.channel_index(slice(0, s))
+        shared_layer.set_weights([channel.kernels[t0][shared], channel.biases[t0][:s]])
+        bindings.append(Binding(shared_layer, channel, [(t, shared, slice(0, s)) for t in tasks]))
     return out
 
 
@@ -344,6 +345,7 @@ def count_shared_parameters(state: ZipState) -> int:
             total += spatial * slot.shared_rows * slot.shared + slot.shared
     for channel in state.channels.values():
         if channel.shared:
+            bias = next(iter(channel.biases.values()))
             kernel = next(iter(channel.kernels.values()))
-            total += int(np.prod(kernel.shape[:-2])) * channel.shared + channel.shared
+            total += (kernel.size // bias.size + 1) * channel.shared
     return total

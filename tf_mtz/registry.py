@@ -10,8 +10,8 @@ means registering one handler rather than touching the zipper. Two roles exist:
   activations) or only re-lay out units (Flatten, Reshape). They are applied to the shared and the
   task-specific parts of a feature separately.
 
-Two built-in roles complete the set: ``DepthwiseHandler`` (per-channel weights that follow their input's
-units) and ``MergeHandler`` (element-wise merges such as a residual ``Add``, which tie their inputs' units).
+Two built-in roles complete the set: ``ChannelUnitsHandler`` (per-unit weights that follow their input's
+units: DepthwiseConv2D, LayerNormalization) and ``MergeHandler`` (element-wise merges such as a residual ``Add``, which tie their inputs' units).
 """
 
 from __future__ import annotations
@@ -206,14 +206,41 @@ class Conv1DHandler(Conv2DHandler):
         return kernel[0], bias
 
 
-class DepthwiseHandler(LayerHandler):
-    """DepthwiseConv2D (depth_multiplier 1): per-channel weights, so its outputs are its input's units.
+class ChannelUnitsHandler(LayerHandler):
+    """Base of layers with per-unit weights that follow their input's units (one weight slice per unit).
 
-    Paired channels get one merged kernel: the average of the tasks' kernels (the first task's with
-    merge="first"), after a BatchNormalization that follows it has been folded in.
+    Paired units get one merged slice: the average of the tasks' (the first task's with merge="first").
+    `channel_axis` is the kernel axis that indexes units; `partial_sharing` says whether the layer can run
+    on the shared and the specific units separately.
     """
 
     role = "channel_units"
+    channel_axis = -1
+    partial_sharing = True
+
+    def check_between_units(self, layer, model_name):
+        pass
+
+    def channel_index(self, units) -> tuple:
+        """Index of `units` (a slice or index array) along the unit axis of the kernel."""
+        return (Ellipsis, units) + (slice(None),) * (-1 - self.channel_axis)
+
+    def kernel_and_bias(self, layer) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def activation(self, layer):
+        return "linear"
+
+    def build_layer(self, template, *, name: str):
+        """A new layer like `template` whose weights are `[kernel, bias]`."""
+        raise NotImplementedError
+
+
+class DepthwiseHandler(ChannelUnitsHandler):
+    """DepthwiseConv2D (depth_multiplier 1): per-channel kernels; a BatchNormalization after it is folded
+    in, so the rebuilt layer always has a bias."""
+
+    channel_axis = -2
 
     def check(self, layer, model_name):
         if layer.depth_multiplier != 1:
@@ -222,9 +249,6 @@ class DepthwiseHandler(LayerHandler):
         if layer.data_format != "channels_last":
             raise ZipError(f"Layer '{layer.name}' of model '{model_name}' uses data_format="
                            f"'{layer.data_format}'; tf_mtz supports channels_last convolutions only.")
-
-    def check_between_units(self, layer, model_name):
-        pass
 
     def kernel_and_bias(self, layer):
         kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float32)
@@ -240,6 +264,35 @@ class DepthwiseHandler(LayerHandler):
             template.kernel_size, strides=template.strides, padding=template.padding,
             dilation_rate=template.dilation_rate, use_bias=True, activation=template.activation, name=name,
             dtype=template.dtype_policy)
+
+
+class LayerNormalizationHandler(ChannelUnitsHandler):
+    """LayerNormalization over the last axis: γ and β per unit, but the statistics mix all units, so a
+    layer's units must be shared all or none."""
+
+    partial_sharing = False
+
+    def check(self, layer, model_name):
+        axis = layer.axis if isinstance(layer.axis, int) else tuple(layer.axis)
+        rank = len(layer.input.shape) if _has_input(layer) else None
+        if axis not in (-1, (-1,)) and (rank is None or axis not in (rank - 1, (rank - 1,))):
+            raise ZipError(f"LayerNormalization '{layer.name}' of model '{model_name}' normalises axis {axis}; "
+                           "tf_mtz supports normalising the last axis only.")
+        if getattr(layer, "rms_scaling", False):
+            raise ZipError(f"LayerNormalization '{layer.name}' of model '{model_name}' uses rms_scaling, which "
+                           "tf_mtz does not support.")
+
+    def kernel_and_bias(self, layer):
+        units = int(layer.input.shape[-1])
+        gamma = (np.asarray(keras.ops.convert_to_numpy(layer.gamma), np.float32) if layer.scale
+                 else np.ones(units, np.float32))
+        beta = (np.asarray(keras.ops.convert_to_numpy(layer.beta), np.float32) if layer.center
+                else np.zeros(units, np.float32))
+        return gamma, beta
+
+    def build_layer(self, template, *, name: str):
+        return keras.layers.LayerNormalization(axis=-1, epsilon=template.epsilon, center=True, scale=True,
+                                               name=name, dtype=template.dtype_policy)
 
 
 class MergeHandler(LayerHandler):
@@ -381,6 +434,7 @@ register_layer_handler(keras.layers.Dense, DenseHandler())
 register_layer_handler(keras.layers.Conv2D, Conv2DHandler())
 register_layer_handler(keras.layers.Conv1D, Conv1DHandler())
 register_layer_handler(keras.layers.DepthwiseConv2D, DepthwiseHandler())
+register_layer_handler(keras.layers.LayerNormalization, LayerNormalizationHandler())
 for _cls in (keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average,
              keras.layers.Maximum, keras.layers.Minimum):
     register_layer_handler(_cls, MergeHandler())

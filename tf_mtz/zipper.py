@@ -331,6 +331,14 @@ def _pair_group(plan, state, group, index, count, calibration, options):
     """
     tasks = plan.tasks
     members = plan.groups[group].members
+    for position_index in plan.groups[group].channel_positions:
+        position = plan.body[position_index]
+        if not position.handler.partial_sharing and any(
+                count != graph.group_width(plan, group, t) for t in tasks):
+            raise ZipError(
+                f"Layer '{position.name}' ({type(position.layers[tasks[0]]).__name__}) mixes all units of "
+                f"'{plan.slots[members[0]].position.name}', so that layer's units must be shared all or none; "
+                f"got {count} of {[graph.group_width(plan, group, t) for t in tasks]}.")
     ready = [m for m in members
              if state.slots[m].shared_inputs > 0 and plan.slots[m].input_space != group]
     hessians = _hessians(plan, state, ready, calibration, options)
@@ -387,10 +395,12 @@ def _pair_group(plan, state, group, index, count, calibration, options):
         slot.shared, slot.merged = count, False
     for position_index in plan.groups[group].channel_positions:
         channel = state.channels[position_index]
+        channel_handler = plan.body[position_index].handler
         for t in tasks:
-            channel.kernels[t] = channel.kernels[t][..., permutations[t], :]
+            channel.kernels[t] = channel.kernels[t][channel_handler.channel_index(permutations[t])]
             channel.biases[t] = channel.biases[t][permutations[t]]
-        kernels = [channel.kernels[t][..., :count, :] for t in tasks]
+        paired = channel_handler.channel_index(slice(0, count))
+        kernels = [channel.kernels[t][paired] for t in tasks]
         biases = [channel.biases[t][:count] for t in tasks]
         # Per-channel weights have no layer input of their own to weigh them by: average them
         # (or keep the first task's, for merge="first").
@@ -398,7 +408,7 @@ def _pair_group(plan, state, group, index, count, calibration, options):
         kernel = kernels[0] if keep_first else np.mean(kernels, axis=0)
         bias = biases[0] if keep_first else np.mean(biases, axis=0)
         for t in tasks:
-            channel.kernels[t][..., :count, :] = kernel
+            channel.kernels[t][paired] = kernel
             channel.biases[t][:count] = bias
         channel.shared = count
     for c in plan.groups[group].consumers:
