@@ -115,3 +115,37 @@ def test_conv_patch_samples_reproduce_convolution(rng):
     back_kernel, back_bias = Conv2DHandler().from_blocks(channel_blocks, kernel.shape, "channel")
     np.testing.assert_array_equal(back_kernel, kernel)
     np.testing.assert_allclose(back_bias, bias)
+
+
+def test_low_rank_hessians_give_the_dense_costs_merges_and_errors(rng):
+
+    d, n, samples = 40, 12, 9  # fewer samples than features: rank-deficient Hessians
+    a = rng.normal(size=(2, d, n))
+    b = rng.normal(size=(2, d, n))
+    low = [statistics.LowRankHessian(rng.normal(size=(samples, d)) / 3, lam) for lam in (0.05, 0.2)]
+    dense = [h.dense() for h in low]
+    np.testing.assert_allclose(costs.cost_matrix(a, b, *low, dtype=tf.float64),
+                               costs.cost_matrix(a, b, *dense, dtype=tf.float64), rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(costs.merged_weights(a, b, *low), costs.merged_weights(a, b, *dense), atol=1e-9)
+    np.testing.assert_allclose(costs.merge_error(a, b, low[0]), costs.merge_error(a, b, dense[0]), rtol=1e-10)
+    summed = low[0] + low[1]
+    np.testing.assert_allclose(summed.dense(), dense[0] + dense[1], atol=1e-12)
+    np.testing.assert_allclose(costs.pairing_costs("correlation", a, b, None, None, pooled=low[0]),
+                               costs.pairing_costs("correlation", a, b, None, None, pooled=dense[0]), atol=1e-9)
+
+
+def test_few_samples_keep_the_hessian_as_its_samples(rng):
+    import keras
+
+    x = rng.normal(size=(10, 30)).astype("float32")
+    probe = keras.Sequential([keras.Input((30,)), keras.layers.Identity()])
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(4)
+    kwargs = dict(task="a", layer_name="fc", is_first_layer=True)
+    low = statistics.layer_hessian(probe, dataset, lambda v: v, **kwargs)
+    assert low.matrix is None and low.factor.shape == (10, 31) and low.rank_deficient
+    augmented = np.concatenate([x, np.ones((10, 1))], axis=1)
+    np.testing.assert_allclose(low.dense(), augmented.T @ augmented / 10, rtol=1e-5)
+    full = statistics.layer_hessian(probe, tf.data.Dataset.from_tensor_slices(np.tile(x, (4, 1))).batch(8),
+                                    lambda v: v, **kwargs)
+    assert full.factor is None and full.samples == 40
+    np.testing.assert_allclose(full.matrix, augmented.T @ augmented / 10, rtol=1e-5)

@@ -13,6 +13,11 @@ H_A S⁻¹ H_B = H_A − H_A S⁻¹ H_A = H_B − H_B S⁻¹ H_B, the whole cost
 one Cholesky factorisation, two Hessian products, two triangular solves and one product for all pairs.
 Weights come as `(blocks, features + 1, units)`: each block shares the same Hessians and the costs of the
 blocks add up (the per-offset conv approximation uses several blocks; everything else one).
+
+Low-rank Hessians (`statistics.LowRankHessian`, UᵀU + λI from fewer samples than features) never become
+matrices: in an orthonormal basis Q of the factors' row space every Hessian is block-diagonal (its
+r×r block on Q, λI on the rest), so H_A S⁻¹ H_B = αI + Q (M_r − αI) Qᵀ with α = λ_Aλ_B/(λ_A+λ_B) and
+M_r = H_A,r S_r⁻¹ H_B,r; costs and merged weights then take O(n²·d + r²·d) instead of O(d³).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 import tensorflow as tf
+
+from tf_mtz.statistics import LowRankHessian
 
 
 def _on_gpu() -> bool:
@@ -98,6 +105,9 @@ def cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b, dtype=tf.float32) -> n
     Returns:
         numpy array of non-negative costs, in `dtype`.
     """
+    if isinstance(hessian_a, LowRankHessian) and isinstance(hessian_b, LowRankHessian):
+        return _low_rank_cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b, dtype)
+    hessian_a, hessian_b = _dense(hessian_a), _dense(hessian_b)
     np_dtype = dtype.as_numpy_dtype
     a = tf.convert_to_tensor(np.asarray(blocks_a, np_dtype))
     b = tf.convert_to_tensor(np.asarray(blocks_b, np_dtype))
@@ -142,8 +152,61 @@ def _half_quadratic(weights, products, solved):
     return 0.5 * (tf.reduce_sum(weights * products, axis=0) - tf.reduce_sum(tf.square(solved), axis=0))
 
 
+def _dense(hessian):
+    return hessian.dense() if isinstance(hessian, LowRankHessian) else hessian
+
+
+def _row_space(hessian_a: LowRankHessian, hessian_b: LowRankHessian):
+    """Orthonormal basis Q `(d, r)` of both factors' rows and each Hessian's r×r block QᵀHQ."""
+    q, _ = np.linalg.qr(np.concatenate([hessian_a.factor, hessian_b.factor]).T)
+    blocks = []
+    for h in (hessian_a, hessian_b):
+        projected = h.factor @ q
+        blocks.append(projected.T @ projected + h.damping * np.eye(q.shape[1]))
+    return q, blocks[0], blocks[1]
+
+
+def _low_rank_cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b, dtype):
+    a = np.asarray(blocks_a, np.float64)
+    b = np.asarray(blocks_b, np.float64)
+    q, h_a, h_b = _row_space(hessian_a, hessian_b)
+    lam_a, lam_b = hessian_a.damping, hessian_b.damping
+    alpha = lam_a * lam_b / (lam_a + lam_b)
+    reduced = h_a @ np.linalg.solve(h_a + h_b, h_b)
+    correction = 0.5 * (reduced + reduced.T) - alpha * np.eye(q.shape[1])
+    # Everything in Q's span goes through the r×r correction; the rest is α times plain inner products.
+    a_r = np.einsum("dr,kdn->krn", q, a)
+    b_r = np.einsum("dr,kdn->krn", q, b)
+    corrected_b = np.einsum("rs,ksn->krn", correction, b_r)
+    half_q_a = 0.5 * (alpha * np.sum(a * a, axis=(0, 1)) + np.einsum("krn,rs,ksn->n", a_r, correction, a_r))
+    half_q_b = 0.5 * (alpha * np.sum(b * b, axis=(0, 1)) + np.sum(b_r * corrected_b, axis=(0, 1)))
+    np_dtype = dtype.as_numpy_dtype
+    k, d, n_a = a.shape
+    left = np.concatenate([alpha * a.reshape(k * d, n_a), a_r.reshape(-1, n_a)]).astype(np_dtype)
+    right = np.concatenate([b.reshape(k * d, -1), corrected_b.reshape(-1, b.shape[2])]).astype(np_dtype)
+    costs = tf.matmul(left, right, transpose_a=True).numpy()
+    np.subtract(half_q_a.astype(np_dtype)[:, None], costs, out=costs)
+    costs += half_q_b.astype(np_dtype)[None, :]
+    return np.maximum(costs, 0.0, out=costs)
+
+
+def _low_rank_merged_weights(blocks_a, blocks_b, hessian_a, hessian_b) -> np.ndarray:
+    a = np.asarray(blocks_a, np.float64)
+    b = np.asarray(blocks_b, np.float64)
+    q, h_a, h_b = _row_space(hessian_a, hessian_b)
+    total = hessian_a.damping + hessian_b.damping
+    rhs = np.stack([hessian_a.matmul(a[i]) + hessian_b.matmul(b[i]) for i in range(a.shape[0])])
+    rhs_r = np.einsum("dr,kdn->krn", q, rhs)
+    # S⁻¹ = Q S_r⁻¹ Qᵀ on the row space and 1/(λ_A+λ_B) on the rest.
+    solved_r = np.einsum("rs,ksn->krn", np.linalg.inv(h_a + h_b), rhs_r)
+    return (rhs - np.einsum("dr,krn->kdn", q, rhs_r)) / total + np.einsum("dr,krn->kdn", q, solved_r)
+
+
 def merged_weights(blocks_a, blocks_b, hessian_a, hessian_b) -> np.ndarray:
     """Returns `(H_A + H_B)⁻¹ (H_A a + H_B b)` for matched columns of `blocks_a` and `blocks_b`, in float64."""
+    if isinstance(hessian_a, LowRankHessian) and isinstance(hessian_b, LowRankHessian):
+        return _low_rank_merged_weights(blocks_a, blocks_b, hessian_a, hessian_b)
+    hessian_a, hessian_b = _dense(hessian_a), _dense(hessian_b)
     a = tf.convert_to_tensor(blocks_a, tf.float64)
     b = tf.convert_to_tensor(blocks_b, tf.float64)
     k, d, n = a.shape
@@ -187,11 +250,13 @@ def pairing_costs(pairing: str, blocks_a, blocks_b, hessian_a, hessian_b, pooled
     if pairing == "euclidean":
         return np.maximum(np.sum(a * a, axis=(0, 1))[:, None] + np.sum(b * b, axis=(0, 1))[None, :] - 2 * cross, 0)
     if pairing == "correlation":
-        mean = pooled[:, -1]  # E[x̃]: the bias coordinate is constantly 1
-        second_ab = np.einsum("kdi,de,kej->ij", a, pooled, b)
+        pooled_b = np.stack([_times(pooled, b[i]) for i in range(b.shape[0])])
+        pooled_a = np.stack([_times(pooled, a[i]) for i in range(a.shape[0])])
+        mean = _times(pooled, np.eye(a.shape[1])[:, -1:])[:, 0]  # E[x̃]: the bias coordinate is constantly 1
+        second_ab = np.einsum("kdi,kdj->ij", a, pooled_b)
         mean_a, mean_b = np.einsum("kdi,d->i", a, mean), np.einsum("kdj,d->j", b, mean)
-        var_a = np.einsum("kdi,de,kei->i", a, pooled, a) - mean_a ** 2
-        var_b = np.einsum("kdj,de,kej->j", b, pooled, b) - mean_b ** 2
+        var_a = np.sum(a * pooled_a, axis=(0, 1)) - mean_a ** 2
+        var_b = np.sum(b * pooled_b, axis=(0, 1)) - mean_b ** 2
         covariance = second_ab - np.outer(mean_a, mean_b)
         return 1.0 - covariance / np.sqrt(np.outer(np.maximum(var_a, 1e-12), np.maximum(var_b, 1e-12)))
     raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}.")
@@ -210,7 +275,14 @@ def merge_units(merge: str, blocks_a, blocks_b, hessian_a, hessian_b, tasks_in_a
     raise ValueError(f"merge must be one of {MERGES}, got {merge!r}.")
 
 
+def _times(hessian, w: np.ndarray) -> np.ndarray:
+    """H @ w for a dense or low-rank Hessian."""
+    if isinstance(hessian, LowRankHessian):
+        return hessian.matmul(w)
+    return np.asarray(hessian, np.float64) @ w
+
+
 def merge_error(merged, blocks, hessian) -> np.ndarray:
     """Per unit ½ δᵀ H δ, δ = merged − original: the pre-activation error a merge causes for one task."""
     delta = np.asarray(merged, np.float64) - np.asarray(blocks, np.float64)
-    return 0.5 * np.einsum("kdi,de,kei->i", delta, np.asarray(hessian, np.float64), delta)
+    return 0.5 * sum(np.sum(delta[i] * _times(hessian, delta[i]), axis=0) for i in range(delta.shape[0]))

@@ -193,7 +193,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
             if deficient:
                 warnings.warn(
                     f"Layer '{position.name}': fewer calibration samples than inputs for task(s) {deficient} "
-                    f"({min(hessians[t].samples for t in deficient)} < {hessians[deficient[0]].matrix.shape[0]}); "
+                    f"({min(hessians[t].samples for t in deficient)} < {hessians[deficient[0]].dim}); "
                     "the Hessian is rank-deficient and damping decides the unseen directions. Give more "
                     "calibration data.", RankDeficientWarning, stacklevel=2)
         seconds = time.perf_counter() - layer_started
@@ -348,11 +348,10 @@ def _pair_group(plan, state, group, index, count, calibration, options):
         mode = _mode(handler, options)
         rows = slot.shared_rows
         blocks[m] = {t: handler.to_blocks(slot.kernels[t][..., :rows, :], slot.biases[t], mode) for t in tasks}
-        damped[m] = {t: statistics.damped(hessians[m][t].matrix, options["damping"]) for t in tasks}
+        damped[m] = {t: statistics.damped(hessians[m][t], options["damping"]) for t in tasks}
         pooled[m] = None
         if options["pairing"] == "correlation":
-            total = sum(h.samples for h in hessians[m].values())
-            pooled[m] = sum(h.matrix * (h.samples / total) for h in hessians[m].values())
+            pooled[m] = _pooled(list(hessians[m].values()))
 
     def pair(merged, merged_hessian, t):
         cost = sum(costs_lib.pairing_costs(options["pairing"], merged[m], blocks[m][t], merged_hessian[m],
@@ -420,6 +419,15 @@ def _pair_group(plan, state, group, index, count, calibration, options):
     return hessians.get(index), pairs
 
 
+def _pooled(hessians: list):
+    """The undamped second moment of all tasks' calibration inputs together (for correlation pairing)."""
+    total = sum(h.samples for h in hessians)
+    if all(h.factor is not None for h in hessians):
+        return statistics.LowRankHessian(
+            np.concatenate([h.factor * np.sqrt(h.samples / total) for h in hessians]), 0.0)
+    return sum(h.dense() * (h.samples / total) for h in hessians)
+
+
 def _merge_slot(plan, state, index, calibration, options, hessians=None):
     """Gives the paired units of one layer common weights; returns the ΔE each merged unit causes
     (Σ_t ½ δ_tᵀ H_t δ_t, which equals the paper's pair cost for its merge) and the Hessians."""
@@ -431,7 +439,7 @@ def _merge_slot(plan, state, index, calibration, options, hessians=None):
         hessians = _hessians(plan, state, [index], calibration, options)[index]
     rows, count = slot.shared_rows, slot.shared
     blocks = {t: handler.to_blocks(slot.kernels[t][..., :rows, :count], slot.biases[t][:count], mode) for t in tasks}
-    damped = {t: statistics.damped(hessians[t].matrix, options["damping"]) for t in tasks}
+    damped = {t: statistics.damped(hessians[t], options["damping"]) for t in tasks}
     first = tasks[0]
     merged, accumulated = blocks[first], damped[first]
     for count_merged, t in enumerate(tasks[1:], start=1):
@@ -494,18 +502,37 @@ def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3):
             full = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
             return _augment(handler.hessian_samples(template, full, mode))
 
-        gram, cross = None, None
+        gram, cross, kept = None, None, []
         for x in calibration[t]:
             inputs = samples(x)
             original_input = graph.run_prefix(plan, t, template, x)
             targets = tf.matmul(_augment(handler.hessian_samples(template, original_input, mode)), original)
             targets -= tf.matmul(inputs, current)
-            g = tf.matmul(inputs, inputs, transpose_a=True).numpy().astype(np.float64)
-            c = tf.matmul(inputs, targets, transpose_a=True).numpy().astype(np.float64)
-            gram, cross = (g, c) if gram is None else (gram + g, cross + c)
-        dim = gram.shape[0]
-        gram += ridge * max(np.trace(gram) / dim, 1e-12) * np.eye(dim)
-        solution = current + np.linalg.solve(gram, cross)
+            dim = inputs.shape[1]
+            if gram is None and sum(len(k[0]) for k in kept) + inputs.shape[0] < dim:
+                # Fewer samples than inputs so far (fc6 of VGG-16 from 64 images): keep them, solve the dual.
+                kept.append((inputs.numpy().astype(np.float64), targets.numpy().astype(np.float64)))
+                continue
+            if gram is None:
+                gram, cross = np.zeros((dim, dim)), np.zeros((dim, targets.shape[1]))
+                for earlier_inputs, earlier_targets in kept:
+                    gram += earlier_inputs.T @ earlier_inputs
+                    cross += earlier_inputs.T @ earlier_targets
+                kept = []
+            gram += tf.matmul(inputs, inputs, transpose_a=True).numpy().astype(np.float64)
+            cross += tf.matmul(inputs, targets, transpose_a=True).numpy().astype(np.float64)
+        if gram is None:
+            inputs = np.concatenate([k[0] for k in kept])
+            targets = np.concatenate([k[1] for k in kept])
+            dim = inputs.shape[1]
+            shrink = ridge * max(float(np.sum(inputs * inputs)) / dim, 1e-12)
+            # (XᵀX + ρI)⁻¹ XᵀT = Xᵀ (XXᵀ + ρI)⁻¹ T: an n×n system instead of d×d.
+            solution = current + inputs.T @ np.linalg.solve(inputs @ inputs.T + shrink * np.eye(len(inputs)),
+                                                            targets)
+        else:
+            dim = gram.shape[0]
+            gram += ridge * max(np.trace(gram) / dim, 1e-12) * np.eye(dim)
+            solution = current + np.linalg.solve(gram, cross)
         kernel, bias = handler.from_blocks(solution[None].astype(np.float32), slot.kernels[t].shape, mode)
         slot.kernels[t] = np.ascontiguousarray(kernel, np.float32)
         slot.biases[t] = np.ascontiguousarray(bias, np.float32)
