@@ -135,13 +135,20 @@ def _residual_mlp(name, chained):
     return keras.Model(inp, keras.layers.Dense(5, name="head")(h), name=name)
 
 
-def test_concatenate_mismatched_wiring_and_activation(pair, x):
-    inp = keras.Input((20,))
-    h = keras.layers.Concatenate(name="concat")([keras.layers.Dense(8, name="fc1")(inp),
-                                                 keras.layers.Dense(8, name="side")(inp)])
-    out = keras.layers.Dense(5)(keras.layers.Dense(16)(h))
-    zip_raises(r"'concat' \(Concatenate\) of model 'branchy' is not supported.*register_layer_handler",
-               {"a": keras.Model(inp, out, name="branchy"), "b": pair[1]}, x)
+def branchy_copy(model):
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def test_concatenate_axis_mismatched_wiring_and_activation(pair, x):
+    inp = keras.Input((6, 6, 2))
+    h = keras.layers.Concatenate(axis=1, name="concat")([keras.layers.Conv2D(3, 3, name="c1")(inp),
+                                                         keras.layers.Conv2D(3, 3, name="c2")(inp)])
+    out = keras.layers.Dense(5)(keras.layers.Flatten()(keras.layers.Conv2D(4, 3)(h)))
+    branchy = keras.Model(inp, out, name="branchy")
+    zip_raises(r"Concatenate 'concat' of model 'branchy' joins along axis 1.*last axis",
+               {"a": branchy, "b": branchy_copy(branchy)}, np.zeros((4, 6, 6, 2), "float32"))
     zip_raises(r"'fc2' of model 'side_by_side'.*wired to different inputs than 'fc2' of model 'chained'",
                {"a": _residual_mlp("chained", True), "b": _residual_mlp("side_by_side", False)}, x)
     tanh = mlp("tanh_model", activation="tanh")

@@ -112,3 +112,42 @@ def test_layer_normalization_on_a_dense_stack(rng):
     assert_reproduces(model, zipped, x, atol=1e-5)
     with pytest.raises(ValueError, match=r"'ln1' \(LayerNormalization\) mixes all units of 'fc1'.*all or none"):
         tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=0.5, verbose=0)
+
+
+def _dense_net(name, seed=0):
+    """Concatenations of layer outputs and of the raw input, as in DenseNet, then a Flatten."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((6, 6, 3), name="image")
+    a = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="a")(x)
+    b = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="b")(a)
+    d = keras.layers.Conv2D(5, 3, padding="same", activation="relu", name="d")(
+        keras.layers.Concatenate(name="cat_ab")([a, b]))
+    f = keras.layers.Conv2D(4, 1, activation="relu", name="f")(keras.layers.Concatenate(name="cat_xd")([x, d]))
+    h = keras.layers.Flatten(name="flat")(keras.layers.MaxPooling2D(name="pool")(f))
+    return keras.Model(x, keras.layers.Dense(3, name="head")(h), name=name)
+
+
+def test_concatenate_with_permuted_copy(rng):
+    model = _dense_net("dense")
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    perm = {n: np.random.default_rng(i).permutation(w) for i, (n, w) in enumerate(
+        [("a", 6), ("b", 4), ("d", 5), ("f", 4)])}
+    rows = {"a": None, "b": perm["a"], "d": np.concatenate([perm["a"], 6 + perm["b"]]),
+            "f": np.concatenate([np.arange(3), 3 + perm["d"]])}
+    for name in ("a", "b", "d", "f"):
+        layer = copy.get_layer(name)
+        kernel, bias = layer.get_weights()
+        if rows[name] is not None:
+            kernel = kernel[:, :, rows[name], :]
+        layer.set_weights([kernel[..., perm[name]], bias[perm[name]]])
+    head = copy.get_layer("head")
+    kernel, bias = head.get_weights()
+    flat_rows = (np.arange(9)[:, None] * 4 + perm["f"][None, :]).reshape(-1)
+    head.set_weights([kernel[flat_rows], bias])
+    x = rng.normal(size=(64, 6, 6, 3)).astype("float32")
+    np.testing.assert_allclose(copy.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    for sharing in (1.0, 0.5, {"a": 1.0, "d": 0.6}):
+        zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=sharing, verbose=0)
+        assert_reproduces(model, zipped, x)
+    assert "Concatenate" in {type(layer).__name__ for layer in zipped.layers}

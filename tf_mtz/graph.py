@@ -63,7 +63,8 @@ class Slot:
 
     position: Position
     rows_per_input_unit: int  # spatial positions folded into the kernel's input axis per unit (Flatten)
-    input_space: int  # unit space of the input (INPUT: the model input, whose rows are always common)
+    input_space: object  # unit space of the input: a group, INPUT (rows always common), or a tuple of those
+    # side by side (after a Concatenate)
     group: int | None  # the unit group this layer's outputs belong to (None for the head)
 
 
@@ -353,9 +354,19 @@ def read_models(models: dict) -> ZipPlan:
                         f"Layer '{layers[task].name}' of model '{names[task]}' (task '{task}') is configured "
                         f"differently from '{ref.name}' of model '{names[first]}': "
                         f"{_comparable_config(layers[task])} vs {_comparable_config(ref)}.")
-        parent_spaces = [spaces.find(space_of[p]) if space_of[p] != INPUT else INPUT for p in parents]
+        parent_spaces = [_find(spaces, space_of[p]) for p in parents]
+        composite = any(isinstance(sp, tuple) for sp in parent_spaces)
+        if composite and handler.role in ("merge", "channel_units"):
+            raise ZipError(
+                f"Layer '{ref.name}' ({type(ref).__name__}) of model '{names[first]}' reads the output of a "
+                "Concatenate; tf_mtz supports only Dense/Conv and weightless layers after a Concatenate.")
         if handler.role == "units":
             space = i
+        elif handler.role == "concat":
+            # A composite space: the inputs' spaces side by side (nested concatenations flattened).
+            space = tuple(part for sp in parent_spaces for part in (sp if isinstance(sp, tuple) else (sp,)))
+            if all(part == INPUT for part in space):
+                space = INPUT
         elif handler.role == "merge":
             if INPUT in parent_spaces and any(s != INPUT for s in parent_spaces):
                 raise ZipError(
@@ -382,8 +393,7 @@ def read_models(models: dict) -> ZipPlan:
             weights = {t: folded[t].get(id(layers[t])) or handlers[t][i].kernel_and_bias(layers[t]) for t in tasks}
         body.append(Position(i, layers, handler, list(parents), weights, space))
     for position in body:
-        if position.space != INPUT:
-            position.space = spaces.find(position.space)
+        position.space = _find(spaces, position.space)
     suffixes = {t: [op.layer for op in ops[t][head_index[t] + 1:]] for t in tasks}
 
     slots, groups = [], {}
@@ -399,22 +409,40 @@ def read_models(models: dict) -> ZipPlan:
         slot_index = len(slots)
         if group is not None:
             groups.setdefault(group, Group([], [], [])).members.append(slot_index)
-        if input_space != INPUT:
-            groups.setdefault(input_space, Group([], [], [])).consumers.append(slot_index)
+        for part in sorted(set(input_space if isinstance(input_space, tuple) else (input_space,))):
+            if part != INPUT:
+                groups.setdefault(part, Group([], [], [])).consumers.append(slot_index)
         slots.append(Slot(position, 1, input_space, group))
     if slots[-1].position.space in groups and slots[-1].position.space != INPUT:
         head_space = slots[-1].position.space
         if groups[head_space].members or groups[head_space].channel_positions:
             raise ZipError(f"The output layer '{slots[-1].position.name}' of model '{names[first]}' is tied to "
                            "other layers by a merge; output layers are never shared.")
-    for slot in slots:
-        if slot.input_space != INPUT:
-            slot.rows_per_input_unit = _rows_per_unit(slot, groups[slot.input_space], slots, names)
-
     input_name = models[first].inputs[0].name or "input"
-    return ZipPlan(tasks=tasks, input_shape=shapes[first], input_dtype=dtypes[first],
+    plan = ZipPlan(tasks=tasks, input_shape=shapes[first], input_dtype=dtypes[first],
                    input_name=_clean_name(input_name), body=body, suffixes=suffixes, slots=slots,
                    groups=groups, originals=originals)
+    for slot in slots:
+        if slot.input_space != INPUT:
+            slot.rows_per_input_unit = _rows_per_unit(plan, slot, names)
+    return plan
+
+
+def _find(spaces: "_UnionFind", space):
+    if space == INPUT:
+        return INPUT
+    if isinstance(space, tuple):
+        return tuple(_find(spaces, part) for part in space)
+    return spaces.find(space)
+
+
+def space_width(plan: ZipPlan, space, task: str) -> int:
+    """Units of a unit space in one task: a group's width, the input's channels, or a concatenation's sum."""
+    if isinstance(space, tuple):
+        return sum(space_width(plan, part, task) for part in space)
+    if space == INPUT:
+        return int(plan.input_shape[-1])
+    return group_width(plan, space, task)
 
 
 def group_width(plan: ZipPlan, group: int, task: str) -> int:
@@ -436,18 +464,17 @@ def run_prefix(plan: ZipPlan, task: str, layer, x):
     raise KeyError(f"Layer '{layer.name}' is not in the model of task '{task}'.")
 
 
-def _rows_per_unit(slot: Slot, group: Group, slots: list, names: dict) -> int:
-    """How many kernel rows of `slot` each unit of its input group feeds (H*W after a Flatten)."""
+def _rows_per_unit(plan: ZipPlan, slot: Slot, names: dict) -> int:
+    """How many kernel rows of `slot` each unit of its input feeds (H*W after a Flatten)."""
     per_task = set()
     position = slot.position
-    source = slots[group.members[0]].position
     for task, layer in position.layers.items():
         units_in = position.weights[task][0].shape[-2]
-        units_prev = source.weights[task][0].shape[-1]
+        units_prev = space_width(plan, slot.input_space, task)
         if units_in % units_prev:
             raise ZipError(
                 f"Layer '{layer.name}' of model '{names[task]}' has {units_in} inputs, not a multiple of the "
-                f"{units_prev} units of '{source.layers[task].name}'; the layers between them mix units.")
+                f"{units_prev} units feeding it; the layers between them mix units.")
         per_task.add(units_in // units_prev)
     if len(per_task) != 1:
         raise ZipError(f"Layer '{position.name}' sees different spatial sizes in different models: {per_task}.")

@@ -15,11 +15,12 @@ is one trunk computed once, and partially shared layers share weights across tas
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import keras
 import numpy as np
 
-from tf_mtz import registry
+from tf_mtz import graph, registry
 from tf_mtz.graph import INPUT, ZipPlan
 
 
@@ -34,6 +35,7 @@ class SlotState:
     rows_per_input_unit: int  # kernel rows per input unit (spatial positions folded in by a Flatten)
     merged: bool = True  # whether the paired units already have common weights (a tied layer pairs first)
     column_order: dict = None  # task -> original unit of each current column
+    input_order: dict = None  # after a Concatenate: task -> original input unit of each current input unit
 
     @property
     def shared_rows(self) -> int:
@@ -69,12 +71,54 @@ class ZipState:
             slots.append(SlotState(kernels, biases, 0, first_kernel.shape[-2] if from_input else 0,
                                    1 if from_input else slot.rows_per_input_unit,
                                    column_order={t: np.arange(k.shape[-1]) for t, k in kernels.items()}))
-        channels = {}
+        state = cls(slots, {})
+        for index, slot in enumerate(plan.slots):
+            if isinstance(slot.input_space, tuple):
+                slots[index].input_order = {t: np.arange(graph.space_width(plan, slot.input_space, t))
+                                            for t in plan.tasks}
+                reorder_concatenated_rows(plan, state, index)
+        channels = state.channels
         for position in plan.body:
             if position.role == "channel_units":
                 channels[position.index] = ChannelState({t: k.copy() for t, (k, _) in position.weights.items()},
                                                         {t: b.copy() for t, (_, b) in position.weights.items()})
-        return cls(slots, channels)
+        return state
+
+
+def row_order(order: np.ndarray, shared: int, rows_per_unit: int) -> np.ndarray:
+    """Original kernel row of every row when the input units come in `order` and the first `shared` of them
+    form the shared part: each part is laid out position-major (a Flatten of a channels-last feature puts
+    unit c at position p on row p * C + c, and the shared and specific parts are flattened separately)."""
+    positions = np.arange(rows_per_unit)[:, None] * order.size
+    return np.concatenate([(positions + order[None, :shared]).reshape(-1),
+                           (positions + order[None, shared:]).reshape(-1)])
+
+
+def reorder_concatenated_rows(plan: ZipPlan, state: "ZipState", index: int) -> None:
+    """Puts the rows of a layer reading a Concatenate into the order the zipped model feeds it:
+    [every input's paired units, every input's other units], from the current pairing of each input."""
+    slot = state.slots[index]
+    rows = slot.rows_per_input_unit
+    for t in plan.tasks:
+        paired, rest, offset = [], [], 0
+        for part in plan.slots[index].input_space:
+            width = graph.space_width(plan, part, t)
+            if part == INPUT:
+                order, count = np.arange(width), width
+            else:
+                member = state.slots[plan.groups[part].members[0]]
+                order, count = member.column_order[t], member.shared
+            paired.append(offset + order[:count])
+            rest.append(offset + order[count:])
+            offset += width
+        wanted = np.concatenate(paired + rest)
+        shared = sum(len(p) for p in paired)
+        current = row_order(slot.input_order[t], slot.shared_inputs, rows)
+        position_of = np.empty_like(current)
+        position_of[current] = np.arange(current.size)
+        slot.kernels[t] = slot.kernels[t][..., position_of[row_order(wanted, shared, rows)], :]
+        slot.input_order[t] = wanted
+    slot.shared_inputs = shared
 
 
 @dataclasses.dataclass
@@ -109,6 +153,9 @@ class _Names:
 
 def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltModel:
     """Builds the zipped Keras model for the current state (layers not yet zipped stay per task)."""
+    # Keras models are reference cycles: with few Python objects but gigabytes of weights (VGG-16) the
+    # cyclic collector would not run before several earlier probe models pile up.
+    gc.collect()
     names = _Names()
     tasks = plan.tasks
     inputs = keras.Input(shape=plan.input_shape, dtype=plan.input_dtype, name=names(plan.input_name))
@@ -146,6 +193,8 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
                                                        tasks, names, bindings)
         elif role == "merge":
             features[position.index] = _merge(position, parents, tasks, names)
+        elif role == "concat":
+            features[position.index] = _concatenate(position, parents, tasks, names)
         else:
             cache = {}
 
@@ -208,6 +257,24 @@ def _merge(position, parents, tasks, names):
 
     return {t: (merge([p[t][0] for p in parents], f"{ref.name}_shared"),
                 merge([p[t][1] for p in parents], f"{t}_{position.layers[t].name}")) for t in tasks}
+
+
+def _concatenate(position, parents, tasks, names):
+    """The inputs' shared parts side by side, and their specific parts side by side."""
+    cache = {}
+    ref = position.layers[tasks[0]]
+
+    def join(xs, label):
+        xs = [x for x in xs if x is not None]
+        if not xs:
+            return None
+        key = tuple(id(x) for x in xs)
+        if key not in cache:
+            cache[key] = position.handler.apply_to_parts(ref, xs, names(label))
+        return cache[key]
+
+    return {t: (join([p[t][0] for p in parents], f"{ref.name}_shared"),
+                join([p[t][1] for p in parents], f"{t}_{position.layers[t].name}")) for t in tasks}
 
 
 def _channel_layer(position, channel: ChannelState, feature, tasks, names, bindings):

@@ -310,6 +310,30 @@ class MergeHandler(LayerHandler):
         return copy_layer(layer, name)(xs)
 
 
+class ConcatenateHandler(LayerHandler):
+    """Concatenate along the channel (last) axis: the output's units are its inputs' units side by side.
+
+    The zipped model concatenates the inputs' shared parts and, separately, their specific parts, so the
+    next layer's rows are re-indexed to [every input's shared units, every input's specific units].
+    """
+
+    role = "concat"
+
+    def check(self, layer, model_name):
+        rank = len(layer.output.shape) if _has_input(layer) else None
+        if layer.axis != -1 and (rank is None or layer.axis != rank - 1):
+            raise ZipError(f"Concatenate '{layer.name}' of model '{model_name}' joins along axis {layer.axis}; "
+                           "tf_mtz supports concatenating channels (the last axis) only.")
+
+    def check_between_units(self, layer, model_name):
+        pass
+
+    def apply_to_parts(self, layer, xs: list, name: str):
+        if len(xs) == 1:
+            return xs[0]
+        return keras.layers.Concatenate(axis=-1, name=name)(xs)
+
+
 class ChannelwiseHandler(PassThroughHandler):
     """Pooling, dropout and element-wise activations: safe on any subset of units."""
 
@@ -438,6 +462,7 @@ register_layer_handler(keras.layers.LayerNormalization, LayerNormalizationHandle
 for _cls in (keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average,
              keras.layers.Maximum, keras.layers.Minimum):
     register_layer_handler(_cls, MergeHandler())
+register_layer_handler(keras.layers.Concatenate, ConcatenateHandler())
 
 
 def mixes_units(layer) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+import zlib
 
 import keras
 import numpy as np
@@ -130,7 +131,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
     counts = resolve_sharing(sharing, plan)
     calibration = {t: data_lib.as_dataset(d, t, plan.input_shape, "Calibration data", batch_size)
                    for t, d in data_lib.per_task(calibration_data, tasks, "Calibration data").items()}
-    weights_before = {t: [w.copy() for w in m.get_weights()] for t, m in models.items()}
+    fingerprints = {t: _fingerprint(m) for t, m in models.items()}
     evaluation = None
     if evaluation_data is not None:
         evaluation = {t: data_lib.as_dataset(d, t, plan.input_shape, "Evaluation data", batch_size,
@@ -214,7 +215,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
     built = rebuild.build_model(plan, state)
     zipped = built.model
     for t, m in models.items():
-        if any(not np.array_equal(a, b) for a, b in zip(weights_before[t], m.get_weights())):
+        if _fingerprint(m) != fingerprints[t]:
             raise AssertionError(f"Internal error: zipping modified the weights of model for task '{t}'.")
     report = report_lib.ZipReport(
         tasks=tasks, layers=layer_reports,
@@ -235,6 +236,11 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
     if verbose:
         io_utils.print_msg(f"tf_mtz: zipped {len(tasks)} models in {time.perf_counter() - started:.1f} s")
     return zipped
+
+
+def _fingerprint(model) -> list:
+    """Checksums of a model's weights: enough to prove they were not touched, without a copy of them."""
+    return [zlib.crc32(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).view(np.uint8)) for w in model.weights]
 
 
 def matching_methods():
@@ -412,8 +418,11 @@ def _pair_group(plan, state, group, index, count, calibration, options):
         channel.shared = count
     for c in plan.groups[group].consumers:
         consumer = state.slots[c]
+        if isinstance(plan.slots[c].input_space, tuple):
+            rebuild.reorder_concatenated_rows(plan, state, c)
+            continue
         for t in tasks:
-            consumer.kernels[t] = consumer.kernels[t][..., _row_order(permutations[t], count,
+            consumer.kernels[t] = consumer.kernels[t][..., rebuild.row_order(permutations[t], count,
                                                                       consumer.rows_per_input_unit), :]
         consumer.shared_inputs = count
     return hessians.get(index), pairs
@@ -541,19 +550,6 @@ def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3):
 def _augment(samples):
     samples = tf.cast(samples, tf.float32)
     return tf.concat([samples, tf.ones_like(samples[:, :1])], axis=1)
-
-
-def _row_order(permutation: np.ndarray, shared: int, rows_per_unit: int) -> np.ndarray:
-    """Kernel row order of the next layer: shared units' rows first, each part position-major.
-
-    A Flatten of a channels-last feature puts unit c at position p on row p * C + c; flattening the shared
-    and the specific channels separately gives [p * C + perm[c] for p, for c < shared] then the rest.
-    """
-    units = permutation.size
-    positions = np.arange(rows_per_unit)[:, None] * units
-    shared_rows = (positions + permutation[None, :shared]).reshape(-1)
-    specific_rows = (positions + permutation[None, shared:]).reshape(-1)
-    return np.concatenate([shared_rows, specific_rows])
 
 
 def _retrain(plan, state, retrain, trainer_inputs, steps, label, verbose):
