@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import tf_mtz
+from conftest import permuted_copy as chain_permuted_copy, small_cnn
 from tf_mtz import registry
 
 
@@ -196,3 +197,31 @@ def test_conv1d_model_permuted_copy_and_patch_hessian(rng):
     blocks = handler.to_blocks(*handler.kernel_and_bias(layer), "patch")[0]
     pre_activation = keras.ops.convert_to_numpy(keras.ops.conv(inputs, layer.kernel, strides=2)) + layer.bias.numpy()
     np.testing.assert_allclose(samples @ blocks[:-1] + blocks[-1], pre_activation.reshape(-1, 10), atol=1e-5)
+
+
+def test_repair_keeps_exact_merges_exact_and_fixes_the_spread(rng):
+    model = small_cnn("m", seed=0)
+    copy, _ = chain_permuted_copy(model, seed=3)
+    x = rng.normal(size=(120, 12, 12, 1)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, repair=True, verbose=0)
+    np.testing.assert_allclose(zipped.predict(x, verbose=0)["b"], model.predict(x, verbose=0), atol=1e-4)
+    assert zipped.zip_report.settings["repair"] is True
+    # Two unrelated models: averaged units lose spread; repair restores each merged unit's pre-activation
+    # standard deviation to the average of the originals'.
+    other = small_cnn("o", seed=5)
+    plain = tf_mtz.zip_models({"a": model, "b": other}, x, refit=False, verbose=0)
+    repaired = tf_mtz.zip_models({"a": model, "b": other}, x, refit=False, repair=True, verbose=0)
+
+    def conv1_std(zipped_model):
+        layer = zipped_model.get_layer("conv1_shared")
+        return np.std(keras.ops.convert_to_numpy(keras.ops.conv(x, layer.kernel, padding="same")) +
+                      keras.ops.convert_to_numpy(layer.bias), axis=(0, 1, 2))
+
+    def original_std(m):
+        layer = m.get_layer("conv1")
+        return np.std(keras.ops.convert_to_numpy(keras.ops.conv(x, layer.kernel, padding="same")) +
+                      keras.ops.convert_to_numpy(layer.bias), axis=(0, 1, 2))
+
+    target = 0.5 * (np.sort(original_std(model)) + np.sort(original_std(other)))
+    assert abs(np.mean(conv1_std(repaired)) - np.mean(target)) < abs(np.mean(conv1_std(plain)) - np.mean(target))
+    np.testing.assert_allclose(np.mean(conv1_std(repaired)), np.mean(target), rtol=0.05)

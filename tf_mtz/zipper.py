@@ -37,7 +37,8 @@ METHODS = {
 
 def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "greedy", retrain=None, *,
                method: str = "default", pairing: str | None = None, merge: str | None = None,
-               refit: bool | None = None, conv_hessian: str = "channel", damping: float = 1e-2,
+               refit: bool | None = None, repair: bool = False, conv_hessian: str = "channel",
+               damping: float = 1e-2,
                batch_size: int = 256, evaluation_data=None, seed: int = 0, strategy=None,
                verbose: int = 1) -> keras.Model:
     """Zips several trained models into one network with a shared trunk and one head per task.
@@ -70,6 +71,10 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
             or "first" (keep the first task's).
         refit: after each zipped layer, refit the next layer of every task by ridge least squares so its
             pre-activations match the original model's on the calibration data.
+        repair: after merging a layer, rescale and shift each merged unit so that the mean and spread of its
+            pre-activation on the calibration data are the average of its paired original units' (in the
+            spirit of REPAIR, Jordan et al. 2023: merged units lose variance). Off by default; the refit
+            corrects the next layer instead.
         conv_hessian: "channel" (the reference code's per-offset approximation, the default: it zipped
             LeNet-5 better before retraining and as well after) or "patch" (the exact im2col Hessian).
         damping: λ = damping · trace(H)/dim added to each Hessian, so singular Hessians stay solvable.
@@ -184,6 +189,8 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
                     f"Layer '{position.name}' is tied by a residual merge to '{first}', which shares {count} "
                     "units, but its own input shares none; share units of the layer feeding it too.")
             chosen, hessians = _merge_slot(plan, state, index, calibration, options, hessians)
+            if repair:
+                _repair(plan, state, index, calibration)
             if not shared_units:
                 shared_units = {t: state.slots[index].column_order[t][:count].tolist() for t in tasks}
             if refit:
@@ -224,6 +231,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
         params_shared=rebuild.count_shared_parameters(state),
         settings={"sharing": sharing if not isinstance(sharing, dict) else dict(sharing), "method": method,
                   **{k: options[k] for k in ("pairing", "merge", "refit", "matching", "conv_hessian", "damping")},
+                  "repair": bool(repair),
                   "retrain": None if retrain is None else {
                       k: v for k, v in vars(retrain).items() if k != "data" and not callable(v)
                       and isinstance(v, (int, float, str))},
@@ -463,6 +471,46 @@ def _merge_slot(plan, state, index, calibration, options, hessians=None):
         slot.biases[t][:count] = merged_bias
     slot.merged = True
     return chosen, hessians
+
+
+def _repair(plan, state, index, calibration) -> None:
+    """Rescales the merged units of slot `index` so their pre-activation mean and standard deviation on the
+    calibration data match the average of the original paired units' (one affine map per unit, common to
+    all tasks since the unit is shared)."""
+    slot = state.slots[index]
+    position = plan.slots[index].position
+    handler = position.handler
+    mode = "patch" if "patch" in handler.hessian_modes else handler.hessian_modes[0]
+    count = slot.shared
+    built = rebuild.build_model(plan, state, name="repair")
+    moments = []  # per task: (current mean, current std, target mean, target std), each (count,)
+    for t in plan.tasks:
+        template = position.layers[t]
+        outputs = [x for x in built.parts[index][t] if x is not None]
+        probe = keras.Model(built.model.inputs, outputs)
+        current = handler.to_blocks(slot.kernels[t][..., :count], slot.biases[t][:count], mode)[0]
+        original = handler.to_blocks(*position.weights[t], mode)[0][:, slot.column_order[t][:count]]
+        sums = np.zeros((4, count))
+        total = 0
+        for x in calibration[t]:
+            parts = probe(x, training=False)
+            parts = parts if isinstance(parts, (list, tuple)) else [parts]
+            full = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+            zipped = tf.matmul(_augment(handler.hessian_samples(template, full, mode)), current).numpy()
+            source = _augment(handler.hessian_samples(template, graph.run_prefix(plan, t, template, x), mode))
+            target = tf.matmul(source, original).numpy()
+            sums += [zipped.sum(0), (zipped.astype(np.float64) ** 2).sum(0), target.sum(0),
+                     (target.astype(np.float64) ** 2).sum(0)]
+            total += len(zipped)
+        mean, square, target_mean, target_square = sums / total
+        moments.append((mean, np.sqrt(np.maximum(square - mean ** 2, 0)), target_mean,
+                        np.sqrt(np.maximum(target_square - target_mean ** 2, 0))))
+    mean, std, target_mean, target_std = (np.mean(m, axis=0) for m in zip(*moments))
+    scale = np.where(std > 1e-12, target_std / np.maximum(std, 1e-12), 1.0)
+    shift = target_mean - scale * mean
+    for t in plan.tasks:
+        slot.kernels[t][..., :count] *= scale.astype(np.float32)
+        slot.biases[t][:count] = (slot.biases[t][:count] * scale + shift).astype(np.float32)
 
 
 def _consumers(plan, index) -> list:
