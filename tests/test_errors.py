@@ -189,3 +189,23 @@ def test_little_calibration_data_warns_rank_deficient(pair, rng):
 def test_retraining_data_missing_a_task(pair, x):
     zip_raises(r"Retraining data has no data for task\(s\) \['b'\]", dict(a=pair[0], b=pair[1]), x,
                retrain=tf_mtz.Retrain(data={"a": x}))
+
+
+def test_tied_layers_given_different_sharing(x):
+    a, b = _residual_mlp("res_a", True), _residual_mlp("res_b", True)
+    zip_raises(r"sharing gives different values to layers \['fc1', 'fc2'\].*residual merge ties",
+               {"a": a, "b": b}, x, sharing={"fc1": 1.0, "fc2": 0.5})
+    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, sharing={"fc2": 0.5}, verbose=0)  # one name is enough
+    assert [layer.shared for layer in zipped.zip_report.layers] == [12, 12, 0]
+
+
+def test_merge_after_concatenate_is_refused(x):
+    def model(name):
+        inp = keras.Input((20,))
+        h1 = keras.layers.Dense(4, name="fc1")(inp)
+        h2 = keras.layers.Dense(4, name="fc2")(inp)
+        cat = keras.layers.Concatenate(name="cat")([h1, h2])
+        h = keras.layers.Add(name="add")([cat, keras.layers.Dense(8, name="fc3")(inp)])
+        return keras.Model(inp, keras.layers.Dense(3, name="head")(h), name=name)
+
+    zip_raises(r"'add' \(Add\) of model 'm1' reads the output of a Concatenate", {"a": model("m1"), "b": model("m2")}, x)
