@@ -1,10 +1,10 @@
 """Residual CNNs with BatchNormalization on real MNIST, zipped with 90% of every hidden layer shared.
 
 Two small ResNets (tflite_examples/models.py: residual_cnn) trained on different tasks: digits 0-4 (task a,
-seed 1) and digits 5-9 (task b, seed 2). Each task's test error for its own model, the zipped model right
+seeds 1, 3, 5) and digits 5-9 (task b, seeds 2, 4, 6). Each task's test error for its own model, the zipped model right
 after zipping, and after light label-free retraining (distillation from the originals).
 
-    python benchmarks/residual_mnist.py [--sharing 0.9] [--steps_per_layer 200] [--final_steps 800]
+    python benchmarks/residual_mnist.py [--pairs 3] [--sharing 0.9] [--steps_per_layer 200] [--final_steps 800]
 
 Base models are cached (see tflite_examples/mnist_data.py); the table goes to docs/residual_mnist.md.
 """
@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from absl import app, flags  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 import tf_mtz  # noqa: E402
 from experiments import error, experiment_data  # noqa: E402
 from mnist_data import load_mnist  # noqa: E402
@@ -30,51 +32,60 @@ STEPS = flags.DEFINE_integer("steps_per_layer", 200, "Joint retraining steps aft
 FINAL = flags.DEFINE_integer("final_steps", 800, "Joint retraining steps after the last zipped layer.")
 EPOCHS = flags.DEFINE_integer("epochs", 4, "Epochs of each base model.")
 CALIBRATION = flags.DEFINE_integer("calibration", 2000, "Calibration images per task.")
+PAIRS = flags.DEFINE_integer("pairs", 3, "Seed pairs (1, 2), (3, 4), ...")
 OUT = flags.DEFINE_string("out", "docs", "Where to write the result table.")
 
 
 def main(_):
     (x_train, y_train), _, (x_test, y_test) = load_mnist()
     data = experiment_data("E2", x_train, y_train, x_test, y_test)
-    models = {"a": trained_model("resnet", 1, data["a"][0], data["a"][1], EPOCHS.value, tag="E2a"),
-              "b": trained_model("resnet", 2, data["b"][0], data["b"][1], EPOCHS.value, tag="E2b")}
-    calibration = {t: calibration_sample(data[t][0], CALIBRATION.value) for t in models}
+    rows, seconds, report = {}, [], None
+    for pair in range(PAIRS.value):
+        models = {"a": trained_model("resnet", 2 * pair + 1, data["a"][0], data["a"][1], EPOCHS.value, tag="E2a"),
+                  "b": trained_model("resnet", 2 * pair + 2, data["b"][0], data["b"][1], EPOCHS.value, tag="E2b")}
+        calibration = {t: calibration_sample(data[t][0], CALIBRATION.value) for t in models}
 
-    def errors(predict):
-        return {t: error(predict(t, data[t][2]), data[t][3]) for t in models}
+        def errors(predict):
+            return [error(predict(t, data[t][2]), data[t][3]) for t in models]
 
-    rows = {"own model": errors(lambda t, x: models[t].predict(x, verbose=0, batch_size=1000))}
-    started = time.perf_counter()
-    zipped0 = tf_mtz.zip_models(models, calibration, sharing=SHARING.value, verbose=0)
-    seconds0 = time.perf_counter() - started
-    rows["zipped, no retraining"] = errors(lambda t, x: zipped0.predict(x, verbose=0, batch_size=1000)[t])
-    hidden = sum(not layer.head for layer in zipped0.zip_report.layers)
-    total = STEPS.value * hidden + FINAL.value
-    retrain = tf_mtz.Retrain(data={t: data[t][0] for t in models}, steps_per_layer=STEPS.value,
-                             final_steps=FINAL.value)
-    started = time.perf_counter()
-    zipped = tf_mtz.zip_models(models, calibration, sharing=SHARING.value, retrain=retrain, verbose=1)
-    seconds = time.perf_counter() - started
-    rows[f"zipped, {total} retraining steps"] = errors(lambda t, x: zipped.predict(x, verbose=0, batch_size=1000)[t])
+        rows.setdefault("own model", []).append(
+            errors(lambda t, x: models[t].predict(x, verbose=0, batch_size=1000)))
+        zipped0 = tf_mtz.zip_models(models, calibration, sharing=SHARING.value, verbose=0)
+        rows.setdefault("zipped, no retraining", []).append(
+            errors(lambda t, x: zipped0.predict(x, verbose=0, batch_size=1000)[t]))
+        hidden = sum(not layer.head for layer in zipped0.zip_report.layers)
+        total = STEPS.value * hidden + FINAL.value
+        retrain = tf_mtz.Retrain(data={t: data[t][0] for t in models}, steps_per_layer=STEPS.value,
+                                 final_steps=FINAL.value, seed=pair)
+        started = time.perf_counter()
+        zipped = tf_mtz.zip_models(models, calibration, sharing=SHARING.value, retrain=retrain, verbose=1)
+        seconds.append(time.perf_counter() - started)
+        rows.setdefault(f"zipped, {total} retraining steps", []).append(
+            errors(lambda t, x: zipped.predict(x, verbose=0, batch_size=1000)[t]))
+        report = report or zipped.zip_report
+        print(f"pair {pair + 1}: " + ", ".join(f"{k} {v[-1][0]:.2f}/{v[-1][1]:.2f}" for k, v in rows.items()))
 
-    report = zipped.zip_report
+    def cell(values, task):
+        column = np.array(values)[:, task]
+        return f"{column.mean():.2f} ± {column.std():.2f}" if len(column) > 1 else f"{column[0]:.2f}"
+
     lines = [f"# Residual CNNs with BatchNormalization on MNIST, {SHARING.value:.0%} of every hidden layer shared",
              "",
-             "Task a: digits 0-4 (seed 1); task b: digits 5-9 (seed 2); `tflite_examples/models.py: residual_cnn` "
-             f"(stem, two residual blocks, BN after every conv), {EPOCHS.value} epochs each. Calibration: "
-             f"{CALIBRATION.value} training images per task. Retraining: label-free distillation, "
+             "Task a: digits 0-4 (seeds 1, 3, ...); task b: digits 5-9 (seeds 2, 4, ...); `tflite_examples/models.py: "
+             f"residual_cnn` (stem, two residual blocks, BN after every conv), {EPOCHS.value} epochs each. "
+             f"Calibration: {CALIBRATION.value} training images per task. Retraining: label-free distillation, "
              f"{STEPS.value} joint steps after each of the {hidden} zipped layers + {FINAL.value} final = {total} "
-             "steps in total.", "",
+             f"steps in total. Mean ± std over {PAIRS.value} seed pair(s).", "",
              "| | task a error % | task b error % |", "|---|---|---|"]
-    for name, row in rows.items():
-        lines.append(f"| {name} | {row['a']:.2f} | {row['b']:.2f} |")
-    own = rows["own model"]
-    final = rows[f"zipped, {total} retraining steps"]
-    lines += ["", f"Change after retraining: a {final['a'] - own['a']:+.2f}, b {final['b'] - own['b']:+.2f} "
+    for name, values in rows.items():
+        lines.append(f"| {name} | {cell(values, 0)} | {cell(values, 1)} |")
+    own = np.array(rows["own model"]).mean(axis=0)
+    final = np.array(rows[f"zipped, {total} retraining steps"]).mean(axis=0)
+    lines += ["", f"Change after retraining (means): a {final[0] - own[0]:+.2f}, b {final[1] - own[1]:+.2f} "
               "percentage points (target: within +0.5).",
-              f"Parameters: {report.params_original:,} in the two models -> {report.params_zipped:,} zipped "
-              f"({report.params_zipped / report.params_original:.3f}x); zipping took {seconds0:.0f} s without "
-              f"and {seconds:.0f} s with retraining on this machine.", "", "Per layer:", "",
+              f"Parameters (first pair): {report.params_original:,} in the two models -> {report.params_zipped:,} "
+              f"zipped ({report.params_zipped / report.params_original:.3f}x); zipping with retraining took "
+              f"{np.mean(seconds):.0f} s per pair on this machine.", "", "Per layer (first pair):", "",
               report.to_markdown() if hasattr(report, "to_markdown") else report.to_table()]
     text = "\n".join(lines) + "\n"
     print(text)
