@@ -15,6 +15,7 @@ and every member layer follows that pairing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import keras
 import numpy as np
@@ -93,8 +94,19 @@ class ZipPlan:
     def hidden_slots(self) -> list:
         return self.slots[:-1]
 
-    def slot_of(self, position_index: int) -> int:
-        return next(i for i, s in enumerate(self.slots) if s.position.index == position_index)
+    @functools.cached_property
+    def slot_indices(self) -> dict:
+        """Body index of each unit position -> its slot index."""
+        return {slot.position.index: i for i, slot in enumerate(self.slots)}
+
+    @functools.cached_property
+    def children(self) -> dict:
+        """Body index (or INPUT) -> the body indices of the positions reading it."""
+        children = {}
+        for position in self.body:
+            for parent in position.parents:
+                children.setdefault(parent, []).append(position.index)
+        return children
 
 
 def _check_model(model, task: str):

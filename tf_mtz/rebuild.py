@@ -162,13 +162,12 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
     features = {INPUT: {t: (inputs, None) for t in tasks}}
     taps, parts = [None] * len(plan.slots), [None] * len(plan.slots)
     logits, bindings = {}, []
-    slot_of = {slot.position.index: i for i, slot in enumerate(plan.slots)}
     head_slot = len(plan.slots) - 1
     for position in plan.body:
         parents = [features[p] for p in position.parents]
         role = position.role
         if role == "units":
-            index = slot_of[position.index]
+            index = plan.slot_indices[position.index]
             slot = state.slots[index]
             feature = parents[0]
             taps[index] = {t: feature[t][0] if slot.shared_inputs else None for t in tasks}
@@ -191,10 +190,8 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
         elif role == "channel_units":
             features[position.index] = _channel_layer(position, state.channels[position.index], parents[0],
                                                        tasks, names, bindings)
-        elif role == "merge":
-            features[position.index] = _merge(position, parents, tasks, names)
-        elif role == "concat":
-            features[position.index] = _concatenate(position, parents, tasks, names)
+        elif role in ("merge", "concat"):
+            features[position.index] = _combine(position, parents, tasks, names)
         else:
             cache = {}
 
@@ -239,42 +236,29 @@ def _heads(position, slot, index, feature, tasks, names, bindings, logits):
     return out_features
 
 
-def _merge(position, parents, tasks, names):
-    """An element-wise merge applied to the shared parts and to the specific parts separately (tied
-    inputs share the same number of units, so the parts line up)."""
+def _combine(position, parents, tasks, names):
+    """A multi-input layer applied to its inputs' shared parts and, separately, to their specific parts.
+
+    An element-wise merge needs every input split alike (tied inputs share the same number of units); a
+    Concatenate joins whichever parts exist.
+    """
     cache = {}
     ref = position.layers[tasks[0]]
+    concatenates = position.role == "concat"
 
-    def merge(xs, label):
-        if all(x is None for x in xs):
+    def combine(xs, label):
+        present = [x for x in xs if x is not None]
+        if not present:
             return None
-        if any(x is None for x in xs):
+        if not concatenates and len(present) != len(xs):
             raise AssertionError(f"Internal error: the inputs of '{ref.name}' are split differently.")
-        key = tuple(id(x) for x in xs)
+        key = tuple(id(x) for x in present)
         if key not in cache:
-            cache[key] = position.handler.apply_to_parts(ref, list(xs), names(label))
+            cache[key] = position.handler.apply_to_parts(ref, present, names(label))
         return cache[key]
 
-    return {t: (merge([p[t][0] for p in parents], f"{ref.name}_shared"),
-                merge([p[t][1] for p in parents], f"{t}_{position.layers[t].name}")) for t in tasks}
-
-
-def _concatenate(position, parents, tasks, names):
-    """The inputs' shared parts side by side, and their specific parts side by side."""
-    cache = {}
-    ref = position.layers[tasks[0]]
-
-    def join(xs, label):
-        xs = [x for x in xs if x is not None]
-        if not xs:
-            return None
-        key = tuple(id(x) for x in xs)
-        if key not in cache:
-            cache[key] = position.handler.apply_to_parts(ref, xs, names(label))
-        return cache[key]
-
-    return {t: (join([p[t][0] for p in parents], f"{ref.name}_shared"),
-                join([p[t][1] for p in parents], f"{t}_{position.layers[t].name}")) for t in tasks}
+    return {t: (combine([p[t][0] for p in parents], f"{ref.name}_shared"),
+                combine([p[t][1] for p in parents], f"{t}_{position.layers[t].name}")) for t in tasks}
 
 
 def _channel_layer(position, channel: ChannelState, feature, tasks, names, bindings):

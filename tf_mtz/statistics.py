@@ -67,6 +67,53 @@ class LowRankHessian:
     __radd__ = __add__
 
 
+class StreamedGram:
+    """Σ XᵀX (and Σ XᵀT when targets come along) over batches of rows X, or, while there are fewer rows
+    than columns, the rows themselves: whichever is smaller, so memory stays within one d×d matrix."""
+
+    def __init__(self):
+        self.gram = self.cross = None
+        self.count = 0
+        self._rows, self._targets = [], []
+
+    @property
+    def low_rank(self) -> bool:
+        return self.gram is None
+
+    def add(self, rows, targets=None) -> None:
+        n, dim = int(rows.shape[0]), int(rows.shape[1])
+        if self.gram is None and self.count + n < dim:
+            self._rows.append(np.asarray(rows, np.float64))
+            if targets is not None:
+                self._targets.append(np.asarray(targets, np.float64))
+        else:
+            if self.gram is None:
+                self.gram = np.zeros((dim, dim))
+                if targets is not None:
+                    self.cross = np.zeros((dim, int(targets.shape[1])))
+                for kept, kept_targets in zip(self._rows, self._targets or [None] * len(self._rows)):
+                    self.gram += kept.T @ kept
+                    if kept_targets is not None:
+                        self.cross += kept.T @ kept_targets
+                self._rows, self._targets = [], []
+            self.gram += tf.matmul(rows, rows, transpose_a=True).numpy().astype(np.float64)
+            if targets is not None:
+                self.cross += tf.matmul(rows, targets, transpose_a=True).numpy().astype(np.float64)
+        self.count += n
+
+    def add_gram(self, gram, count: int) -> None:
+        """Adds an already reduced XᵀX of `count` rows (from several replicas)."""
+        gram = np.asarray(gram, np.float64)
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.count += count
+
+    def rows(self) -> np.ndarray:
+        return np.concatenate(self._rows)
+
+    def targets(self) -> np.ndarray:
+        return np.concatenate(self._targets)
+
+
 def layer_hessian(probe: keras.Model, dataset: tf.data.Dataset, sample_fn, *, task: str,
                   layer_name: str, is_first_layer: bool, strategy=None) -> LayerHessian:
     """Streams `dataset` through `probe` (input -> this layer's shared input) and returns the Hessian.
@@ -90,22 +137,11 @@ def layer_hessian(probe: keras.Model, dataset: tf.data.Dataset, sample_fn, *, ta
         augmented = replica_samples(x)
         return tf.matmul(augmented, augmented, transpose_a=True), tf.shape(augmented)[0]
 
-    gram, kept, count = None, [], 0
+    accumulated = StreamedGram()
     if strategy is None:
         batch_samples = tf.function(replica_samples, reduce_retracing=True)
         for batch in dataset:
-            augmented = batch_samples(batch)
-            n, dim = int(augmented.shape[0]), int(augmented.shape[1])
-            if gram is None and count + n < dim:
-                kept.append(augmented.numpy())  # fewer samples than features so far: keep them, not XᵀX
-            else:
-                if gram is None:
-                    gram = np.zeros((dim, dim))
-                    for earlier in kept:
-                        gram += (tf.matmul(earlier, earlier, transpose_a=True)).numpy()
-                    kept = []
-                gram += tf.matmul(augmented, augmented, transpose_a=True).numpy().astype(np.float64)
-            count += n
+            accumulated.add(batch_samples(batch))
     else:
         dataset = strategy.experimental_distribute_dataset(dataset)
 
@@ -117,14 +153,11 @@ def layer_hessian(probe: keras.Model, dataset: tf.data.Dataset, sample_fn, *, ta
 
         for batch in dataset:
             g, n = batch_gram(batch)
-            g = g.numpy().astype(np.float64)
-            gram = g if gram is None else gram + g
-            count += int(n)
+            accumulated.add_gram(g.numpy(), int(n))
+    count, gram = accumulated.count, accumulated.gram
     if count == 0:
         raise ZipError(f"Calibration data for task '{task}' is empty.")
-    factor = None
-    if gram is None:
-        factor = np.concatenate(kept).astype(np.float64) / np.sqrt(count)
+    factor = accumulated.rows() / np.sqrt(count) if accumulated.low_rank else None
     if not np.isfinite(gram if gram is not None else factor).all():
         if is_first_layer:
             raise ZipError(f"Calibration data for task '{task}' contains NaN or Inf values.")

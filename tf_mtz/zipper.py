@@ -176,8 +176,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
                     if verbose:
                         io_utils.print_msg(f"tf_mtz: zipping layer {index + 1}/{len(plan.slots) - 1} "
                                            f"'{position.name}': sharing {counts[index]} units")
-                    hessians, shared_units = _pair_group(plan, state, group, index, counts[index], calibration,
-                                                         options)
+                    hessians = _pair_group(plan, state, group, index, counts[index], calibration, options)
             elif group_counts[group] and verbose:
                 io_utils.print_msg(f"tf_mtz: zipping layer {index + 1}/{len(plan.slots) - 1} '{position.name}': "
                                    f"{group_counts[group]} units paired with '{plan.slots[plan.groups[group].members[0]].position.name}'")
@@ -191,8 +190,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str = "gre
             chosen, hessians = _merge_slot(plan, state, index, calibration, options, hessians)
             if repair:
                 _repair(plan, state, index, calibration)
-            if not shared_units:
-                shared_units = {t: state.slots[index].column_order[t][:count].tolist() for t in tasks}
+            shared_units = {t: state.slots[index].column_order[t][:count].tolist() for t in tasks}
             if refit:
                 for consumer in _consumers(plan, index):
                     _refit(plan, state, consumer, calibration)
@@ -341,7 +339,7 @@ def _pair_group(plan, state, group, index, count, calibration, options):
     the group into the paired order [paired, rest]. Merging happens per member, in `_merge_slot`.
 
     The pair costs add up over the group's members whose inputs are already shared (their costs are
-    comparable); the others follow the pairing. Returns the Hessians of slot `index` and the pairs.
+    comparable); the others follow the pairing. Returns the Hessians of slot `index`.
     """
     tasks = plan.tasks
     members = plan.groups[group].members
@@ -379,10 +377,11 @@ def _pair_group(plan, state, group, index, count, calibration, options):
     pick_first, pick_second = pair({m: blocks[m][first] for m in ready}, {m: damped[m][first] for m in ready},
                                    second)
     orders = {first: pick_first, second: pick_second}
-    merged = {m: costs_lib.merge_units(options["merge"], blocks[m][first][:, :, pick_first],
-                                       blocks[m][second][:, :, pick_second], damped[m][first], damped[m][second])
-              for m in ready}
-    accumulated = {m: damped[m][first] + damped[m][second] for m in ready}
+    if len(tasks) > 2:  # the merged units matter only for matching further tasks; `_merge_slot` merges
+        merged = {m: costs_lib.merge_units(options["merge"], blocks[m][first][:, :, pick_first],
+                                           blocks[m][second][:, :, pick_second], damped[m][first],
+                                           damped[m][second]) for m in ready}
+        accumulated = {m: damped[m][first] + damped[m][second] for m in ready}
     for count_merged, t in enumerate(tasks[2:], start=2):
         shared_index, picks = pair(merged, accumulated, t)
         order = np.empty(count, np.int64)
@@ -393,7 +392,6 @@ def _pair_group(plan, state, group, index, count, calibration, options):
                                               accumulated[m], damped[m][t], tasks_in_a=count_merged)
             accumulated[m] = accumulated[m] + damped[m][t]
 
-    pairs = {t: [int(state.slots[index].column_order[t][i]) for i in orders[t]] for t in tasks}
     permutations = {}
     for t in tasks:
         width = graph.group_width(plan, group, t)
@@ -433,7 +431,7 @@ def _pair_group(plan, state, group, index, count, calibration, options):
             consumer.kernels[t] = consumer.kernels[t][..., rebuild.row_order(permutations[t], count,
                                                                       consumer.rows_per_input_unit), :]
         consumer.shared_inputs = count
-    return hessians.get(index), pairs
+    return hessians.get(index)
 
 
 def _pooled(hessians: list):
@@ -473,6 +471,35 @@ def _merge_slot(plan, state, index, calibration, options, hessians=None):
     return chosen, hessians
 
 
+def _exact_mode(handler) -> str:
+    """The refit and repair work with the exact (patch) inputs of a convolution."""
+    return "patch" if "patch" in handler.hessian_modes else handler.hessian_modes[0]
+
+
+def _zipped_and_original_inputs(plan, built, index, t, mode):
+    """A function from a calibration batch to slot `index`'s augmented inputs (bias column last) for task `t`
+    in the zipped network `built` and in the original model, as rows for that layer's blocks."""
+    position = plan.slots[index].position
+    handler, template = position.handler, position.layers[t]
+    probe = keras.Model(built.model.inputs, [x for x in built.parts[index][t] if x is not None])
+
+    def inputs(x):
+        parts = probe(x, training=False)
+        parts = parts if isinstance(parts, (list, tuple)) else [parts]
+        full = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+        original = graph.run_prefix(plan, t, template, x)
+        return (_augment(handler.hessian_samples(template, full, mode)),
+                _augment(handler.hessian_samples(template, original, mode)))
+
+    return inputs
+
+
+def _original_blocks(plan, state, index, t, mode) -> np.ndarray:
+    """The original layer's weights as one block, its units in the state's current column order."""
+    position = plan.slots[index].position
+    return position.handler.to_blocks(*position.weights[t], mode)[0][:, state.slots[index].column_order[t]]
+
+
 def _repair(plan, state, index, calibration) -> None:
     """Rescales the merged units of slot `index` so their pre-activation mean and standard deviation on the
     calibration data match the average of the original paired units' (one affine map per unit, common to
@@ -480,25 +507,20 @@ def _repair(plan, state, index, calibration) -> None:
     slot = state.slots[index]
     position = plan.slots[index].position
     handler = position.handler
-    mode = "patch" if "patch" in handler.hessian_modes else handler.hessian_modes[0]
+    mode = _exact_mode(handler)
     count = slot.shared
     built = rebuild.build_model(plan, state, name="repair")
     moments = []  # per task: (current mean, current std, target mean, target std), each (count,)
     for t in plan.tasks:
-        template = position.layers[t]
-        outputs = [x for x in built.parts[index][t] if x is not None]
-        probe = keras.Model(built.model.inputs, outputs)
+        inputs = _zipped_and_original_inputs(plan, built, index, t, mode)
         current = handler.to_blocks(slot.kernels[t][..., :count], slot.biases[t][:count], mode)[0]
-        original = handler.to_blocks(*position.weights[t], mode)[0][:, slot.column_order[t][:count]]
+        original = _original_blocks(plan, state, index, t, mode)[:, :count]
         sums = np.zeros((4, count))
         total = 0
         for x in calibration[t]:
-            parts = probe(x, training=False)
-            parts = parts if isinstance(parts, (list, tuple)) else [parts]
-            full = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
-            zipped = tf.matmul(_augment(handler.hessian_samples(template, full, mode)), current).numpy()
-            source = _augment(handler.hessian_samples(template, graph.run_prefix(plan, t, template, x), mode))
-            target = tf.matmul(source, original).numpy()
+            zipped_inputs, original_inputs = inputs(x)
+            zipped = tf.matmul(zipped_inputs, current).numpy()
+            target = tf.matmul(original_inputs, original).numpy()
             sums += [zipped.sum(0), (zipped.astype(np.float64) ** 2).sum(0), target.sum(0),
                      (target.astype(np.float64) ** 2).sum(0)]
             total += len(zipped)
@@ -516,19 +538,15 @@ def _repair(plan, state, index, calibration) -> None:
 def _consumers(plan, index) -> list:
     """Slot indices of the unit layers that read slot `index`'s output, through weightless layers,
     per-channel layers and merges."""
-    children = {}
-    for position in plan.body:
-        for p in position.parents:
-            children.setdefault(p, []).append(position.index)
-    slot_of = {s.position.index: i for i, s in enumerate(plan.slots)}
+    children = plan.children
     found, stack, seen = [], list(children.get(plan.slots[index].position.index, [])), set()
     while stack:
         p = stack.pop()
         if p in seen:
             continue
         seen.add(p)
-        if p in slot_of:
-            found.append(slot_of[p])
+        if p in plan.slot_indices:
+            found.append(plan.slot_indices[p])
         else:
             stack.extend(children.get(p, []))
     return sorted(found)
@@ -540,56 +558,30 @@ def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3):
     slot = state.slots[slot_index]
     position = plan.slots[slot_index].position
     handler = position.handler
-    mode = "patch" if "patch" in handler.hessian_modes else handler.hessian_modes[0]
+    mode = _exact_mode(handler)
     built = rebuild.build_model(plan, state, name="refit")
     for t in plan.tasks:
-        template = position.layers[t]
-        shared_part, specific_part = built.parts[slot_index][t]
-        outputs = [x for x in (shared_part, specific_part) if x is not None]
-        zipped_probe = keras.Model(built.model.inputs, outputs)
-        # The original layer's units, in the current column order of the state.
-        original = handler.to_blocks(*position.weights[t], mode)[0][:, slot.column_order[t]]
+        inputs = _zipped_and_original_inputs(plan, built, slot_index, t, mode)
+        original = _original_blocks(plan, state, slot_index, t, mode)
         # Ridge towards the current weights, not towards zero: where the zipped inputs already reproduce
         # the original pre-activations, the refit changes nothing.
         current = handler.to_blocks(slot.kernels[t], slot.biases[t], mode)[0]
-
-        def samples(x, probe=zipped_probe, template=template):
-            parts = probe(x, training=False)
-            parts = parts if isinstance(parts, (list, tuple)) else [parts]
-            full = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
-            return _augment(handler.hessian_samples(template, full, mode))
-
-        gram, cross, kept = None, None, []
+        accumulated = statistics.StreamedGram()
         for x in calibration[t]:
-            inputs = samples(x)
-            original_input = graph.run_prefix(plan, t, template, x)
-            targets = tf.matmul(_augment(handler.hessian_samples(template, original_input, mode)), original)
-            targets -= tf.matmul(inputs, current)
-            dim = inputs.shape[1]
-            if gram is None and sum(len(k[0]) for k in kept) + inputs.shape[0] < dim:
-                # Fewer samples than inputs so far (fc6 of VGG-16 from 64 images): keep them, solve the dual.
-                kept.append((inputs.numpy().astype(np.float64), targets.numpy().astype(np.float64)))
-                continue
-            if gram is None:
-                gram, cross = np.zeros((dim, dim)), np.zeros((dim, targets.shape[1]))
-                for earlier_inputs, earlier_targets in kept:
-                    gram += earlier_inputs.T @ earlier_inputs
-                    cross += earlier_inputs.T @ earlier_targets
-                kept = []
-            gram += tf.matmul(inputs, inputs, transpose_a=True).numpy().astype(np.float64)
-            cross += tf.matmul(inputs, targets, transpose_a=True).numpy().astype(np.float64)
-        if gram is None:
-            inputs = np.concatenate([k[0] for k in kept])
-            targets = np.concatenate([k[1] for k in kept])
-            dim = inputs.shape[1]
-            shrink = ridge * max(float(np.sum(inputs * inputs)) / dim, 1e-12)
-            # (XᵀX + ρI)⁻¹ XᵀT = Xᵀ (XXᵀ + ρI)⁻¹ T: an n×n system instead of d×d.
-            solution = current + inputs.T @ np.linalg.solve(inputs @ inputs.T + shrink * np.eye(len(inputs)),
-                                                            targets)
+            zipped_inputs, original_inputs = inputs(x)
+            accumulated.add(zipped_inputs,
+                            tf.matmul(original_inputs, original) - tf.matmul(zipped_inputs, current))
+        if accumulated.low_rank:
+            # Fewer samples than inputs (fc6 of VGG-16 from 64 images): (XᵀX + ρI)⁻¹ XᵀT = Xᵀ (XXᵀ + ρI)⁻¹ T,
+            # an n×n system instead of d×d.
+            rows, targets = accumulated.rows(), accumulated.targets()
+            shrink = ridge * max(float(np.sum(rows * rows)) / rows.shape[1], 1e-12)
+            solution = current + rows.T @ np.linalg.solve(rows @ rows.T + shrink * np.eye(len(rows)), targets)
         else:
+            gram = accumulated.gram
             dim = gram.shape[0]
             gram += ridge * max(np.trace(gram) / dim, 1e-12) * np.eye(dim)
-            solution = current + np.linalg.solve(gram, cross)
+            solution = current + np.linalg.solve(gram, accumulated.cross)
         kernel, bias = handler.from_blocks(solution[None].astype(np.float32), slot.kernels[t].shape, mode)
         slot.kernels[t] = np.ascontiguousarray(kernel, np.float32)
         slot.biases[t] = np.ascontiguousarray(bias, np.float32)
