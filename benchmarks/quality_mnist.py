@@ -31,7 +31,7 @@ BUDGETS = flags.DEFINE_list("budgets", ["0", "1000", "2000"], "Total joint retra
 EPOCHS = flags.DEFINE_integer("epochs", 10, "Epochs of each base model.")
 CALIBRATION = flags.DEFINE_integer("calibration", 10000, "Calibration images per task.")
 CONV_HESSIAN = flags.DEFINE_enum("conv_hessian", "channel", ["patch", "channel"], "Conv Hessian.")
-MATCHING = flags.DEFINE_enum("matching", "greedy", ["greedy", "optimal"], "Matching.")
+MATCHING = flags.DEFINE_enum("matching", None, ["greedy", "optimal"], "Matching (default: the method's).")
 RECIPE = flags.DEFINE_enum("recipe", "default", ["default", "paper"], "Retraining recipe.")
 METHOD = flags.DEFINE_enum("method", "default", ["default", "paper"], "zip_models method preset.")
 OUT = flags.DEFINE_string("out", "docs", "Where to write the result table.")
@@ -97,7 +97,7 @@ def main(_):
     print(text)
     os.makedirs(OUT.value, exist_ok=True)
     conv = f"_{CONV_HESSIAN.value}" if ARCH.value == "lenet5" else ""
-    stem = f"quality_{ARCH.value}{conv}_{METHOD.value}_{MATCHING.value}_{RECIPE.value}"
+    stem = f"quality_{ARCH.value}{conv}_{METHOD.value}_{MATCHING.value or 'preset'}_{RECIPE.value}"
     with open(os.path.join(OUT.value, stem + ".md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(OUT.value, stem + ".json"), "w") as f:

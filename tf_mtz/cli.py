@@ -24,7 +24,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TensorFlow Datasets data dire
 _SHARING = flags.DEFINE_string(
     "sharing", "1.0", "Fraction of every hidden layer's units to share, or LAYER=VALUE[,LAYER=VALUE...] where "
     "VALUE is a fraction (with a dot) or a unit count.")
-_MATCHING = flags.DEFINE_enum("matching", "greedy", ["greedy", "optimal"], "How to pair units.")
+_MATCHING = flags.DEFINE_enum("matching", None, ["greedy", "optimal"], "How to pair units (default: the method's).")
 _CONV_HESSIAN = flags.DEFINE_enum("conv_hessian", "channel", ["channel", "patch"], "Hessian for Conv2D layers.")
 _DAMPING = flags.DEFINE_float("damping", 1e-2, "Hessian damping, as a fraction of trace/dim.")
 _RETRAIN_STEPS = flags.DEFINE_integer(
