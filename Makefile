@@ -26,8 +26,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/speed_costs.py
 	$(PY) benchmarks/quality_mnist.py
-	$(PY) benchmarks/compare_methods.py --archs lenet300
-	$(PY) benchmarks/sharing_sweep.py --seeds 1
+	$(PY) benchmarks/compare_methods.py
 
 clean:
 	rm -rf $(VENV) out

@@ -14,7 +14,7 @@ For LeNet-300-100 and LeNet-5, each over 3 seed pairs:
   pairs, allowing the larger of the two seed standard deviations), and each task within +0.1 points of its
   own model after 1,000 steps.
 
-    python benchmarks/compare_methods.py            # everything, about 25 minutes on a 2-core CPU
+    python benchmarks/compare_methods.py            # everything, about 27 minutes on a 2-core CPU
     python benchmarks/compare_methods.py --quick    # LeNet-300-100, E1, 1 seed pair, 0 and 100 steps
 
 Writes docs/compare_<arch>_<experiment>.{md,json,png}, docs/sharing_<arch>_<experiment>.png and
@@ -123,12 +123,11 @@ def run_pair(job) -> dict:
     base = [error(models[t].predict(test[t][0], verbose=0, batch_size=1000), test[t][1]) for t in "ab"]
     rows = {"models A / B": {b: base for b in budgets},
             "unzipped + training": unzipped_training(models, data, budgets, rng, test)}
-    seconds, pairings = {}, []
+    seconds = {}
     for label, options in METHODS.items():
         start = time.perf_counter()
         zipped = tf_mtz.zip_models(models, calibration, seed=pair, verbose=0, **options)
         if label == DEFAULT:
-            pairings = [layer.pairing for layer in zipped.zip_report.layers if layer.pairing]
             fully_shared = zipped.zip_report.shared_fraction
         rows[label], done = {}, 0
         for b in budgets:
@@ -149,7 +148,7 @@ def run_pair(job) -> dict:
         else:
             zipped = tf_mtz.zip_models(models, calibration, sharing=fraction, seed=pair, verbose=0, **METHODS[DEFAULT])
             sweep[fraction] = [*test_errors(zipped), zipped.zip_report.shared_fraction]
-    return {"rows": rows, "sweep": sweep, "seconds": seconds, "pairings": pairings}
+    return {"rows": rows, "sweep": sweep, "seconds": seconds}
 
 
 def unzipped_training(models, data, budgets, rng, test) -> dict:
@@ -217,9 +216,7 @@ def write(arch, experiment, outcomes, budgets, seeds) -> list:
             cells.append(f"{mean[0]:.2f}±{std[0]:.2f} / {mean[1]:.2f}±{std[1]:.2f}")
         timing = f"{seconds[label]:.0f}" if label in seconds else ""
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {timing} |")
-    lines += ["", *checks(results, budgets),
-              "- Pairings `auto` chose per zipped layer: "
-              + "; ".join(f"pair {i + 1}: {', '.join(o['pairings'])}" for i, o in enumerate(outcomes)) + ".", ""]
+    lines += ["", *checks(results, budgets), ""]
     fractions = sorted(sweep)
     lines += [f"Without retraining, versus the share of every hidden layer's units shared ({DEFAULT}):", "",
               "| units shared | parameters shared | task A | task B |", "|---|---|---|---|"]
@@ -234,8 +231,7 @@ def write(arch, experiment, outcomes, budgets, seeds) -> list:
         f.write(text + "\n")
     with open(stem + ".json", "w") as f:
         json.dump({"budgets": {k: {str(b): v for b, v in per.items()} for k, per in results.items()},
-                   "sharing": {str(f): v for f, v in sweep.items()}, "seconds_per_run": seconds,
-                   "pairings": [o["pairings"] for o in outcomes]}, f)
+                   "sharing": {str(f): v for f, v in sweep.items()}, "seconds_per_run": seconds}, f)
     plot(arch, experiment, results, budgets, sweep, stem)
     return lines
 
@@ -252,8 +248,8 @@ def plot(arch, experiment, results, budgets, sweep, stem):
     for task_index, task in enumerate("AB"):
         for label, per_budget in results.items():
             means = [np.mean(np.array(per_budget[b])[:, task_index]) for b in budgets]
-            axes[task_index].plot(budgets, means, marker="o", label=label,
-                                  linewidth=2.5 if label == DEFAULT else 1)
+            axes[task_index].plot(budgets, means, marker="o", label=label, linewidth=2.5 if label == DEFAULT else 1,
+                                  zorder=3 if label == DEFAULT else 2)
         axes[task_index].set_xscale("symlog", linthresh=100)
         axes[task_index].set_xlabel("joint retraining steps")
         axes[task_index].set_ylabel("test error %")
