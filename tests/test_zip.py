@@ -230,3 +230,17 @@ def test_reported_mismatch_equals_measured_relative_error_of_the_next_layer(rng)
     measured = _relative_preactivation_mismatch(zipped, {"a": a, "b": b}, "fc2", x)
     assert 1e-3 < measured < 2.0
     np.testing.assert_allclose(reported, measured, rtol=1e-3)
+
+
+def test_method_presets_and_explicit_options(rng):
+    """The documented presets: the default pairs by weight matching with the optimal assignment, averages
+    and refits; "paper" is the published procedure; explicit options override a preset."""
+    a, b = mlp("a", seed=0), mlp("b", seed=1)
+    x = rng.normal(size=(300, 20)).astype("float32")
+    settings = {m: tf_mtz.zip_models({"a": a, "b": b}, x, method=m, verbose=0).zip_report.settings
+                for m in ("default", "paper")}
+    pick = ("pairing", "matching", "merge", "refit")
+    assert [settings["default"][k] for k in pick] == ["weights", "optimal", "average", True]
+    assert [settings["paper"][k] for k in pick] == ["hessian", "greedy", "hessian", False]
+    explicit = tf_mtz.zip_models({"a": a, "b": b}, x, matching="greedy", pairing="hessian", verbose=0)
+    assert [explicit.zip_report.settings[k] for k in pick] == ["hessian", "greedy", "average", True]
