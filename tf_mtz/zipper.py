@@ -45,10 +45,12 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
     """Zips several trained models into one network with a shared trunk and one head per task.
 
     Layers are zipped from the input: each task's layer-wise Hessian is measured on its calibration
-    data in the current, partly zipped network; pairs of units (one per task) are chosen by the merge
-    cost ΔE = ½ dᵀ H_A (H_A+H_B)⁻¹ H_B d and merged into one unit with weights
-    (H_A+H_B)⁻¹(H_A w_A + H_B w_B). More than two tasks are zipped one at a time against the shared
-    units. The output layers (heads) are never merged.
+    data in the current, partly zipped network; units are paired one per task and each pair merged into
+    one unit. With `method="paper"` pairs are chosen greedily by the merge cost
+    ΔE = ½ dᵀ H_A (H_A+H_B)⁻¹ H_B d and merged to (H_A+H_B)⁻¹(H_A w_A + H_B w_B); the default pairs by
+    weight matching (optimal assignment), averages, and refits the next layer of every task by least
+    squares to the original models' pre-activations, which measured best (README). More than two tasks
+    are zipped one at a time against the shared units. The output layers (heads) are never merged.
 
     Args:
         models: `{task_name: keras.Model}`, two or more Functional or Sequential models that take the
