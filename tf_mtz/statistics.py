@@ -80,8 +80,7 @@ class StreamedGram:
     def low_rank(self) -> bool:
         return self.gram is None
 
-    def add(self, rows, targets=None, products=None) -> None:
-        """Adds a batch of rows (and targets); `products` = (XᵀX, XᵀT) of the batch when already computed."""
+    def add(self, rows, targets=None) -> None:
         n, dim = int(rows.shape[0]), int(rows.shape[1])
         if self.gram is None and self.count + n < dim:
             self._rows.append(np.asarray(rows, np.float64))
@@ -97,12 +96,9 @@ class StreamedGram:
                     if kept_targets is not None:
                         self.cross += kept.T @ kept_targets
                 self._rows, self._targets = [], []
-            if products is None:
-                products = (tf.matmul(rows, rows, transpose_a=True),
-                            None if targets is None else tf.matmul(rows, targets, transpose_a=True))
-            self.gram += np.asarray(products[0], np.float64)
+            self.gram += tf.matmul(rows, rows, transpose_a=True).numpy().astype(np.float64)
             if targets is not None:
-                self.cross += np.asarray(products[1], np.float64)
+                self.cross += tf.matmul(rows, targets, transpose_a=True).numpy().astype(np.float64)
         self.count += n
 
     def add_gram(self, gram, count: int) -> None:

@@ -600,16 +600,14 @@ def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3) -> float:
             zipped_inputs, original_inputs = inputs(x)
             target = tf.matmul(original_inputs, original_weights)
             residual = target - tf.matmul(zipped_inputs, current_weights)
-            products = (tf.matmul(zipped_inputs, zipped_inputs, transpose_a=True),
-                        tf.matmul(zipped_inputs, residual, transpose_a=True))
-            return (zipped_inputs, residual, products, tf.reduce_sum(target, axis=0),
-                    tf.reduce_sum(tf.square(target)), tf.reduce_sum(tf.square(residual)))
+            return (zipped_inputs, residual, tf.reduce_sum(target, axis=0), tf.reduce_sum(tf.square(target)),
+                    tf.reduce_sum(tf.square(residual)))
 
         accumulated = statistics.StreamedGram()
         target_sum, target_square, residual_square = 0.0, 0.0, 0.0
         for x in calibration[t]:
-            zipped_inputs, residual, products, batch_sum, batch_square, batch_residual = batch_statistics(x)
-            accumulated.add(zipped_inputs, residual, products)
+            zipped_inputs, residual, batch_sum, batch_square, batch_residual = batch_statistics(x)
+            accumulated.add(zipped_inputs, residual)
             target_sum += batch_sum.numpy().astype(np.float64)
             target_square += float(batch_square)
             residual_square += float(batch_residual)
