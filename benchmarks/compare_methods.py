@@ -72,9 +72,7 @@ def main(_):
     # Train (or load) every base model first, here, so the workers only read the cache.
     (x_train, y_train), _, (x_test, y_test) = load_mnist()
     for arch, experiment, pair, *_ in jobs:
-        data = experiment_data(experiment, x_train, y_train, x_test, y_test)
-        for i, t in enumerate("ab"):
-            trained_model(arch, 2 * pair + i + 1, data[t][0], data[t][1], EPOCHS[arch], tag=f"{experiment}{t}")
+        pair_models(arch, experiment, pair, experiment_data(experiment, x_train, y_train, x_test, y_test))
     workers = max(1, min(WORKERS.value, len(jobs)))
     if workers > 1:
         # Small models keep a core busy with one process's Python and op dispatch; a process per core runs
@@ -110,8 +108,7 @@ def run_pair(job) -> dict:
     arch, experiment, pair, budgets, fractions, calibration_size = job
     (x_train, y_train), _, (x_test, y_test) = load_mnist()
     data = experiment_data(experiment, x_train, y_train, x_test, y_test)
-    models = {t: trained_model(arch, 2 * pair + i + 1, data[t][0], data[t][1], EPOCHS[arch], tag=f"{experiment}{t}")
-              for i, t in enumerate(("a", "b"))}
+    models = pair_models(arch, experiment, pair, data)
     rng = np.random.default_rng(pair)
     calibration = {t: data[t][0][rng.permutation(len(data[t][0]))[:calibration_size]] for t in data}
     distill = {t: data[t][0] for t in data}
@@ -149,6 +146,12 @@ def run_pair(job) -> dict:
             zipped = tf_mtz.zip_models(models, calibration, sharing=fraction, seed=pair, verbose=0, **METHODS[DEFAULT])
             sweep[fraction] = [*test_errors(zipped), zipped.zip_report.shared_fraction]
     return {"rows": rows, "sweep": sweep, "seconds": seconds}
+
+
+def pair_models(arch, experiment, pair, data) -> dict:
+    """The two base models of seed pair `pair` (seeds 2·pair+1 and 2·pair+2), trained once and cached."""
+    return {t: trained_model(arch, 2 * pair + i + 1, data[t][0], data[t][1], EPOCHS[arch], tag=f"{experiment}{t}")
+            for i, t in enumerate(("a", "b"))}
 
 
 def unzipped_training(models, data, budgets, rng, test) -> dict:
