@@ -26,7 +26,6 @@ class LayerReport:
             unit i merges unit `shared_units[t][i]` of every task t.
         accuracy_zipped: `{task: accuracy}` on the evaluation data right after this layer was zipped.
         accuracy_retrained: `{task: accuracy}` after this layer's retraining.
-        pairing: the pairing used where this layer's units were paired ("" for layers that follow another's).
         mismatch: with the refit, what is left after it in the pre-activations of the
             layers reading this one: Σ over those layers and tasks of ‖zipped − original‖² on the
             calibration data over the variance of the original (0 = reproduced exactly).
@@ -48,7 +47,6 @@ class LayerReport:
     shared_units: dict = dataclasses.field(default_factory=dict)
     accuracy_zipped: dict = dataclasses.field(default_factory=dict)
     accuracy_retrained: dict = dataclasses.field(default_factory=dict)
-    pairing: str = ""
     mismatch: float | None = None
 
 

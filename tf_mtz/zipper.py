@@ -166,7 +166,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
         is_head = index == len(plan.slots) - 1
         layer_started = time.perf_counter()
         chosen, samples, deficient, shared_units, hessians = np.zeros(0), {t: 0 for t in tasks}, [], {}, None
-        count, pair_now, pairing_used, mismatch = 0, False, "", None
+        count, pair_now, mismatch = 0, False, None
         if not is_head:
             group = slot_plan.group
             if group not in group_counts:
@@ -193,7 +193,6 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
                     "units, but its own input shares none; share units of the layer feeding it too.")
             chosen, hessians, mismatch = _zip_layer(plan, state, index, count, calibration, options, repair,
                                                     pair_now)
-            pairing_used = options["pairing"] if pair_now else ""
             shared_units = {t: state.slots[index].column_order[t][:count].tolist() for t in tasks}
             samples = {t: h.samples for t, h in hessians.items()}
             deficient = [t for t, h in hessians.items() if h.rank_deficient]
@@ -206,7 +205,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
         seconds = time.perf_counter() - layer_started
         layer_report = _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, seconds,
                                      shared_units)
-        layer_report.pairing, layer_report.mismatch = pairing_used, mismatch
+        layer_report.mismatch = mismatch
         if count and evaluation is not None:
             layer_report.accuracy_zipped = _accuracy(rebuild.build_model(plan, state).model, evaluation)
         if count and retrain is not None and retrain.steps_per_layer:
