@@ -17,8 +17,8 @@ For LeNet-300-100 and LeNet-5, each over 3 seed pairs:
     python benchmarks/compare_methods.py            # everything, about 27 minutes on a 2-core CPU
     python benchmarks/compare_methods.py --quick    # LeNet-300-100, E1, 1 seed pair, 0 and 100 steps
 
-Writes docs/compare_<arch>_<experiment>.{md,json,png}, docs/sharing_<arch>_<experiment>.png and
-docs/compare_summary.md (all tables and checks in one file).
+Writes docs/compare_<arch>_<experiment>.{md,json,png} (the plot: error versus retraining steps per task,
+and error versus sharing) and docs/compare_summary.md (all tables and checks in one file).
 """
 
 from __future__ import annotations

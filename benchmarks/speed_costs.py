@@ -24,26 +24,22 @@ REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repeats of the matmul and th
 LOOP_PAIRS = flags.DEFINE_integer("loop_pairs", 200, "Pairs timed for the per-pair loop.")
 
 
-def side_by_side(first, second, repeats):
-    """Times two functions alternately, so both see the same machine state; returns both lists."""
-    first(), second()  # warm-up: kernels, traces, allocations
-    times = ([], [])
+def run_times(*functions, repeats):
+    """Times the functions alternately, after one warm-up call each (kernels, traces, allocations), so
+    they all see the same machine state; returns one array of seconds per function."""
+    for fn in functions:
+        fn()
+    times = [[] for _ in functions]
     for _ in range(repeats):
-        for fn, spent in zip((first, second), times):
+        for fn, spent in zip(functions, times):
             start = time.perf_counter()
             fn()
             spent.append(time.perf_counter() - start)
-    return np.array(times[0]), np.array(times[1])
+    return [np.array(spent) for spent in times]
 
 
 def best_time(fn, repeats):
-    fn()  # warm-up: kernels, allocations
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return run_times(fn, repeats=repeats)[0].min()
 
 
 def main(_):
@@ -58,8 +54,8 @@ def main(_):
 
     x = tf.constant(rng.normal(size=(n, n)).astype(np.float32))
     y = tf.constant(rng.normal(size=(n, n)).astype(np.float32))
-    matmuls, cost_runs = side_by_side(lambda: tf.matmul(x, y).numpy(),
-                                      lambda: costs.cost_matrix(a, b, h_a, h_b), REPEATS.value)
+    matmuls, cost_runs = run_times(lambda: tf.matmul(x, y).numpy(), lambda: costs.cost_matrix(a, b, h_a, h_b),
+                                   repeats=REPEATS.value)
     t_matmul, t_costs = matmuls.min(), cost_runs.min()
     ratios = cost_runs / matmuls
     cost = costs.cost_matrix(a, b, h_a, h_b)
