@@ -77,7 +77,7 @@ def main(_):
     print(f"{n}-unit Dense layer, {n} inputs + bias, {tf.config.list_physical_devices()[-1].device_type}:")
     print(f"  one {n}^3 float32 matmul      {t_matmul:8.3f} s")
     print(f"  full cost matrix ({n}x{n})   {t_costs:8.3f} s   = {t_costs / t_matmul:.2f}x the matmul, best against "
-          "best (flops: 4.2 matmuls; target <= 5x)")
+          "best (flops: 3.3 matmuls; target <= 5x)")
     print(f"  same, run by run             median {np.median(ratios):.2f}x, range {ratios.min():.2f}-{ratios.max():.2f}x "
           f"over {len(ratios)} interleaved runs")
     print(f"  per-pair loop (extrapolated) {t_loop:8.0f} s   -> vectorised is {t_loop / t_costs:,.0f}x faster")

@@ -149,3 +149,45 @@ def test_few_samples_keep_the_hessian_as_its_samples(rng):
                                     lambda v: v, **kwargs)
     assert full.factor is None and full.samples == 40
     np.testing.assert_allclose(full.matrix, augmented.T @ augmented / 10, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["factored", "solved"])
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_both_cost_forms_equal_brute_force_through_deep_block_recursion(rng, monkeypatch, form, blocks):
+    """Leaves of side 2 make the blocked factorisation, solve and triangular product recurse four levels."""
+    monkeypatch.setattr(costs, "_LEAF", 2)
+    monkeypatch.setattr(costs, "_FACTORED_FROM", 0.0 if form == "factored" else np.inf)
+    dim, n_a, n_b = 23, 9, 14
+    a, b = rng.normal(size=(blocks, dim, n_a)), rng.normal(size=(blocks, dim, n_b))
+    h_a, h_b = random_hessian(rng, dim), 3.0 * random_hessian(rng, dim)
+    fast = costs.cost_matrix(a, b, h_a, h_b, dtype=tf.float64)
+    slow = np.array([[brute_force(a[:, :, i], b[:, :, j], h_a, h_b) for j in range(n_b)] for i in range(n_a)])
+    np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-12)
+
+
+def test_block_factor_tree_solves_and_multiplies_like_its_matrix(rng, monkeypatch):
+    monkeypatch.setattr(costs, "_LEAF", 3)
+    dim = 20
+    h, other = random_hessian(rng, dim), random_hessian(rng, dim)
+    total = np.linalg.cholesky(h + other)
+    tree = costs._factor_tree(tf.constant(h + other))
+    x = rng.normal(size=(dim, 5))
+    np.testing.assert_allclose(costs._lower_solve(tree, tf.constant(x)), np.linalg.solve(total, x), rtol=1e-9)
+    np.testing.assert_allclose(costs._upper_times(tree, tf.constant(x)), total.T @ x, rtol=1e-9)
+    # The factor of a Schur complement H − ZᵀZ, with only the blocks the recursion needs formed.
+    z = np.linalg.solve(total, h)
+    schur = np.linalg.cholesky(h - z.T @ z)
+    root = costs._factor_tree(tf.constant(h), tf.constant(z))
+    np.testing.assert_allclose(costs._upper_times(root, tf.constant(x)), schur.T @ x, rtol=1e-8, atol=1e-12)
+    assert bool(costs._factored(root))
+    assert not bool(costs._factored(costs._factor_tree(tf.constant(-h))))
+
+
+def test_factored_form_falls_back_to_solved_when_the_schur_complement_is_singular(rng, monkeypatch):
+    """H_B = 0 makes M = H_A S⁻¹ H_B = 0, which has no Cholesky factor: every cost must still come out (0)."""
+    monkeypatch.setattr(costs, "_FACTORED_FROM", 0.0)
+    dim = 8
+    h_a, h_b = random_hessian(rng, dim), np.zeros((dim, dim))
+    a, b = rng.normal(size=(1, dim, 6)), rng.normal(size=(1, dim, 6))
+    cost = costs.cost_matrix(a, b, h_a, h_b, dtype=tf.float64)
+    np.testing.assert_allclose(cost, 0.0, atol=1e-10)

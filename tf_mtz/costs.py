@@ -5,12 +5,26 @@ For neurons a (task A) and b (task B) with incoming weights (bias last) and laye
     ΔE(a, b) = ½ dᵀ H_A (H_A + H_B)⁻¹ H_B d,  d = a − b
     merged   = (H_A + H_B)⁻¹ (H_A a + H_B b)
 
-With S = H_A + H_B = L Lᵀ, P_A = H_A A and U = L⁻¹ P_A (likewise P_B, V), and the identities
-H_A S⁻¹ H_B = H_A − H_A S⁻¹ H_A = H_B − H_B S⁻¹ H_B, the whole cost matrix is
+Every pair shares the middle matrix M = H_A S⁻¹ H_B (S = H_A + H_B = L Lᵀ), which is symmetric positive
+definite and equals H_A − H_A S⁻¹ H_A = H_B − H_B S⁻¹ H_B. Two ways to get all pairs at once:
 
-    ΔE = ½ (q_A[:, None] + q_B[None, :] − 2 Uᵀ V),  q_A = colsum(A ⊙ P_A) − colsum(U ⊙ U)
+- factored (wide layers: both tasks' units together at least 1.6 times the inputs): M is the Schur
+  complement H − ZᵀZ, Z = L⁻¹ H (H the Hessian of smaller trace, where the subtraction cancels least), and
+  with its Cholesky factor M = F Fᵀ, U = Fᵀ A and V = Fᵀ B,
+      ΔE = ½ (‖U_i‖² + ‖V_j‖² − 2 Uᵀ V):
+  two factorisations, a d×d triangular solve and the Schur complement, two triangular products and one
+  product for all pairs: 3.3 times the flops of a d³ matmul for n = d units per task.
+- solved (fewer units, where the d×d work above would dominate): with P_A = H_A A and U = L⁻¹ P_A
+  (likewise P_B, V),
+      ΔE = ½ (q_A[:, None] + q_B[None, :] − 2 Uᵀ V),  q_A = colsum(A ⊙ P_A) − colsum(U ⊙ U):
+  one factorisation, two Hessian products, a triangular solve for the units' columns and one product.
 
-one Cholesky factorisation, two Hessian products, two triangular solves and one product for all pairs.
+TensorFlow's own Cholesky and triangular kernels run several times slower per flop than its matmul, so the
+factorisations, solves and triangular products are recursive 2×2 block algorithms whose work is almost all
+matrix products; a factor stays a tree of its blocks (`_Blocks`) rather than being assembled into a matrix.
+A factorisation of H − ZᵀZ forms only the blocks of that matrix it needs, which halves the Schur
+complement's work (a symmetric product, the way LAPACK's syrk does it).
+
 Weights come as `(blocks, features + 1, units)`: each block shares the same Hessians and the costs of the
 blocks add up (the per-offset conv approximation uses several blocks; everything else one).
 
@@ -22,11 +36,24 @@ M_r = H_A,r S_r⁻¹ H_B,r; costs and merged weights then take O(n²·d + r²·d
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import scipy.linalg
 import tensorflow as tf
 
 from tf_mtz.statistics import LowRankHessian
+
+# Side of the diagonal blocks the recursion stops at: TensorFlow's own factorisation and triangular inverse
+# are quick at this size, and the zeros its full-block products carry are few. 128-256 measured alike.
+_LEAF = 192
+# The factored form once both tasks' units (times weight blocks) reach this multiple of the inputs. Its
+# flops, 8/3·d³ + 2·d²·n + 2·n²·d against the solved form's d³/3 + 6·d²·n + 2·n²·d (n units per task), say
+# 1.2; measured on 2 CPU cores at d = 1,025 to 4,097 the two forms take the same time at 1.5-1.6.
+_FACTORED_FROM = 1.6
+# From this many inputs on, the block recursion runs as a graph traced once per shape: TensorFlow then
+# reuses the buffers of its many intermediate blocks, which pays for the trace.
+_TRACE_FROM = 1024
 
 
 def _on_gpu() -> bool:
@@ -34,11 +61,11 @@ def _on_gpu() -> bool:
 
 
 def _cholesky(matrix: np.ndarray) -> tf.Tensor:
-    """Lower Cholesky factor, adding jitter when rounding made the (damped) matrix numerically singular.
+    """Lower Cholesky factor as a matrix (for `merged_weights`), adding jitter when rounding made the
+    (damped) matrix numerically singular.
 
-    Only the lower triangle of the result is meaningful: every consumer (the blocked solve below and
-    `tf.linalg.cholesky_solve`) reads just that, so the upper one is not cleared. On a CPU, LAPACK's
-    potrf is about 2.5 times as fast as TensorFlow's factorisation.
+    Only the lower triangle of the result is meaningful: `tf.linalg.cholesky_solve` reads just that, so the
+    upper one is not cleared. On a CPU, LAPACK's potrf is about 2.5 times as fast as TensorFlow's.
     """
     matrix = np.ascontiguousarray(matrix)
     diagonal = np.diagonal(matrix)
@@ -52,8 +79,12 @@ def _cholesky(matrix: np.ndarray) -> tf.Tensor:
         factor = _factorise(shifted)
         if factor is not None and bool(tf.reduce_all(tf.math.is_finite(tf.linalg.diag_part(factor)))):
             return factor
-        jitter = scale * 10.0 ** (attempt - (7 if matrix.dtype == np.float64 else 5))
+        jitter = _jitter(scale, attempt, matrix.dtype)
     raise FloatingPointError("The summed layer Hessian could not be factorised even with jitter.")
+
+
+def _jitter(scale: float, attempt: int, dtype) -> float:
+    return scale * 10.0 ** (attempt - (7 if dtype == np.float64 else 5))
 
 
 def _factorise(matrix: np.ndarray):
@@ -69,20 +100,128 @@ def _factorise(matrix: np.ndarray):
     return tf.constant(upper.T) if info == 0 else None
 
 
-def _lower_solve(factor: tf.Tensor, rhs: tf.Tensor, leaf: int = 512) -> tf.Tensor:
-    """L⁻¹ rhs by recursive blocks, so almost all of the work is matrix products (fast on any device).
+@dataclasses.dataclass
+class _Leaf:
+    """A small lower-triangular diagonal block and its inverse (solves multiply by it)."""
 
-    Leaves multiply by the inverse of their small diagonal block: one more product instead of a
-    triangular solve, which TensorFlow runs several times slower per flop than a matmul.
+    factor: tf.Tensor
+    inverse: tf.Tensor
+
+
+@dataclasses.dataclass
+class _Blocks:
+    """The lower-triangular [[L11, 0], [L21, L22]], keeping L21ᵀ (what the solves and products use)."""
+
+    top: "_Leaf | _Blocks"
+    lower_left_t: tf.Tensor
+    bottom: "_Leaf | _Blocks"
+
+
+def _size(tree) -> int:
+    return tree.factor.shape[0] if isinstance(tree, _Leaf) else _size(tree.top) + _size(tree.bottom)
+
+
+def _split(d: int):
+    """Where to halve a d×d block (a multiple of the leaf side), or None for a leaf."""
+    return max(_LEAF, d // 2 // _LEAF * _LEAF) if d >= 2 * _LEAF else None
+
+
+def _factor_tree(matrix: tf.Tensor, minus_gram_of: tf.Tensor | None = None, jitter=0.0):
+    """Lower Cholesky factor of `matrix − zᵀz + jitter·I` (z = `minus_gram_of`, k×d, or none) as a block tree.
+
+    Only the lower blocks of `matrix − zᵀz` are ever formed, each when the recursion reaches it. A matrix
+    that is not numerically positive definite leaves NaNs in some leaf (see `_factored`).
     """
-    d = factor.shape[0]
-    if d <= leaf:
-        inverse = tf.linalg.triangular_solve(factor, tf.eye(d, dtype=factor.dtype), lower=True)
-        return tf.matmul(inverse, rhs)
-    h = d // 2
-    top = _lower_solve(factor[:h, :h], rhs[:h], leaf)
-    bottom = _lower_solve(factor[h:, h:], rhs[h:] - tf.matmul(factor[h:, :h], top), leaf)
+    d = matrix.shape[0]
+    half = _split(d)
+    z = minus_gram_of
+    if half is None:
+        block = matrix if z is None else matrix - tf.matmul(z, z, transpose_a=True)
+        factor = tf.linalg.cholesky(block + jitter * tf.eye(d, dtype=block.dtype))
+        return _Leaf(factor, tf.linalg.triangular_solve(factor, tf.eye(d, dtype=factor.dtype), lower=True))
+    z_top, z_bottom = (None, None) if z is None else (z[:, :half], z[:, half:])
+    top = _factor_tree(matrix[:half, :half], z_top, jitter)
+    off_diagonal = matrix[:half, half:]
+    if z is not None:
+        off_diagonal -= tf.matmul(z_top, z_bottom, transpose_a=True)
+    lower_left_t = _lower_solve(top, off_diagonal)
+    rest = lower_left_t if z is None else tf.concat([z_bottom, lower_left_t], axis=0)
+    return _Blocks(top, lower_left_t, _factor_tree(matrix[half:, half:], rest, jitter))
+
+
+def _factored(tree) -> tf.Tensor:
+    """True when every diagonal entry of the factor is finite (the factorisation succeeded)."""
+    if isinstance(tree, _Leaf):
+        return tf.reduce_all(tf.math.is_finite(tf.linalg.diag_part(tree.factor)))
+    return tf.logical_and(_factored(tree.top), _factored(tree.bottom))
+
+
+def _lower_solve(tree, rhs: tf.Tensor) -> tf.Tensor:
+    """L⁻¹ rhs."""
+    if isinstance(tree, _Leaf):
+        return tf.matmul(tree.inverse, rhs)
+    half = _size(tree.top)
+    top = _lower_solve(tree.top, rhs[:half])
+    bottom = _lower_solve(tree.bottom, rhs[half:] - tf.matmul(tree.lower_left_t, top, transpose_a=True))
     return tf.concat([top, bottom], axis=0)
+
+
+def _upper_times(tree, x: tf.Tensor) -> tf.Tensor:
+    """Lᵀ x."""
+    if isinstance(tree, _Leaf):
+        return tf.matmul(tree.factor, x, transpose_a=True)
+    half = _size(tree.top)
+    top = _upper_times(tree.top, x[:half]) + tf.matmul(tree.lower_left_t, x[half:])
+    return tf.concat([top, _upper_times(tree.bottom, x[half:])], axis=0)
+
+
+def _factored_costs(hessian_schur, hessian_other, flat_a, flat_b, jitter, blocks):
+    """(UᵀV, ½‖U_i‖², ½‖V_j‖², S factorised, M factorised) with [U V] = Fᵀ [A B], M = F Fᵀ."""
+    total = _factor_tree(hessian_schur + hessian_other, jitter=jitter)
+    root = _factor_tree(hessian_schur, _lower_solve(total, hessian_schur))
+    u, v = _upper_times(root, flat_a), _upper_times(root, flat_b)
+    half_q_a, half_q_b = 0.5 * tf.reduce_sum(u * u, axis=0), 0.5 * tf.reduce_sum(v * v, axis=0)
+    return (_cross(u, v, blocks), _sum_blocks(half_q_a, blocks), _sum_blocks(half_q_b, blocks),
+            _factored(total), _factored(root))
+
+
+def _solved_costs(hessian_a, hessian_b, flat_a, flat_b, jitter, blocks):
+    """(UᵀV, ½q_A, ½q_B, S factorised, True) with U = L⁻¹ H_A A, V = L⁻¹ H_B B."""
+    total = _factor_tree(hessian_a + hessian_b, jitter=jitter)
+    p_a, p_b = tf.matmul(hessian_a, flat_a), tf.matmul(hessian_b, flat_b)
+    solved = _lower_solve(total, tf.concat([p_a, p_b], axis=1))
+    u, v = solved[:, :flat_a.shape[1]], solved[:, flat_a.shape[1]:]
+    # ½ (colsum(W ⊙ HW) − colsum(U ⊙ U)): the diagonal terms aᵀ H_A S⁻¹ H_B a of every unit.
+    half_q_a = 0.5 * tf.reduce_sum(flat_a * p_a - u * u, axis=0)
+    half_q_b = 0.5 * tf.reduce_sum(flat_b * p_b - v * v, axis=0)
+    return (_cross(u, v, blocks), _sum_blocks(half_q_a, blocks), _sum_blocks(half_q_b, blocks),
+            _factored(total), tf.constant(True))
+
+
+def _sum_blocks(per_column: tf.Tensor, blocks: int) -> tf.Tensor:
+    return per_column if blocks == 1 else tf.reduce_sum(tf.reshape(per_column, (blocks, -1)), axis=0)
+
+
+def _cross(u: tf.Tensor, v: tf.Tensor, blocks: int) -> tf.Tensor:
+    """Uᵀ V summed over the weight blocks: stacking each block's rows lets one product do it."""
+    if blocks > 1:
+        d = u.shape[0]
+        u = tf.reshape(tf.transpose(tf.reshape(u, (d, blocks, -1)), (1, 0, 2)), (blocks * d, -1))
+        v = tf.reshape(tf.transpose(tf.reshape(v, (d, blocks, -1)), (1, 0, 2)), (blocks * d, -1))
+    return tf.matmul(u, v, transpose_a=True)
+
+
+_traced: dict = {}
+
+
+def _run(function, *tensors, **static):
+    """Runs `function` eagerly for small layers and as a graph traced once per shape for wide ones."""
+    if tensors[0].shape[0] < _TRACE_FROM:
+        return function(*tensors, **static)
+    key = (function.__name__, tuple(tuple(t.shape) for t in tensors), tensors[0].dtype, tuple(static.items()))
+    if key not in _traced:
+        _traced[key] = tf.function(lambda *args: function(*args, **static), autograph=False)
+    return _traced[key](*tensors)
 
 
 def _flatten_blocks(blocks: tf.Tensor) -> tf.Tensor:
@@ -104,52 +243,45 @@ def cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b, dtype=tf.float32) -> n
 
     Returns:
         numpy array of non-negative costs, in `dtype`.
+
+    Raises:
+        FloatingPointError: if the summed Hessian cannot be factorised even with jitter.
     """
     if isinstance(hessian_a, LowRankHessian) and isinstance(hessian_b, LowRankHessian):
         return _low_rank_cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b, dtype)
-    hessian_a, hessian_b = _dense(hessian_a), _dense(hessian_b)
     np_dtype = dtype.as_numpy_dtype
+    hessian_a = np.asarray(_dense(hessian_a), np_dtype)
+    hessian_b = np.asarray(_dense(hessian_b), np_dtype)
     a = tf.convert_to_tensor(np.asarray(blocks_a, np_dtype))
     b = tf.convert_to_tensor(np.asarray(blocks_b, np_dtype))
     k, d, n_a = a.shape
-    n_b = b.shape[2]
-    hessian_a, hessian_b = np.asarray(hessian_a, np_dtype), np.asarray(hessian_b, np_dtype)
-    factor = _cholesky(hessian_a + hessian_b)
     flat_a, flat_b = _flatten_blocks(a), _flatten_blocks(b)
-    p_a = tf.matmul(hessian_a, flat_a)
-    p_b = tf.matmul(hessian_b, flat_b)
-    solved = _lower_solve(factor, tf.concat([p_a, p_b], axis=1))
-    u, v = solved[:, :k * n_a], solved[:, k * n_a:]
-    half_q_a = _half_quadratic(flat_a, p_a, u)
-    half_q_b = _half_quadratic(flat_b, p_b, v)
-    if k > 1:
-        half_q_a = tf.reduce_sum(tf.reshape(half_q_a, (k, n_a)), axis=0)
-        half_q_b = tf.reduce_sum(tf.reshape(half_q_b, (k, n_b)), axis=0)
-        # Uᵀ V summed over blocks: stack each block's rows so one product does it.
-        u = tf.reshape(tf.transpose(tf.reshape(u, (d, k, n_a)), (1, 0, 2)), (k * d, n_a))
-        v = tf.reshape(tf.transpose(tf.reshape(v, (d, k, n_b)), (1, 0, 2)), (k * d, n_b))
-    costs = tf.matmul(u, v, transpose_a=True).numpy()
+    form, first, second = _solved_costs, hessian_a, hessian_b
+    if k * (n_a + b.shape[2]) >= _FACTORED_FROM * d:
+        form = _factored_costs
+        if np.trace(hessian_b) < np.trace(hessian_a):
+            first, second = hessian_b, hessian_a
+    first, second = tf.constant(first), tf.constant(second)
+    scale = float(np.mean(np.diagonal(hessian_a)) + np.mean(np.diagonal(hessian_b)))
+    jitter = 0.0
+    for attempt in range(8):
+        cross, half_q_a, half_q_b, total_ok, root_ok = _run(
+            form, first, second, flat_a, flat_b, tf.constant(jitter, dtype), blocks=k)
+        if bool(total_ok) and bool(root_ok):
+            break
+        if bool(total_ok):
+            # Rounding made the Schur complement M indefinite: the solved form needs no factor of M.
+            form, first, second = _solved_costs, tf.constant(hessian_a), tf.constant(hessian_b)
+            continue
+        jitter = _jitter(scale, attempt, np_dtype)
+    else:
+        raise FloatingPointError("The summed layer Hessian could not be factorised even with jitter.")
+    costs = cross.numpy()
     # ½q_a[i] + ½q_b[j] − (UᵀV)[i, j], in place: three passes over the result and no temporaries.
     np.subtract(half_q_a.numpy()[:, None], costs, out=costs)
     costs += half_q_b.numpy()[None, :]
     # Rounding can push a zero cost slightly negative; a cost is ½‖·‖² of something, so clip at 0.
     return np.maximum(costs, 0.0, out=costs)
-
-
-@tf.function(jit_compile=True, reduce_retracing=True)
-def _fused_half_quadratic(weights, products, solved):
-    return 0.5 * tf.reduce_sum(weights * products - solved * solved, axis=0)
-
-
-def _half_quadratic(weights, products, solved):
-    """½ (colsum(W ⊙ HW) − colsum(U ⊙ U)): the diagonal terms aᵀ H_A S⁻¹ H_B a of every unit.
-
-    For wide layers XLA fuses the three elementwise passes into one, which saves more than its one-off
-    compile time; small layers skip the compile.
-    """
-    if weights.shape.num_elements() >= 1 << 22:
-        return _fused_half_quadratic(weights, products, solved)
-    return 0.5 * (tf.reduce_sum(weights * products, axis=0) - tf.reduce_sum(tf.square(solved), axis=0))
 
 
 def _dense(hessian):
