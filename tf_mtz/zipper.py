@@ -593,9 +593,10 @@ def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3) -> float:
         # the original pre-activations, the refit changes nothing.
         current = handler.to_blocks(slot.kernels[t], slot.biases[t], mode)[0]
         original_weights, current_weights = tf.constant(original, tf.float32), tf.constant(current, tf.float32)
+        del original
 
         @tf.function(reduce_retracing=True)
-        def batch_statistics(x):
+        def batch_statistics(x, original_weights, current_weights):
             zipped_inputs, original_inputs = inputs(x)
             target = tf.matmul(original_inputs, original_weights)
             residual = target - tf.matmul(zipped_inputs, current_weights)
@@ -605,12 +606,17 @@ def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3) -> float:
         accumulated = statistics.StreamedGram()
         target_sum, target_square, residual_square = 0.0, 0.0, 0.0
         for x in calibration[t]:
-            zipped_inputs, residual, batch_sum, batch_square, batch_residual = batch_statistics(x)
+            zipped_inputs, residual, batch_sum, batch_square, batch_residual = batch_statistics(
+                x, original_weights, current_weights)
             accumulated.add(zipped_inputs, residual)
+            del zipped_inputs, residual  # a batch of conv patches can be a GB: not kept into the next batch
             target_sum += batch_sum.numpy().astype(np.float64)
             target_square += float(batch_square)
             residual_square += float(batch_residual)
         variance = max(target_square - float(np.sum(target_sum ** 2)) / max(accumulated.count, 1), 1e-12)
+        # Wide layers' weights are large (VGG-16 fc6: 0.4 GB per copy in float32): drop the batch function's
+        # copies before the solve, and form the step and the solution in float32, the weights' precision.
+        del batch_statistics, original_weights, current_weights
         if accumulated.low_rank:
             # Fewer samples than inputs (fc6 of VGG-16 from 64 images): (XᵀX + ρI)⁻¹ XᵀT = Xᵀ (XXᵀ + ρI)⁻¹ T,
             # an n×n system instead of d×d.
@@ -618,7 +624,7 @@ def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3) -> float:
             kernel_matrix = rows @ rows.T
             shrink = ridge * max(float(np.trace(kernel_matrix)) / rows.shape[1], 1e-12)
             coefficients = np.linalg.solve(kernel_matrix + shrink * np.eye(len(rows)), targets)
-            step = rows.T @ coefficients
+            step = rows.T.astype(np.float32) @ coefficients.astype(np.float32)
             left = float(np.sum((targets - kernel_matrix @ coefficients) ** 2))
         else:
             gram = accumulated.gram
@@ -628,8 +634,9 @@ def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3) -> float:
             # ‖R − XΔ‖² from the statistics alone: ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, XᵀXΔ⟩.
             left = residual_square - 2.0 * float(np.sum(step * accumulated.cross)) + float(np.sum(step * (gram @ step)))
         mismatch += max(left, 0.0) / variance
-        solution = current + step
-        kernel, bias = handler.from_blocks(solution[None].astype(np.float32), slot.kernels[t].shape, mode)
+        solution = current + step.astype(current.dtype, copy=False)
+        del step
+        kernel, bias = handler.from_blocks(solution[None].astype(np.float32, copy=False), slot.kernels[t].shape, mode)
         slot.kernels[t] = np.ascontiguousarray(kernel, np.float32)
         slot.biases[t] = np.ascontiguousarray(bias, np.float32)
     return mismatch
