@@ -42,6 +42,41 @@ def best_time(fn, repeats):
     return run_times(fn, repeats=repeats)[0].min()
 
 
+def tree_tensors(tree) -> list:
+    """Every tensor of a block factor, so a traced stage has to compute all of it."""
+    if hasattr(tree, "inverse"):
+        return [tree.factor, tree.inverse]
+    return tree_tensors(tree.top) + [tree.lower_left_t] + tree_tensors(tree.bottom)
+
+
+def stage_times(h_a, h_b, a, b, repeats):
+    """Seconds of each stage of the factored form, as differences of traced prefixes of the pipeline."""
+    h, other = (h_a, h_b) if np.trace(h_a) <= np.trace(h_b) else (h_b, h_a)
+    h, other, a, b = (tf.constant(m, tf.float32) for m in (h, other, a[0], b[0]))
+
+    def factor():
+        return costs._factor_tree(h + other)
+
+    def solve():
+        return costs._lower_solve(factor(), h)
+
+    def root():
+        return costs._factor_tree(h, solve())
+
+    def products():
+        tree = root()
+        return costs._upper_times(tree, a), costs._upper_times(tree, b)
+
+    prefixes = {"Cholesky factor of S": lambda: tree_tensors(factor()),
+                "d x d solve Z = L^-1 H": solve,
+                "Schur complement H - Z^T Z + its factor": lambda: tree_tensors(root()),
+                "triangular products F^T A, F^T B": products}
+    traced = [tf.function(fn, autograph=False) for fn in prefixes.values()]
+    spent = run_times(*[lambda fn=fn: [t.numpy() for t in tf.nest.flatten(fn())] for fn in traced],
+                      repeats=repeats)
+    return dict(zip(prefixes, np.diff([0.0] + [times.min() for times in spent])))
+
+
 def main(_):
     n = UNITS.value
     rng = np.random.default_rng(0)
@@ -80,6 +115,11 @@ def main(_):
           "best (flops: 3.3 matmuls; target <= 5x)")
     print(f"  same, run by run             median {np.median(ratios):.2f}x, range {ratios.min():.2f}-{ratios.max():.2f}x "
           f"over {len(ratios)} interleaved runs")
+    stages = stage_times(h_a, h_b, a, b, REPEATS.value)
+    stages["rest: product for all pairs, diagonal terms, copies"] = t_costs - sum(stages.values())
+    print("  where the cost matrix's time goes (best of traced prefixes, differenced):")
+    for name, seconds in stages.items():
+        print(f"    {name:42s} {seconds:6.3f} s")
     print(f"  per-pair loop (extrapolated) {t_loop:8.0f} s   -> vectorised is {t_loop / t_costs:,.0f}x faster")
     print(f"  greedy matching              {t_greedy:8.3f} s")
     print(f"  optimal matching             {t_optimal:8.3f} s")

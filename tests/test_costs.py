@@ -191,3 +191,23 @@ def test_factored_form_falls_back_to_solved_when_the_schur_complement_is_singula
     a, b = rng.normal(size=(1, dim, 6)), rng.normal(size=(1, dim, 6))
     cost = costs.cost_matrix(a, b, h_a, h_b, dtype=tf.float64)
     np.testing.assert_allclose(cost, 0.0, atol=1e-10)
+
+
+def test_factorisations_that_raise_as_on_a_gpu_fall_back_or_get_jitter(rng, monkeypatch):
+    """TensorFlow's GPU Cholesky raises on a matrix that is not positive definite, the CPU one returns NaNs."""
+    cholesky = tf.linalg.cholesky
+
+    def raising_cholesky(matrix):
+        factor = cholesky(matrix)
+        if not np.all(np.isfinite(factor.numpy())):
+            raise tf.errors.InvalidArgumentError(None, None, "Cholesky decomposition was not successful.")
+        return factor
+
+    monkeypatch.setattr(tf.linalg, "cholesky", raising_cholesky)
+    monkeypatch.setattr(costs, "_FACTORED_FROM", 0.0)
+    dim = 8
+    a, b = rng.normal(size=(1, dim, 6)), rng.normal(size=(1, dim, 6))
+    h = random_hessian(rng, dim)
+    np.testing.assert_allclose(costs.cost_matrix(a, b, h, np.zeros((dim, dim)), dtype=tf.float64), 0.0, atol=1e-10)
+    zero = np.zeros((dim, dim))
+    assert np.isfinite(costs.cost_matrix(a, b, zero, zero)).all()

@@ -262,14 +262,21 @@ def cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b, dtype=tf.float32) -> n
         if np.trace(hessian_b) < np.trace(hessian_a):
             first, second = hessian_b, hessian_a
     first, second = tf.constant(first), tf.constant(second)
-    scale = float(np.mean(np.diagonal(hessian_a)) + np.mean(np.diagonal(hessian_b)))
+    # Jitter relative to the Hessians' scale; an all-zero pair (undamped) gets an absolute one.
+    scale = float(np.mean(np.diagonal(hessian_a)) + np.mean(np.diagonal(hessian_b))) or 1.0
     jitter = 0.0
     for attempt in range(8):
-        cross, half_q_a, half_q_b, total_ok, root_ok = _run(
-            form, first, second, flat_a, flat_b, tf.constant(jitter, dtype), blocks=k)
-        if bool(total_ok) and bool(root_ok):
+        try:
+            cross, half_q_a, half_q_b, total_ok, root_ok = _run(
+                form, first, second, flat_a, flat_b, tf.constant(jitter, dtype), blocks=k)
+            total_ok, root_ok = bool(total_ok), bool(root_ok)
+        except tf.errors.InvalidArgumentError:
+            # A GPU factorisation raises where the CPU one returns NaNs, and which one failed is unknown:
+            # the factored form first falls back to the solved form, which factorises S alone.
+            total_ok, root_ok = form is _factored_costs, False
+        if total_ok and root_ok:
             break
-        if bool(total_ok):
+        if total_ok:
             # Rounding made the Schur complement M indefinite: the solved form needs no factor of M.
             form, first, second = _solved_costs, tf.constant(hessian_a), tf.constant(hessian_b)
             continue
