@@ -615,7 +615,8 @@ def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3) -> float:
             residual_square += float(batch_residual)
         variance = max(target_square - float(np.sum(target_sum ** 2)) / max(accumulated.count, 1), 1e-12)
         # Wide layers' weights are large (VGG-16 fc6: 0.4 GB per copy in float32): drop the batch function's
-        # copies before the solve, and form the step and the solution in float32, the weights' precision.
+        # copies before the solve; the low-rank step (those layers') is formed in float32, the weights'
+        # precision, rather than in float64.
         del batch_statistics, original_weights, current_weights
         if accumulated.low_rank:
             # Fewer samples than inputs (fc6 of VGG-16 from 64 images): (XᵀX + ρI)⁻¹ XᵀT = Xᵀ (XXᵀ + ρI)⁻¹ T,
@@ -634,7 +635,7 @@ def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3) -> float:
             # ‖R − XΔ‖² from the statistics alone: ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, XᵀXΔ⟩.
             left = residual_square - 2.0 * float(np.sum(step * accumulated.cross)) + float(np.sum(step * (gram @ step)))
         mismatch += max(left, 0.0) / variance
-        solution = current + step.astype(current.dtype, copy=False)
+        solution = current + step
         del step
         kernel, bias = handler.from_blocks(solution[None].astype(np.float32, copy=False), slot.kernels[t].shape, mode)
         slot.kernels[t] = np.ascontiguousarray(kernel, np.float32)
