@@ -256,12 +256,12 @@ def cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b, dtype=tf.float32) -> n
     b = tf.convert_to_tensor(np.asarray(blocks_b, np_dtype))
     k, d, n_a = a.shape
     flat_a, flat_b = _flatten_blocks(a), _flatten_blocks(b)
-    form, first, second = _solved_costs, hessian_a, hessian_b
+    tensor_a, tensor_b = tf.constant(hessian_a), tf.constant(hessian_b)
+    form, first, second = _solved_costs, tensor_a, tensor_b
     if k * (n_a + b.shape[2]) >= _FACTORED_FROM * d:
         form = _factored_costs
         if np.trace(hessian_b) < np.trace(hessian_a):
-            first, second = hessian_b, hessian_a
-    first, second = tf.constant(first), tf.constant(second)
+            first, second = tensor_b, tensor_a
     # Jitter relative to the Hessians' scale; an all-zero pair (undamped) gets an absolute one.
     scale = float(np.mean(np.diagonal(hessian_a)) + np.mean(np.diagonal(hessian_b))) or 1.0
     jitter = 0.0
@@ -278,7 +278,7 @@ def cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b, dtype=tf.float32) -> n
             break
         if total_ok:
             # Rounding made the Schur complement M indefinite: the solved form needs no factor of M.
-            form, first, second = _solved_costs, tf.constant(hessian_a), tf.constant(hessian_b)
+            form, first, second = _solved_costs, tensor_a, tensor_b
             continue
         jitter = _jitter(scale, attempt, np_dtype)
     else:
