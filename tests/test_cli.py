@@ -73,3 +73,31 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, rng):
     for flag in ("--model", "--calibration", "--sharing", "--tflite", "--saved_model", "--report_dir"):
         assert flag in help_text
     assert run_cli("unzip").returncode != 0
+
+
+def test_zip_sequential_models_from_keras_and_h5_files_with_tflite(tmp_path, rng):
+    from ai_edge_litert.interpreter import Interpreter
+
+    def sequential(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input((20,)), keras.layers.Dense(16, activation="relu"),
+                                 keras.layers.Dense(5, activation="softmax")])
+
+    sequential(0).save(tmp_path / "m0.keras")
+    sequential(1).save(tmp_path / "m1.h5")
+    x = rng.normal(size=(200, 20)).astype("float32")
+    np.save(tmp_path / "cal.npy", x)
+    for quantization in ("none", "int8"):
+        out = tmp_path / quantization
+        result = run_cli("zip", f"--model=one={tmp_path / 'm0.keras'}", f"--model=two={tmp_path / 'm1.h5'}",
+                         f"--calibration={tmp_path / 'cal.npy'}", "--sharing=0.75", f"--output={out / 'z.keras'}",
+                         f"--tflite={out / 'z.tflite'}", f"--quantization={quantization}",
+                         f"--saved_model={out / 'saved' / '1'}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        expected = keras.models.load_model(out / "z.keras").predict(x, verbose=0)
+        interpreter = Interpreter(model_path=str(out / "z.tflite"))
+        (input_name,) = interpreter.get_signature_list()["serving_default"]["inputs"]
+        lite = interpreter.get_signature_runner("serving_default")(**{input_name: x[:16]})
+        np.testing.assert_allclose(lite["two"], expected["two"][:16], atol=1e-5 if quantization == "none" else 0.1)
+        assert (out / "saved" / "1" / "saved_model.pb").exists()

@@ -8,18 +8,13 @@ import os as _os
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from tf_mtz.errors import RankDeficientWarning, ZipError  # noqa: E402
 from tf_mtz.export import export_saved_model, export_tflite, tflite_bytes  # noqa: E402
-from tf_mtz.registry import (  # noqa: E402
-    LayerHandler,
-    PassThroughHandler,
-    UnitLayerHandler,
-    ZipError,
-    register_layer_handler,
-)
+from tf_mtz.registry import LayerHandler, PassThroughHandler, UnitLayerHandler, register_layer_handler  # noqa: E402
 from tf_mtz.report import LayerReport, ZipReport  # noqa: E402
 from tf_mtz.tf_keras_bridge import to_tf_keras  # noqa: E402
 from tf_mtz.retrain import Retrain, fine_tune, paper_retrain  # noqa: E402
-from tf_mtz.zipper import RankDeficientWarning, zip_models  # noqa: E402
+from tf_mtz.zipper import zip_models  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -201,7 +201,7 @@ def main(argv):
     if len(commands) != 1 or commands[0] not in COMMANDS:
         raise UsageError(f"usage: tf-mtz {{{'|'.join(COMMANDS)}}} [flags]; see tf-mtz --helpfull.")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from tf_mtz.registry import ZipError
+    from tf_mtz.errors import ZipError
 
     try:
         {"zip": _zip, "report": _report}[commands[0]]()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tf_mtz.registry import ZipError
+from tf_mtz.errors import ZipError
 
 
 def per_task(data, tasks: list, what: str) -> dict:

@@ -17,7 +17,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_mtz.registry import ZipError
+from tf_mtz import keras_graph
+from tf_mtz.errors import ZipError
 
 QUANTIZATIONS = (None, "dynamic", "float16", "int8")
 DEFAULT_SIGNATURE = "serving_default"
@@ -37,41 +38,52 @@ def _quiet():
         logging.set_verbosity(verbosity)
 
 
-def input_name(model: keras.Model) -> str:
-    """The signature input name: the model input's name, cleaned to letters, digits and '_'."""
-    name = model.inputs[0].name.split(":")[0]
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "input"
+def input_names(model: keras.Model) -> list:
+    """The signature input names: each model input's name, cleaned to letters, digits and '_'."""
+    names = [keras_graph.clean_name(tensor.name) for tensor in keras_graph.model_inputs(model)]
+    if len(set(names)) != len(names):
+        raise ZipError(f"Model '{model.name}' has inputs with the same name {names}; name its keras.Input "
+                       "layers apart to export it.")
+    return names
 
 
 def task_outputs(model: keras.Model) -> dict:
-    """`{task: output tensor}` of a zipped model (a single-output model gives `{"output": ...}`)."""
-    outputs = model.output
-    return dict(outputs) if isinstance(outputs, dict) else {"output": outputs}
+    """`{task: output tensor}` of a zipped model; any other model's outputs by name (a single output is
+    `{"output": ...}`, a list takes its output layers' names)."""
+    return keras_graph.named_outputs(model)
+
+
+def _exportable(model) -> None:
+    """Raises `ZipError` for what cannot be exported: not a built Functional or Sequential model."""
+    keras_graph.check_graph_model(model, f"Model '{getattr(model, 'name', model)}'")
 
 
 def _signatures(model: keras.Model) -> dict:
     """`{signature name: tf.function}`: all tasks, plus one per task computing only that task's path."""
-    spec = model.inputs[0]
-    signature = [tf.TensorSpec((None,) + tuple(spec.shape[1:]), spec.dtype, name=input_name(model))]
+    inputs = keras_graph.model_inputs(model)
+    signature = [tf.TensorSpec((None,) + tuple(x.shape[1:]), x.dtype, name=name)
+                 for x, name in zip(inputs, input_names(model))]
     outputs = task_outputs(model)
+    for task in outputs:
+        if task == DEFAULT_SIGNATURE and len(outputs) > 1:
+            raise ZipError(f"Task name '{task}' clashes with the default signature name.")
 
-    def make(submodel, names):
+    def make(named):
+        # A functional model over the same layers and variables, returning a dict, whatever the kind
+        # (Sequential, list outputs) and however it was built or loaded.
+        submodel = keras.Model(inputs, named)
+
         @tf.function(input_signature=signature)
-        def serve(x):
-            values = submodel(x, training=False)
-            if not isinstance(values, dict):
-                values = {names[0]: values}
-            return {name: tf.identity(values[name], name=name) for name in names}
+        def serve(*xs):
+            values = submodel(list(xs) if len(xs) > 1 else xs[0], training=False)
+            return {name: tf.identity(values[name], name=name) for name in named}
 
         return serve
 
-    functions = {DEFAULT_SIGNATURE: make(model, list(outputs))}
+    functions = {DEFAULT_SIGNATURE: make(outputs)}
     if len(outputs) > 1:
         for task, tensor in outputs.items():
-            if task == DEFAULT_SIGNATURE:
-                raise ZipError(f"Task name '{task}' clashes with the default signature name.")
-            # A submodel over the same layers: the task's own path only, the same variables.
-            functions[task] = make(keras.Model(model.inputs, {task: tensor}), [task])
+            functions[task] = make({task: tensor})  # the task's own path only
     return functions
 
 
@@ -80,7 +92,7 @@ def export_saved_model(model: keras.Model, path: str, overwrite: bool = False) -
     signature per task.
 
     Args:
-        model: a zipped model (or any single-input Keras model).
+        model: a zipped model, or any built Functional or Sequential model (as for `export_tflite`).
         path: output directory; for TF Serving use `<base>/<model_name>/<version>`.
         overwrite: replace an existing directory.
 
@@ -89,6 +101,7 @@ def export_saved_model(model: keras.Model, path: str, overwrite: bool = False) -
 
     Raises:
         FileExistsError: `path` exists and `overwrite` is False.
+        ValueError (`tf_mtz.ZipError`): a subclassed or unbuilt model.
 
     Example:
 
@@ -99,6 +112,7 @@ def export_saved_model(model: keras.Model, path: str, overwrite: bool = False) -
     only_a = loaded.signatures["a"](image=x)                  # {"a": ...}
     ```
     """
+    _exportable(model)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
     parent = os.path.dirname(os.path.abspath(path))
@@ -120,27 +134,65 @@ def export_saved_model(model: keras.Model, path: str, overwrite: bool = False) -
     return path
 
 
+def _representative_arrays(model: keras.Model, data) -> list:
+    """One float32 array per model input from `representative_data`: an array (or `(x, y)`) for a
+    single-input model; a list or a dict keyed by input name, one array per input, for several inputs."""
+    names = input_names(model)
+    if len(names) == 1:
+        arrays = [data[0] if isinstance(data, (tuple, list)) else data]
+    elif isinstance(data, dict):
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ZipError(f"representative_data has no array for input(s) {missing} of model '{model.name}'.")
+        arrays = [data[n] for n in names]
+    elif isinstance(data, (tuple, list)) and len(data) == len(names):
+        arrays = list(data)
+    else:
+        raise ZipError(f"Model '{model.name}' takes {len(names)} inputs {names}; give representative_data as a "
+                       "list or a dict of one array per input.")
+    arrays = [np.asarray(x, np.float32) for x in arrays]
+    for x, tensor, name in zip(arrays, keras_graph.model_inputs(model), names):
+        if x.ndim == 0 or len(x) == 0:
+            raise ZipError("representative_data for int8 quantization is empty.")
+        expected = tuple(tensor.shape[1:])
+        if tuple(x.shape[1:]) != expected:
+            raise ZipError(f"representative_data has samples of shape {tuple(x.shape[1:])}; the model's input "
+                           f"'{name}' takes {expected}.")
+    if len({len(x) for x in arrays}) != 1:
+        raise ZipError(f"representative_data has different sample counts per input: {[len(x) for x in arrays]}.")
+    return arrays
+
+
 def _representative(model: keras.Model, signature_keys, data, samples: int):
-    x = np.asarray(data[0] if isinstance(data, (tuple, list)) else data, np.float32)
-    if x.ndim == 0 or len(x) == 0:
-        raise ZipError("representative_data for int8 quantization is empty.")
-    expected = tuple(model.inputs[0].shape[1:])
-    if tuple(x.shape[1:]) != expected:
-        raise ZipError(f"representative_data has samples of shape {tuple(x.shape[1:])}; the model takes {expected}.")
-    name = input_name(model)
-    chosen = x[np.random.default_rng(0).permutation(len(x))[:samples]]
+    arrays = _representative_arrays(model, data)
+    names = input_names(model)
+    chosen = np.random.default_rng(0).permutation(len(arrays[0]))[:samples]
 
     def generator():
         for key in signature_keys:
-            for sample in chosen:
-                yield key, {name: sample[None]}
+            for i in chosen:
+                yield key, {name: x[i][None] for name, x in zip(names, arrays)}
 
     return generator
 
 
 def tflite_bytes(model: keras.Model, quantization: str | None = None, representative_data=None,
                  representative_samples: int = 200) -> bytes:
-    """Converts `model` to a TFLite flatbuffer (see `export_tflite`) and returns its bytes."""
+    """Converts `model` to a TFLite flatbuffer and returns its bytes.
+
+    Args, Raises: as for `export_tflite`; `representative_samples` is how many of the representative
+    inputs calibrate int8 ranges.
+
+    Returns:
+        The flatbuffer's bytes.
+
+    Example:
+
+    ```python
+    size = len(tf_mtz.tflite_bytes(model, quantization="dynamic"))
+    ```
+    """
+    _exportable(model)
     if quantization not in QUANTIZATIONS:
         raise ZipError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
     if quantization == "int8" and representative_data is None:
@@ -166,11 +218,13 @@ def export_tflite(model: keras.Model, path: str, quantization: str | None = None
     one signature per task that runs only that task's path; all signatures share the weight buffers.
 
     Args:
-        model: a zipped model.
+        model: a zipped model, or any built Functional or Sequential model (built in the process or
+            loaded from `.keras`/`.h5`; one or several inputs and outputs).
         path: the `.tflite` file to write (atomically: a temporary file, then a rename).
         quantization: None (float32), "dynamic" (int8 weights, float activations), "float16" (float16
             weights) or "int8" (int8 weights and activations; inputs and outputs stay float32).
-        representative_data: inputs for int8 activation ranges, e.g. the calibration data.
+        representative_data: inputs for int8 activation ranges, e.g. the calibration data (a list or a
+            dict by input name of one array per input for a model with several inputs).
         overwrite: replace an existing file.
 
     Returns:
@@ -178,7 +232,8 @@ def export_tflite(model: keras.Model, path: str, quantization: str | None = None
 
     Raises:
         FileExistsError: `path` exists and `overwrite` is False.
-        ValueError: unknown quantization, or int8 without representative data.
+        ValueError (`tf_mtz.ZipError`): unknown quantization, int8 without (or with mis-shaped)
+            representative data, a subclassed or unbuilt model.
 
     Example:
 

@@ -20,8 +20,8 @@ import functools
 import keras
 import numpy as np
 
-from tf_mtz import registry
-from tf_mtz.registry import ZipError
+from tf_mtz import keras_graph, registry
+from tf_mtz.errors import ZipError
 
 INPUT = -1  # the model input: as a parent index and as a unit space
 
@@ -110,20 +110,8 @@ class ZipPlan:
 
 
 def _check_model(model, task: str):
-    if not isinstance(model, keras.Model):
-        raise ZipError(f"Task '{task}': expected a keras.Model, got {type(model).__name__}.")
-    if not isinstance(model, keras.Sequential) and not _is_functional(model):
-        raise ZipError(
-            f"Model '{model.name}' (task '{task}') is a subclassed keras.Model; tf_mtz reads the layer "
-            "graph, so rebuild it as a Functional or Sequential model with the same layers and weights.")
-    try:
-        inputs, outputs = model.inputs, model.outputs
-    except (AttributeError, ValueError):
-        inputs = outputs = None
-    if not inputs or not outputs:
-        raise ZipError(
-            f"Model '{model.name}' (task '{task}') is not built: give it a keras.Input or call "
-            "model.build(input_shape) before zipping.")
+    keras_graph.check_graph_model(model, f"Model '{getattr(model, 'name', model)}' (task '{task}')")
+    inputs, outputs = model.inputs, model.outputs
     if len(inputs) != 1 or len(outputs) != 1:
         raise ZipError(
             f"Model '{model.name}' (task '{task}') has {len(inputs)} inputs and {len(outputs)} outputs; "
@@ -140,14 +128,13 @@ def _read_ops(model, task: str, ops: list, input_index: int, top_name: str) -> i
     def visit(tensor) -> int:
         if id(tensor) in memo:
             return memo[id(tensor)]
-        op, node_index, _ = tensor._keras_history
+        op, node_index, _ = keras_graph.producer(tensor)
         if isinstance(op, keras.layers.InputLayer):
-            if op is not model_input._keras_history[0]:
+            if op is not keras_graph.producer(model_input)[0]:
                 raise ZipError(f"Model '{top_name}' (task '{task}') does not lead from its input to its output.")
             memo[id(tensor)] = input_index
             return input_index
-        node = op._inbound_nodes[node_index]
-        parents = [visit(p) for p in node.input_tensors]
+        parents = [visit(p) for p in keras_graph.call_inputs(op, node_index)]
         if isinstance(op, keras.Model):
             if len(parents) != 1:
                 raise ZipError(f"Nested model '{op.name}' of model '{top_name}' (task '{task}') takes "
@@ -234,10 +221,6 @@ def _fold_batch_norms(ops: list, model_name: str) -> tuple[list, dict]:
                                 ((bias - mean) * scale + beta).astype(np.float32))
         new_index[i] = new_index[parent]
     return keep, folded
-
-
-def _is_functional(model) -> bool:
-    return type(model).__name__ == "Functional" or "Functional" in [c.__name__ for c in type(model).__mro__]
 
 
 def _handler(layer, model_name: str) -> registry.LayerHandler:
@@ -432,7 +415,7 @@ def read_models(models: dict) -> ZipPlan:
                            "other layers by a merge; output layers are never shared.")
     input_name = models[first].inputs[0].name or "input"
     plan = ZipPlan(tasks=tasks, input_shape=shapes[first], input_dtype=dtypes[first],
-                   input_name=_clean_name(input_name), body=body, suffixes=suffixes, slots=slots,
+                   input_name=keras_graph.clean_name(input_name), body=body, suffixes=suffixes, slots=slots,
                    groups=groups, originals=originals)
     for slot in slots:
         if slot.input_space != INPUT:
@@ -492,7 +475,3 @@ def _rows_per_unit(plan: ZipPlan, slot: Slot, names: dict) -> int:
         raise ZipError(f"Layer '{position.name}' sees different spatial sizes in different models: {per_task}.")
     return per_task.pop()
 
-
-def _clean_name(name: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in name.split(":")[0])
-    return cleaned or "input"

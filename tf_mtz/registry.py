@@ -22,9 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-
-class ZipError(ValueError):
-    """Raised for inputs tf_mtz cannot zip; the message names the model, layer or task at fault."""
+from tf_mtz.errors import ZipError
 
 
 class LayerHandler:

@@ -16,8 +16,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mtz import data as data_lib
-from tf_mtz import graph, registry
-from tf_mtz.registry import ZipError
+from tf_mtz import graph, keras_graph, registry
+from tf_mtz.errors import ZipError
 
 LOSSES = ("distill", "labels")
 
@@ -93,20 +93,21 @@ def logits_model(model: keras.Model, output) -> tuple[keras.Model, str]:
     The logits are the input of a trailing softmax/sigmoid (an Activation layer, a Softmax layer, or
     the activation of a Dense/Conv2D head); a linear output is its own logits.
     """
-    op, node_index, _ = output._keras_history
+    op, node_index, _ = keras_graph.producer(output)
     if isinstance(op, keras.Model):
         # The head sits in a nested model: find its logits there and call that on the nested input.
         inner, activation = logits_model(op, op.outputs[0])
-        return keras.Model(model.inputs, inner(op._inbound_nodes[node_index].input_tensors[0])), activation
+        return keras.Model(model.inputs, inner(keras_graph.call_inputs(op, node_index)[0])), activation
     squashing = _squashing(op)
+    layer_input = keras_graph.call_inputs(op, node_index)[0]
     if squashing:
-        return keras.Model(model.inputs, op.input), squashing
+        return keras.Model(model.inputs, layer_input), squashing
     handler = registry.handler_for(op)
     if isinstance(handler, registry.UnitLayerHandler):
         act = handler.activation(op)
         if act in ("softmax", "sigmoid"):
             linear = _linear_copy(handler, op, *handler.kernel_and_bias(op), name=f"{op.name}_logits")
-            return keras.Model(model.inputs, linear(op.input)), act
+            return keras.Model(model.inputs, linear(layer_input)), act
     return keras.Model(model.inputs, output), "linear"
 
 
@@ -300,9 +301,11 @@ def fine_tune(model: keras.Model, retrain: Retrain, steps: int, teachers: dict |
     ```
     """
     retrain.validate()
-    if not isinstance(model.output, dict):
+    keras_graph.check_graph_model(model, f"Model '{getattr(model, 'name', model)}'")
+    outputs = keras_graph.output_structure(model)
+    if not isinstance(outputs, dict):
         raise ZipError(f"Model '{model.name}' does not have dict outputs keyed by task; pass a zipped model.")
-    tasks = list(model.output)
+    tasks = list(outputs)
     if retrain.loss == "distill":
         if not teachers:
             raise ZipError("fine_tune with loss='distill' needs teachers={task: original model}.")
@@ -311,9 +314,11 @@ def fine_tune(model: keras.Model, retrain: Retrain, steps: int, teachers: dict |
             raise ZipError(f"fine_tune: no teacher model for task(s) {missing}.")
     students, activations = {}, {}
     for t in tasks:
-        students[t], activations[t] = logits_model(model, model.output[t])
+        students[t], activations[t] = logits_model(model, outputs[t])
     teacher_logits = None
     if retrain.loss == "distill":
+        for t in tasks:
+            keras_graph.check_graph_model(teachers[t], f"Teacher model for task '{t}'")
         teacher_logits = {t: logits_model(teachers[t], teachers[t].outputs[0])[0] for t in tasks}
     input_shape = tuple(model.inputs[0].shape[1:])
     datasets = training_datasets(retrain, tasks, input_shape)

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_mtz.registry import ZipError
+from tf_mtz.errors import ZipError
 
 
 @dataclasses.dataclass

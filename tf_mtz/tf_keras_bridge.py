@@ -11,7 +11,8 @@ import inspect
 
 import keras
 
-from tf_mtz.registry import ZipError
+from tf_mtz import keras_graph
+from tf_mtz.errors import ZipError
 
 
 def _tf_keras():
@@ -37,14 +38,15 @@ def to_tf_keras(model: keras.Model):
     """Rebuilds a Keras 3 functional model (e.g. from `zip_models`) as a tf_keras model, weights included.
 
     Args:
-        model: a Keras 3 functional model built from standard layers.
+        model: a Keras 3 Functional or Sequential model built from standard layers (built in the process
+            or loaded from a file).
 
     Returns:
         A `tf_keras.Model` with the same inputs, outputs (a dict for zipped models), layer sharing and
         weights, ready for `tensorflow_model_optimization` (e.g. `quantize_model`).
 
     Raises:
-        ZipError: a layer type tf_keras does not know.
+        ZipError: a layer type tf_keras does not know, or a subclassed or unbuilt model.
 
     Example:
 
@@ -54,6 +56,7 @@ def to_tf_keras(model: keras.Model):
     qat = tfmot.quantization.keras.quantize_model(legacy)
     ```
     """
+    keras_graph.check_graph_model(model, f"Model '{getattr(model, 'name', model)}'")
     tf_keras = _tf_keras()
     clones, values = {}, {}
 
@@ -71,7 +74,7 @@ def to_tf_keras(model: keras.Model):
         return clones[id(layer)][1]
 
     def convert(tensor):
-        op, node_index, tensor_index = tensor._keras_history
+        op, node_index, tensor_index = keras_graph.producer(tensor)
         key = (id(op), node_index, tensor_index)
         if key in values:
             return values[key]
@@ -79,13 +82,12 @@ def to_tf_keras(model: keras.Model):
             spec = model.inputs[0] if len(model.inputs) == 1 else tensor
             values[key] = tf_keras.Input(shape=tuple(spec.shape[1:]), dtype=spec.dtype, name=op.name)
             return values[key]
-        node = op._inbound_nodes[node_index]
-        inputs = [convert(t) for t in node.input_tensors]
+        inputs = [convert(t) for t in keras_graph.call_inputs(op, node_index)]
         output = clone_layer(op)(inputs if len(inputs) > 1 else inputs[0])
         values[key] = output
         return output
 
-    outputs = model.output
+    outputs = keras_graph.output_structure(model)
     if isinstance(outputs, dict):
         rebuilt_outputs = {name: convert(t) for name, t in outputs.items()}
     elif isinstance(outputs, (list, tuple)):

@@ -14,16 +14,11 @@ import zlib
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.utils import io_utils
 
 from tf_mtz import costs as costs_lib
 from tf_mtz import data as data_lib
-from tf_mtz import graph, matching, rebuild, report as report_lib, retrain as retrain_lib, statistics
-from tf_mtz.registry import ZipError
-
-
-class RankDeficientWarning(UserWarning):
-    """A layer's Hessian came from fewer calibration samples than the layer has inputs."""
+from tf_mtz import graph, keras_graph, matching, rebuild, report as report_lib, retrain as retrain_lib, statistics
+from tf_mtz.errors import RankDeficientWarning, ZipError
 
 
 METHODS = {
@@ -178,11 +173,11 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
                             "it shares none, so its shared units would have no shared inputs; share some units "
                             "of the previous layer.")
                     if verbose:
-                        io_utils.print_msg(f"tf_mtz: zipping layer {index + 1}/{len(plan.slots) - 1} "
+                        keras_graph.print_message(f"tf_mtz: zipping layer {index + 1}/{len(plan.slots) - 1} "
                                            f"'{position.name}': sharing {counts[index]} units")
                     pair_now = True
             elif group_counts[group] and verbose:
-                io_utils.print_msg(f"tf_mtz: zipping layer {index + 1}/{len(plan.slots) - 1} '{position.name}': "
+                keras_graph.print_message(f"tf_mtz: zipping layer {index + 1}/{len(plan.slots) - 1} '{position.name}': "
                                    f"{group_counts[group]} units paired with '{plan.slots[plan.groups[group].members[0]].position.name}'")
             count = group_counts[group]
         if count:
@@ -241,7 +236,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
         report.accuracy_final = _accuracy(zipped, evaluation)
     zipped.zip_report = report
     if verbose:
-        io_utils.print_msg(f"tf_mtz: zipped {len(tasks)} models in {time.perf_counter() - started:.1f} s")
+        keras_graph.print_message(f"tf_mtz: zipped {len(tasks)} models in {time.perf_counter() - started:.1f} s")
     return zipped
 
 
