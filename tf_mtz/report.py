@@ -26,9 +26,9 @@ class LayerReport:
             unit i merges unit `shared_units[t][i]` of every task t.
         accuracy_zipped: `{task: accuracy}` on the evaluation data right after this layer was zipped.
         accuracy_retrained: `{task: accuracy}` after this layer's retraining.
-        mismatch: with the refit, what is left after it in the pre-activations of the
-            layers reading this one: Σ over those layers and tasks of ‖zipped − original‖² on the
-            calibration data over the variance of the original (0 = reproduced exactly).
+        mismatch: with the refit, on a layer whose inputs earlier merges changed: what is left after its
+            refit in its pre-activations, Σ over tasks of ‖zipped − original‖² on the calibration data
+            over the variance of the original (0 = reproduced exactly); None where nothing was refit.
     """
 
     name: str

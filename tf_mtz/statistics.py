@@ -119,7 +119,8 @@ def layer_hessian(probe: keras.Model, dataset: tf.data.Dataset, sample_fn, *, ta
     """Streams `dataset` through `probe` (input -> this layer's shared input) and returns the Hessian.
 
     Args:
-        probe: model mapping the zipped network's input to the part of the layer's input that is shared.
+        probe: model (or function) mapping the network's input to the part of the layer's input that is
+            shared.
         dataset: batches of that task's calibration inputs.
         sample_fn: maps a batch of probe outputs to a `(samples, features)` matrix.
         strategy: optional `tf.distribute.Strategy`: each batch is split across its replicas and their
@@ -130,12 +131,7 @@ def layer_hessian(probe: keras.Model, dataset: tf.data.Dataset, sample_fn, *, ta
     """
 
     def replica_samples(x):
-        samples = tf.cast(sample_fn(probe(x, training=False)), tf.float32)
-        return tf.concat([samples, tf.ones_like(samples[:, :1])], axis=1)
-
-    def replica_gram(x):
-        augmented = replica_samples(x)
-        return tf.matmul(augmented, augmented, transpose_a=True), tf.shape(augmented)[0]
+        return augment(sample_fn(probe(x, training=False)))
 
     accumulated = StreamedGram()
     if strategy is None:
@@ -143,17 +139,50 @@ def layer_hessian(probe: keras.Model, dataset: tf.data.Dataset, sample_fn, *, ta
         for batch in dataset:
             accumulated.add(batch_samples(batch))
     else:
-        dataset = strategy.experimental_distribute_dataset(dataset)
+        _add_distributed(accumulated, dataset, replica_samples, strategy)
+    return _finish(accumulated, task, layer_name, is_first_layer)
 
-        @tf.function(reduce_retracing=True)
-        def batch_gram(x):
-            grams, counts = strategy.run(replica_gram, args=(x,))
-            total = tf.distribute.ReduceOp.SUM
-            return strategy.reduce(total, grams, axis=None), strategy.reduce(total, counts, axis=None)
 
-        for batch in dataset:
-            g, n = batch_gram(batch)
-            accumulated.add_gram(g.numpy(), int(n))
+def hessian_of_inputs(batches: list, sample_fn, *, task: str, layer_name: str, is_first_layer: bool,
+                      strategy=None) -> LayerHessian:
+    """The Hessian of a layer from its (shared) inputs, already computed as a list of batches.
+
+    Args and Raises: as for `layer_hessian`, with `batches` in place of the probe and dataset.
+    """
+    accumulated = StreamedGram()
+    if strategy is None:
+        for batch in batches:
+            accumulated.add(augment(sample_fn(batch)))
+    else:
+        size = max(int(b.shape[0]) for b in batches)
+        dataset = tf.data.Dataset.from_tensor_slices(tf.concat(batches, axis=0)).batch(size)
+        _add_distributed(accumulated, dataset, lambda x: augment(sample_fn(x)), strategy)
+    return _finish(accumulated, task, layer_name, is_first_layer)
+
+
+def augment(samples):
+    """Samples with the constant 1 of the bias appended."""
+    samples = tf.cast(samples, tf.float32)
+    return tf.concat([samples, tf.ones_like(samples[:, :1])], axis=1)
+
+
+def _add_distributed(accumulated: "StreamedGram", dataset, replica_samples, strategy) -> None:
+    def replica_gram(x):
+        augmented = replica_samples(x)
+        return tf.matmul(augmented, augmented, transpose_a=True), tf.shape(augmented)[0]
+
+    @tf.function(reduce_retracing=True)
+    def batch_gram(x):
+        grams, counts = strategy.run(replica_gram, args=(x,))
+        total = tf.distribute.ReduceOp.SUM
+        return strategy.reduce(total, grams, axis=None), strategy.reduce(total, counts, axis=None)
+
+    for batch in strategy.experimental_distribute_dataset(dataset):
+        g, n = batch_gram(batch)
+        accumulated.add_gram(g.numpy(), int(n))
+
+
+def _finish(accumulated: "StreamedGram", task: str, layer_name: str, is_first_layer: bool) -> LayerHessian:
     count, gram = accumulated.count, accumulated.gram
     if count == 0:
         raise ZipError(f"Calibration data for task '{task}' is empty.")

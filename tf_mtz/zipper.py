@@ -1,7 +1,9 @@
 """`zip_models`: Multi-Task Zipping, layer by layer from the input.
 
-For each hidden layer: Hessians of every task in the current, partly zipped net -> merge costs -> one-to-one
-matching -> merged weights -> re-indexed next layer -> optional joint retraining. Heads are never merged.
+For each layer: Hessians of every task in the current, partly zipped net -> merge costs -> one-to-one
+matching -> merged weights -> re-indexed next layer -> refit of the next layer to the originals'
+pre-activations (its inputs are final now) -> optional joint retraining. Heads are never merged. Each layer's inputs come from the probe,
+which carries them forward from layer to layer instead of replaying the network from its input.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tensorflow as tf
 
 from tf_mtz import costs as costs_lib
 from tf_mtz import data as data_lib
-from tf_mtz import graph, keras_graph, matching, rebuild, report as report_lib, retrain as retrain_lib, statistics
+from tf_mtz import graph, keras_graph, matching, probe as probe_lib, rebuild, report as report_lib, retrain as retrain_lib, state as state_lib, statistics
 from tf_mtz.errors import RankDeficientWarning, ZipError
 
 
@@ -69,8 +71,10 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
             ZipIt! pairs features), or "random".
         merge: how a pair's weights become one: "hessian" ((H_A+H_B)⁻¹(H_A w_A + H_B w_B)), "average",
             or "first" (keep the first task's).
-        refit: after each zipped layer, refit the next layer of every task by ridge least squares so its
-            pre-activations match the original model's on the calibration data.
+        refit: refit every layer whose inputs earlier merges changed, per task, by ridge least squares
+            so that its pre-activations match the original model's on the calibration data; done once per
+            layer, as soon as its inputs are final (right after the layer before it is zipped, before any
+            retraining).
         repair: after merging a layer, rescale and shift each merged unit so that the mean and spread of its
             pre-activation on the calibration data are the average of its paired original units' (in the
             spirit of REPAIR, Jordan et al. 2023: merged units lose variance). Off by default; the refit
@@ -152,7 +156,9 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
         trainer_inputs = (teachers, activations,
                           retrain_lib.training_datasets(retrain, tasks, plan.input_shape, fallback), strategy)
 
-    state = rebuild.ZipState.from_plan(plan)
+    state = state_lib.ZipState.from_plan(plan)
+    probe = probe_lib.Probe(plan, state, calibration)
+    refit_mismatch = {}  # slot index -> what its refit left, reported with that layer
     layer_reports = []
     group_counts = {}
     for index, slot_plan in enumerate(plan.slots):
@@ -162,6 +168,8 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
         layer_started = time.perf_counter()
         chosen, samples, deficient, shared_units, hessians = np.zeros(0), {t: 0 for t in tasks}, [], {}, None
         count, pair_now, mismatch = 0, False, None
+        probe.advance(index)
+        mismatch = refit_mismatch.pop(index, None)
         if not is_head:
             group = slot_plan.group
             if group not in group_counts:
@@ -186,8 +194,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
                 raise ZipError(
                     f"Layer '{position.name}' is tied by a residual merge to '{first}', which shares {count} "
                     "units, but its own input shares none; share units of the layer feeding it too.")
-            chosen, hessians, mismatch = _zip_layer(plan, state, index, count, calibration, options, repair,
-                                                    pair_now)
+            chosen, hessians = _zip_layer(plan, state, index, count, probe, options, repair, pair_now)
             shared_units = {t: state.slots[index].column_order[t][:count].tolist() for t in tasks}
             samples = {t: h.samples for t, h in hessians.items()}
             deficient = [t for t, h in hessians.items() if h.rank_deficient]
@@ -197,6 +204,12 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
                     f"({min(hessians[t].samples for t in deficient)} < {hessians[deficient[0]].dim}); "
                     "the Hessian is rank-deficient and damping decides the unseen directions. Give more "
                     "calibration data.", RankDeficientWarning, stacklevel=2)
+        if refit and not is_head:
+            # The next layer's inputs are final now: refit it before any retraining, which then starts from
+            # the refit weights.
+            probe.advance(index + 1)
+            if _zipped_producers(plan, state, index + 1):
+                refit_mismatch[index + 1] = _refit(plan, state, index + 1, probe)
         seconds = time.perf_counter() - layer_started
         layer_report = _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, seconds,
                                      shared_units)
@@ -206,6 +219,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
         if count and retrain is not None and retrain.steps_per_layer:
             layer_report.retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.steps_per_layer,
                                                  f"layer {index + 1}", verbose)
+            probe.weights_changed()
             if evaluation is not None:
                 layer_report.accuracy_retrained = _accuracy(rebuild.build_model(plan, state).model, evaluation)
         layer_reports.append(layer_report)
@@ -222,7 +236,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
         tasks=tasks, layers=layer_reports,
         params_original=int(sum(m.count_params() for m in models.values())),
         params_zipped=int(zipped.count_params()),
-        params_shared=rebuild.count_shared_parameters(state),
+        params_shared=state_lib.count_shared_parameters(state),
         settings={"sharing": sharing if not isinstance(sharing, dict) else dict(sharing), "method": method,
                   **{k: options[k] for k in ("pairing", "merge", "refit", "matching", "conv_hessian", "damping")},
                   "repair": bool(repair),
@@ -307,9 +321,8 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
     return counts
 
 
-def _hessians(plan, state, indices, calibration, options) -> dict:
+def _hessians(plan, indices, probe, options) -> dict:
     """`{slot index: {task: LayerHessian}}` of the shared inputs of unit layers, in the current network."""
-    built = rebuild.build_model(plan, state, name="probe")
     result = {}
     for index in indices:
         position = plan.slots[index].position
@@ -317,10 +330,9 @@ def _hessians(plan, state, indices, calibration, options) -> dict:
         mode = _mode(handler, options)
         result[index] = {}
         for t in plan.tasks:
-            probe = keras.Model(built.model.inputs, built.taps[index][t])
             template = position.layers[t]
-            result[index][t] = statistics.layer_hessian(
-                probe, calibration[t], lambda x, template=template: handler.hessian_samples(template, x, mode),
+            result[index][t] = statistics.hessian_of_inputs(
+                probe.shared_inputs(index, t), lambda x, template=template: handler.hessian_samples(template, x, mode),
                 task=t, layer_name=position.name, is_first_layer=plan.slots[index].input_space == graph.INPUT,
                 strategy=options["strategy"])
     return result
@@ -330,7 +342,7 @@ def _mode(handler, options):
     return options["conv_hessian"] if options["conv_hessian"] in handler.hessian_modes else handler.hessian_modes[0]
 
 
-def _pair_group(plan, state, group, index, count, calibration, options):
+def _pair_group(plan, state, group, index, count, probe, options):
     """Pairs `count` units of a group across tasks and puts every member, per-channel layer and consumer of
     the group into the paired order [paired, rest]. Merging happens per member, in `_merge_slot`.
 
@@ -349,7 +361,7 @@ def _pair_group(plan, state, group, index, count, calibration, options):
                 f"got {count} of {[graph.group_width(plan, group, t) for t in tasks]}.")
     ready = [m for m in members
              if state.slots[m].shared_inputs > 0 and plan.slots[m].input_space != group]
-    hessians = _hessians(plan, state, ready, calibration, options)
+    hessians = _hessians(plan, ready, probe, options)
     blocks, damped, pooled = {}, {}, {}
     for m in ready:
         slot, handler = state.slots[m], plan.slots[m].position.handler
@@ -421,31 +433,27 @@ def _pair_group(plan, state, group, index, count, calibration, options):
     for c in plan.groups[group].consumers:
         consumer = state.slots[c]
         if isinstance(plan.slots[c].input_space, tuple):
-            rebuild.reorder_concatenated_rows(plan, state, c)
+            state_lib.reorder_concatenated_rows(plan, state, c)
             continue
         for t in tasks:
-            consumer.kernels[t] = consumer.kernels[t][..., rebuild.row_order(permutations[t], count,
+            consumer.kernels[t] = consumer.kernels[t][..., state_lib.row_order(permutations[t], count,
                                                                       consumer.rows_per_input_unit), :]
         consumer.shared_inputs = count
     return hessians.get(index)
 
 
-def _zip_layer(plan, state, index, count, calibration, options, repair, pair_now):
-    """Pairs (when this layer starts its group), merges, repairs and refits one layer, in place.
+def _zip_layer(plan, state, index, count, probe, options, repair, pair_now):
+    """Pairs (when this layer starts its group), merges and repairs one layer, in place.
 
-    Returns the chosen merge costs, the Hessians, and with the refit the mismatch it left in the layers
-    reading this one (relative to their original pre-activations; see `_refit`), else None.
+    Returns the chosen merge costs and the Hessians.
     """
     hessians = None
     if pair_now:
-        hessians = _pair_group(plan, state, plan.slots[index].group, index, count, calibration, options)
-    chosen, hessians = _merge_slot(plan, state, index, calibration, options, hessians)
+        hessians = _pair_group(plan, state, plan.slots[index].group, index, count, probe, options)
+    chosen, hessians = _merge_slot(plan, state, index, probe, options, hessians)
     if repair:
-        _repair(plan, state, index, calibration)
-    mismatch = None
-    if options["refit"]:
-        mismatch = sum(_refit(plan, state, consumer, calibration) for consumer in _consumers(plan, index))
-    return chosen, hessians, mismatch
+        _repair(plan, state, index, probe)
+    return chosen, hessians
 
 
 def _pooled(hessians: list):
@@ -457,7 +465,7 @@ def _pooled(hessians: list):
     return sum(h.dense() * (h.samples / total) for h in hessians)
 
 
-def _merge_slot(plan, state, index, calibration, options, hessians=None):
+def _merge_slot(plan, state, index, probe, options, hessians=None):
     """Gives the paired units of one layer common weights; returns the ΔE each merged unit causes
     (Σ_t ½ δ_tᵀ H_t δ_t, which equals the paper's pair cost for its merge) and the Hessians."""
     tasks = plan.tasks
@@ -465,7 +473,7 @@ def _merge_slot(plan, state, index, calibration, options, hessians=None):
     handler = plan.slots[index].position.handler
     mode = _mode(handler, options)
     if hessians is None:
-        hessians = _hessians(plan, state, [index], calibration, options)[index]
+        hessians = _hessians(plan, [index], probe, options)[index]
     rows, count = slot.shared_rows, slot.shared
     blocks = {t: handler.to_blocks(slot.kernels[t][..., :rows, :count], slot.biases[t][:count], mode) for t in tasks}
     damped = {t: statistics.damped(hessians[t], options["damping"]) for t in tasks}
@@ -490,24 +498,14 @@ def _exact_mode(handler) -> str:
     return "patch" if "patch" in handler.hessian_modes else handler.hessian_modes[0]
 
 
-def _zipped_and_original_inputs(plan, built, index, t, mode):
-    """A function from a calibration batch to slot `index`'s augmented inputs (bias column last) for task `t`
-    in the zipped network `built` and in the original model, as rows for that layer's blocks."""
+def _layer_samples(plan, probe, index, t, mode):
+    """Pairs of batches (zipped, original) of slot `index`'s augmented inputs (bias column last) for task `t`,
+    as rows for that layer's blocks: in the zipped network and in the original model."""
     position = plan.slots[index].position
     handler, template = position.handler, position.layers[t]
-    probe = keras.Model(built.model.inputs, [x for x in built.parts[index][t] if x is not None])
-
-    def inputs(x):
-        parts = probe(x, training=False)
-        parts = parts if isinstance(parts, (list, tuple)) else [parts]
-        full = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
-        original = graph.run_prefix(plan, t, template, x)
-        return (_augment(handler.hessian_samples(template, full, mode)),
-                _augment(handler.hessian_samples(template, original, mode)))
-
-    # Traced once per layer and task: eager execution of the probe and the original prefix cost more than
-    # the arithmetic on every calibration batch.
-    return tf.function(inputs, reduce_retracing=True)
+    for zipped, original in zip(probe.zipped_inputs(index, t), probe.original_inputs(index, t)):
+        yield (statistics.augment(handler.hessian_samples(template, zipped, mode)),
+               statistics.augment(handler.hessian_samples(template, original, mode)))
 
 
 def _original_blocks(plan, state, index, t, mode) -> np.ndarray:
@@ -516,7 +514,7 @@ def _original_blocks(plan, state, index, t, mode) -> np.ndarray:
     return position.handler.to_blocks(*position.weights[t], mode)[0][:, state.slots[index].column_order[t]]
 
 
-def _repair(plan, state, index, calibration) -> None:
+def _repair(plan, state, index, probe) -> None:
     """Rescales the merged units of slot `index` so their pre-activation mean and standard deviation on the
     calibration data match the average of the original paired units' (one affine map per unit, common to
     all tasks since the unit is shared)."""
@@ -525,16 +523,13 @@ def _repair(plan, state, index, calibration) -> None:
     handler = position.handler
     mode = _exact_mode(handler)
     count = slot.shared
-    built = rebuild.build_model(plan, state, name="repair")
     moments = []  # per task: (current mean, current std, target mean, target std), each (count,)
     for t in plan.tasks:
-        inputs = _zipped_and_original_inputs(plan, built, index, t, mode)
         current = handler.to_blocks(slot.kernels[t][..., :count], slot.biases[t][:count], mode)[0]
         original = _original_blocks(plan, state, index, t, mode)[:, :count]
         sums = np.zeros((4, count))
         total = 0
-        for x in calibration[t]:
-            zipped_inputs, original_inputs = inputs(x)
+        for zipped_inputs, original_inputs in _layer_samples(plan, probe, index, t, mode):
             zipped = tf.matmul(zipped_inputs, current).numpy()
             target = tf.matmul(original_inputs, original).numpy()
             sums += [zipped.sum(0), (zipped.astype(np.float64) ** 2).sum(0), target.sum(0),
@@ -549,6 +544,12 @@ def _repair(plan, state, index, calibration) -> None:
     for t in plan.tasks:
         slot.kernels[t][..., :count] *= scale.astype(np.float32)
         slot.biases[t][:count] = (slot.biases[t][:count] * scale + shift).astype(np.float32)
+
+
+def _zipped_producers(plan, state, index) -> bool:
+    """Whether any unit layer feeding slot `index` (through weightless, per-channel and merge layers) has
+    shared units: then the merges changed this layer's inputs, and the refit corrects for them."""
+    return any(index in _consumers(plan, j) and state.slots[j].shared for j in range(index))
 
 
 def _consumers(plan, index) -> list:
@@ -568,7 +569,7 @@ def _consumers(plan, index) -> list:
     return sorted(found)
 
 
-def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3) -> float:
+def _refit(plan, state, slot_index, probe, ridge: float = 1e-3) -> float:
     """Refits one unit layer, per task, by ridge least squares so that its pre-activations in the zipped
     network match the original model's on the calibration data (compensating the merges before it).
 
@@ -579,10 +580,8 @@ def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3) -> float:
     position = plan.slots[slot_index].position
     handler = position.handler
     mode = _exact_mode(handler)
-    built = rebuild.build_model(plan, state, name="refit")
     mismatch = 0.0
     for t in plan.tasks:
-        inputs = _zipped_and_original_inputs(plan, built, slot_index, t, mode)
         original = _original_blocks(plan, state, slot_index, t, mode)
         # Ridge towards the current weights, not towards zero: where the zipped inputs already reproduce
         # the original pre-activations, the refit changes nothing.
@@ -590,29 +589,21 @@ def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3) -> float:
         original_weights, current_weights = tf.constant(original, tf.float32), tf.constant(current, tf.float32)
         del original
 
-        @tf.function(reduce_retracing=True)
-        def batch_statistics(x, original_weights, current_weights):
-            zipped_inputs, original_inputs = inputs(x)
-            target = tf.matmul(original_inputs, original_weights)
-            residual = target - tf.matmul(zipped_inputs, current_weights)
-            return (zipped_inputs, residual, tf.reduce_sum(target, axis=0), tf.reduce_sum(tf.square(target)),
-                    tf.reduce_sum(tf.square(residual)))
-
         accumulated = statistics.StreamedGram()
         target_sum, target_square, residual_square = 0.0, 0.0, 0.0
-        for x in calibration[t]:
-            zipped_inputs, residual, batch_sum, batch_square, batch_residual = batch_statistics(
-                x, original_weights, current_weights)
+        for zipped_inputs, original_inputs in _layer_samples(plan, probe, slot_index, t, mode):
+            target = tf.matmul(original_inputs, original_weights)
+            residual = target - tf.matmul(zipped_inputs, current_weights)
             accumulated.add(zipped_inputs, residual)
-            del zipped_inputs, residual  # a batch of conv patches can be a GB: not kept into the next batch
-            target_sum += batch_sum.numpy().astype(np.float64)
-            target_square += float(batch_square)
-            residual_square += float(batch_residual)
+            target_sum += tf.reduce_sum(target, axis=0).numpy().astype(np.float64)
+            target_square += float(tf.reduce_sum(tf.square(target)))
+            residual_square += float(tf.reduce_sum(tf.square(residual)))
+            del zipped_inputs, original_inputs, target, residual  # conv patches: up to a GB a batch
         variance = max(target_square - float(np.sum(target_sum ** 2)) / max(accumulated.count, 1), 1e-12)
-        # Wide layers' weights are large (VGG-16 fc6: 0.4 GB per copy in float32): drop the batch function's
-        # copies before the solve; the low-rank step (those layers') is formed in float32, the weights'
-        # precision, rather than in float64.
-        del batch_statistics, original_weights, current_weights
+        # Wide layers' weights are large (VGG-16 fc6: 0.4 GB per copy in float32): drop the TF copies before
+        # the solve; the low-rank step (those layers') is formed in float32, the weights' precision, rather
+        # than in float64.
+        del original_weights, current_weights
         if accumulated.low_rank:
             # Fewer samples than inputs (fc6 of VGG-16 from 64 images): (XᵀX + ρI)⁻¹ XᵀT = Xᵀ (XXᵀ + ρI)⁻¹ T,
             # an n×n system instead of d×d.
@@ -636,11 +627,6 @@ def _refit(plan, state, slot_index, calibration, ridge: float = 1e-3) -> float:
         slot.kernels[t] = np.ascontiguousarray(kernel, np.float32)
         slot.biases[t] = np.ascontiguousarray(bias, np.float32)
     return mismatch
-
-
-def _augment(samples):
-    samples = tf.cast(samples, tf.float32)
-    return tf.concat([samples, tf.ones_like(samples[:, :1])], axis=1)
 
 
 def _retrain(plan, state, retrain, trainer_inputs, steps, label, verbose):

@@ -1,0 +1,130 @@
+"""The zip state: every task's weights in shared-first order, and the operations that keep it consistent.
+
+At a layer that shares `s` units, every task's units are ordered [shared, task-specific] (`column_order`
+maps each column back to the original unit) and every consumer's kernel rows follow the same order
+(`row_order`). The zipper changes the state only through this module's functions; `rebuild` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from tf_mtz import graph
+from tf_mtz.graph import INPUT, ZipPlan
+
+
+@dataclasses.dataclass
+class SlotState:
+    """Weights of one unit layer for every task, units ordered [shared, specific], input rows likewise."""
+
+    kernels: dict  # task -> kernel, input axis -2, output axis -1
+    biases: dict  # task -> bias
+    shared: int  # output units paired across all tasks (the first `shared` columns)
+    shared_inputs: int  # leading input units (of the input's group, or raw inputs) shared by all tasks
+    rows_per_input_unit: int  # kernel rows per input unit (spatial positions folded in by a Flatten)
+    merged: bool = True  # whether the paired units already have common weights (a tied layer pairs first)
+    column_order: dict = None  # task -> original unit of each current column
+    input_order: dict = None  # after a Concatenate: task -> original input unit of each current input unit
+
+    @property
+    def shared_rows(self) -> int:
+        return self.shared_inputs * self.rows_per_input_unit
+
+    def units(self, task) -> int:
+        return int(self.kernels[task].shape[-1])
+
+
+@dataclasses.dataclass
+class ChannelState:
+    """Per-channel weights (DepthwiseConv2D) of every task, channels ordered [shared, specific]."""
+
+    kernels: dict  # task -> per-unit weights, units along the handler's channel_axis
+    biases: dict
+    shared: int = 0
+
+
+@dataclasses.dataclass
+class ZipState:
+    slots: list  # SlotState per unit layer, topological order, heads last
+    channels: dict  # body index -> ChannelState of per-channel weighted layers
+
+    @classmethod
+    def from_plan(cls, plan: ZipPlan) -> "ZipState":
+        slots = []
+        for slot in plan.slots:
+            weights = slot.position.weights
+            kernels = {t: k.copy() for t, (k, _) in weights.items()}
+            biases = {t: b.copy() for t, (_, b) in weights.items()}
+            first_kernel = next(iter(kernels.values()))
+            from_input = slot.input_space == INPUT
+            slots.append(SlotState(kernels, biases, 0, first_kernel.shape[-2] if from_input else 0,
+                                   1 if from_input else slot.rows_per_input_unit,
+                                   column_order={t: np.arange(k.shape[-1]) for t, k in kernels.items()}))
+        state = cls(slots, {})
+        for index, slot in enumerate(plan.slots):
+            if isinstance(slot.input_space, tuple):
+                slots[index].input_order = {t: np.arange(graph.space_width(plan, slot.input_space, t))
+                                            for t in plan.tasks}
+                reorder_concatenated_rows(plan, state, index)
+        channels = state.channels
+        for position in plan.body:
+            if position.role == "channel_units":
+                channels[position.index] = ChannelState({t: k.copy() for t, (k, _) in position.weights.items()},
+                                                        {t: b.copy() for t, (_, b) in position.weights.items()})
+        return state
+
+
+def row_order(order: np.ndarray, shared: int, rows_per_unit: int) -> np.ndarray:
+    """Original kernel row of every row when the input units come in `order` and the first `shared` of them
+    form the shared part: each part is laid out position-major (a Flatten of a channels-last feature puts
+    unit c at position p on row p * C + c, and the shared and specific parts are flattened separately)."""
+    positions = np.arange(rows_per_unit)[:, None] * order.size
+    return np.concatenate([(positions + order[None, :shared]).reshape(-1),
+                           (positions + order[None, shared:]).reshape(-1)])
+
+
+def reorder_concatenated_rows(plan: ZipPlan, state: "ZipState", index: int) -> None:
+    """Puts the rows of a layer reading a Concatenate into the order the zipped model feeds it:
+    [every input's paired units, every input's other units], from the current pairing of each input."""
+    slot = state.slots[index]
+    rows = slot.rows_per_input_unit
+    for t in plan.tasks:
+        paired, rest, offset = [], [], 0
+        for part in plan.slots[index].input_space:
+            width = graph.space_width(plan, part, t)
+            if part == INPUT:
+                order, count = np.arange(width), width
+            else:
+                member = state.slots[plan.groups[part].members[0]]
+                order, count = member.column_order[t], member.shared
+            paired.append(offset + order[:count])
+            rest.append(offset + order[count:])
+            offset += width
+        wanted = np.concatenate(paired + rest)
+        shared = sum(len(p) for p in paired)
+        current = row_order(slot.input_order[t], slot.shared_inputs, rows)
+        position_of = np.empty_like(current)
+        position_of[current] = np.arange(current.size)
+        slot.kernels[t] = slot.kernels[t][..., position_of[row_order(wanted, shared, rows)], :]
+        slot.input_order[t] = wanted
+    slot.shared_inputs = shared
+
+
+
+def count_shared_parameters(state: ZipState) -> int:
+    """Parameters held once for all tasks: the shared units' weights from shared inputs, their biases, and
+    the shared channels of per-channel layers."""
+    total = 0
+    for slot in state.slots[:-1]:
+        if slot.shared and slot.merged:
+            kernel = next(iter(slot.kernels.values()))
+            spatial = int(np.prod(kernel.shape[:-2]))
+            total += spatial * slot.shared_rows * slot.shared + slot.shared
+    for channel in state.channels.values():
+        if channel.shared:
+            bias = next(iter(channel.biases.values()))
+            kernel = next(iter(channel.kernels.values()))
+            total += (kernel.size // bias.size + 1) * channel.shared
+    return total
