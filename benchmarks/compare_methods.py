@@ -123,7 +123,7 @@ def run_pair(job) -> dict:
     seconds = {}
     for label, options in METHODS.items():
         start = time.perf_counter()
-        zipped = tf_mtz.zip_models(models, calibration, seed=pair, verbose=0, **options)
+        zipped = tf_mtz.zip_models(models, calibration, config=options.replace(seed=pair), verbose=0)
         if label == DEFAULT:
             fully_shared = zipped.zip_report.shared_fraction
         rows[label], done = {}, 0
@@ -143,7 +143,8 @@ def run_pair(job) -> dict:
         elif fraction == 1.0 and 0 in budgets:
             sweep[fraction] = [*rows[DEFAULT][0], fully_shared]  # the same zip as the default's 0-step cell
         else:
-            zipped = tf_mtz.zip_models(models, calibration, sharing=fraction, seed=pair, verbose=0, **METHODS[DEFAULT])
+            zipped = tf_mtz.zip_models(models, calibration, sharing=fraction, config=METHODS[DEFAULT].replace(seed=pair),
+                                       verbose=0)
             sweep[fraction] = [*test_errors(zipped), zipped.zip_report.shared_fraction]
     return {"rows": rows, "sweep": sweep, "seconds": seconds}
 

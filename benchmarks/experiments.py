@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
+import tf_mtz
+from tf_mtz.experimental import ExperimentalConfig
+
 METHODS = {
-    "tf_mtz default": dict(method="default"),
-    "paper (no refit)": dict(method="paper"),
-    "hessian + average": dict(pairing="hessian", merge="average", matching="greedy", refit=True),
-    "euclidean + average": dict(pairing="euclidean", merge="average", matching="greedy", refit=True),
+    "tf_mtz default": tf_mtz.ZipConfig(),
+    "paper (no refit)": tf_mtz.ZipConfig.paper(),
+    "hessian + average": ExperimentalConfig(pairing="hessian", merge="average", matching="greedy", refit=True),
+    "euclidean + average": ExperimentalConfig(pairing="euclidean", merge="average", matching="greedy", refit=True),
     # The same recipe as the default (kept as the baseline issue 4 names).
-    "weight matching + average": dict(pairing="weights", merge="average", matching="optimal", refit=True),
-    "correlation + average": dict(pairing="correlation", merge="average", matching="greedy", refit=True),
-    "hessian pairing, A's weights": dict(pairing="hessian", merge="first", matching="greedy", refit=True),
-    "random + average": dict(pairing="random", merge="average", matching="greedy", refit=True),
+    "weight matching + average": ExperimentalConfig(pairing="weights", merge="average", matching="optimal"),
+    "correlation + average": ExperimentalConfig(pairing="correlation", merge="average", matching="greedy"),
+    "hessian pairing, A's weights": ExperimentalConfig(pairing="hessian", merge="first", matching="greedy"),
+    "random + average": ExperimentalConfig(pairing="random", merge="average", matching="greedy"),
 }
 # What the default has to beat: every method above but itself (the paper's exact procedure included).
 BASELINES = [m for m in METHODS if m != "tf_mtz default"]

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import tf_mtz  # noqa: E402
+from tf_mtz.experimental import ExperimentalConfig  # noqa: E402
 from mnist_data import load_mnist  # noqa: E402
 from models import trained_model  # noqa: E402
 
@@ -31,14 +32,19 @@ BUDGETS = flags.DEFINE_list("budgets", ["0", "1000", "2000"], "Total joint retra
 EPOCHS = flags.DEFINE_integer("epochs", 10, "Epochs of each base model.")
 CALIBRATION = flags.DEFINE_integer("calibration", 10000, "Calibration images per task.")
 CONV_HESSIAN = flags.DEFINE_enum("conv_hessian", "channel", ["patch", "channel"], "Conv Hessian.")
-MATCHING = flags.DEFINE_enum("matching", None, ["greedy", "optimal"], "Matching (default: the method's).")
+MATCHING = flags.DEFINE_enum("matching", None, ["greedy", "optimal"], "Matching (default: the preset's).")
 RECIPE = flags.DEFINE_enum("recipe", "default", ["default", "paper"], "Retraining recipe.")
-METHOD = flags.DEFINE_enum("method", "default", ["default", "paper"], "zip_models method preset.")
+METHOD = flags.DEFINE_enum("method", "default", ["default", "paper"], "ZipConfig preset.")
 OUT = flags.DEFINE_string("out", "docs", "Where to write the result table.")
 
 
 def error(out, y):
     return float(np.mean(np.argmax(out, axis=-1) != y) * 100.0)
+
+
+def config() -> ExperimentalConfig:
+    preset = ExperimentalConfig.paper() if METHOD.value == "paper" else ExperimentalConfig()
+    return preset.replace(conv_hessian=CONV_HESSIAN.value, **({"matching": MATCHING.value} if MATCHING.value else {}))
 
 
 def main(_):
@@ -67,8 +73,7 @@ def main(_):
                 else:
                     retrain = tf_mtz.Retrain(data=x_train, steps_per_layer=per_layer, seed=pair)
             started = time.perf_counter()
-            zipped = tf_mtz.zip_models(models, calibration, matching=MATCHING.value, retrain=retrain,
-                                       conv_hessian=CONV_HESSIAN.value, method=METHOD.value, verbose=0)
+            zipped = tf_mtz.zip_models(models, calibration, retrain=retrain, config=config(), verbose=0)
             seconds.append(time.perf_counter() - started)
             out = zipped.predict(x_test, verbose=0, batch_size=1000)
             rows[f"zipped, {budget} steps"].append([error(out["a"], y_test), error(out["b"], y_test)])

@@ -53,8 +53,8 @@ def main(_):
     started = time.perf_counter()
     # The paper's Hessian pair costs (the heavy path: a full ΔE matrix per layer, fc6 and fc7 included) and
     # its greedy matching, as measured in docs/vgg16_scale.md; the default's weight matching costs less.
-    zipped = tf_mtz.zip_models(models, calibration, sharing=1.0, batch_size=BATCH.value, refit=REFIT.value,
-                               pairing="hessian", matching="greedy")
+    config = tf_mtz.ZipConfig(pairing="hessian", matching="greedy", refit=REFIT.value, batch_size=BATCH.value)
+    zipped = tf_mtz.zip_models(models, calibration, sharing=1.0, config=config)
     seconds = time.perf_counter() - started
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     report = zipped.zip_report

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import tf_mtz
+from tf_mtz.experimental import ExperimentalConfig
 from conftest import permuted_copy as chain_permuted_copy, small_cnn
 from tf_mtz import registry
 
@@ -129,7 +130,11 @@ def test_custom_layer_through_the_registry(rng):
         zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, verbose=0)
         np.testing.assert_allclose(zipped.predict(x, verbose=0)["b"], model.predict(x, verbose=0), atol=1e-5)
     finally:
-        registry._REGISTRY.pop(Swish)
+        assert isinstance(tf_mtz.unregister_layer_handler(Swish), tf_mtz.registry.ChannelwiseHandler)
+    with pytest.raises(ValueError, match=r"'swish' \(Swish\).*not supported"):
+        tf_mtz.zip_models({"a": model, "b": copy}, x, verbose=0)
+    with pytest.raises(KeyError, match="No handler is registered for 'Swish'"):
+        tf_mtz.unregister_layer_handler(Swish)
     with pytest.raises(TypeError, match="keras.layers.Layer subclass"):
         tf_mtz.register_layer_handler(int, tf_mtz.registry.ChannelwiseHandler())
 
@@ -185,7 +190,7 @@ def test_conv1d_model_permuted_copy_and_patch_hessian(rng):
     copy = permuted_copy(model, seed=6)
     x = rng.normal(size=(150, 24, 3)).astype("float32")
     for conv_hessian in ("channel", "patch"):
-        zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, conv_hessian=conv_hessian, verbose=0)
+        zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, config=ExperimentalConfig(conv_hessian=conv_hessian), verbose=0)
         np.testing.assert_allclose(zipped.predict(x, verbose=0)["b"], model.predict(x, verbose=0), atol=1e-5)
         assert max(layer.cost_max for layer in zipped.zip_report.layers) < 1e-4
 
@@ -203,14 +208,14 @@ def test_repair_keeps_exact_merges_exact_and_fixes_the_spread(rng):
     model = small_cnn("m", seed=0)
     copy, _ = chain_permuted_copy(model, seed=3)
     x = rng.normal(size=(120, 12, 12, 1)).astype("float32")
-    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, repair=True, verbose=0)
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, config=ExperimentalConfig(repair=True), verbose=0)
     np.testing.assert_allclose(zipped.predict(x, verbose=0)["b"], model.predict(x, verbose=0), atol=1e-4)
     assert zipped.zip_report.settings["repair"] is True
     # Two unrelated models: averaged units lose spread; repair restores each merged unit's pre-activation
     # standard deviation to the average of the originals'.
     other = small_cnn("o", seed=5)
-    plain = tf_mtz.zip_models({"a": model, "b": other}, x, refit=False, verbose=0)
-    repaired = tf_mtz.zip_models({"a": model, "b": other}, x, refit=False, repair=True, verbose=0)
+    plain = tf_mtz.zip_models({"a": model, "b": other}, x, config=ExperimentalConfig(refit=False), verbose=0)
+    repaired = tf_mtz.zip_models({"a": model, "b": other}, x, config=ExperimentalConfig(refit=False, repair=True), verbose=0)
 
     def conv1_std(zipped_model):
         layer = zipped_model.get_layer("conv1_shared")

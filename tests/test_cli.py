@@ -31,7 +31,7 @@ def test_zip_then_report_from_saved_files(tmp_path, rng):
     out = tmp_path / "out"
     result = run_cli("zip", f"--model=digits={tmp_path / 'a.keras'}", f"--model=parity={tmp_path / 'b.keras'}",
                      f"--calibration=digits={tmp_path / 'x_a.npy'}", f"--calibration=parity={tmp_path / 'x_b.npz'}",
-                     "--sharing=fc1=1.0,fc2=8", "--matching=optimal", f"--output={out / 'zipped.keras'}",
+                     "--sharing=fc1=1.0,fc2=8", "--preset=paper", "--matching=optimal", f"--output={out / 'zipped.keras'}",
                      f"--tflite={out / 'zipped.tflite'}", f"--saved_model={out / 'serving' / 'zipped' / '1'}",
                      f"--report_dir={out / 'report'}", f"--evaluation={tmp_path / 'eval.npz'}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -43,6 +43,8 @@ def test_zip_then_report_from_saved_files(tmp_path, rng):
     assert (out / "serving" / "zipped" / "1" / "saved_model.pb").exists()
     report = json.loads((out / "report" / "report.json").read_text())
     assert [layer["shared"] for layer in report["layers"]] == [24, 8, 0]
+    assert {k: report["settings"][k] for k in ("pairing", "matching", "merge", "refit")} == {
+        "pairing": "hessian", "matching": "optimal", "merge": "hessian", "refit": False}  # paper, one change
     assert report["accuracy_original"]["digits"] == 1.0  # labels are model a's own predictions
     assert set(report["layers"][0]["accuracy_zipped"]) == {"digits", "parity"}
     assert report["tflite_bytes"]["zipped"] == (out / "zipped.tflite").stat().st_size

@@ -115,12 +115,21 @@ def test_subclassed_and_unbuilt_models(pair, x):
 
 
 def test_options_validated(pair, x):
-    zip_raises(r"matching must be one of", dict(a=pair[0], b=pair[1]), x, matching="hungarian")
-    zip_raises(r"conv_hessian must be", dict(a=pair[0], b=pair[1]), x, conv_hessian="full")
-    zip_raises(r"damping must be", dict(a=pair[0], b=pair[1]), x, damping=-1.0)
-    zip_raises(r"method must be one of \['default', 'paper'\]", dict(a=pair[0], b=pair[1]), x, method="best")
-    zip_raises(r"pairing must be one of", dict(a=pair[0], b=pair[1]), x, pairing="cosine")
-    zip_raises(r"merge must be one of", dict(a=pair[0], b=pair[1]), x, merge="max")
+    for field, value, message in (("matching", "hungarian", r"matching must be one of"),
+                                  ("conv_hessian", "full", r"conv_hessian must be one of"),
+                                  ("damping", -1.0, r"damping must be a finite number >= 0"),
+                                  ("damping", float("nan"), r"damping must be a finite number >= 0"),
+                                  ("pairing", "cosine", r"pairing must be one of"),
+                                  ("merge", "max", r"merge must be one of"),
+                                  ("refit", "yes", r"refit must be True or False"),
+                                  ("batch_size", 0, r"batch_size must be a positive integer"),
+                                  ("refit_rows_per_input", 0.5, r"refit_rows_per_input must be a positive")):
+        with pytest.raises(ValueError, match=message):
+            tf_mtz.ZipConfig(**{field: value})
+    zip_raises(r"config must be a tf_mtz.ZipConfig or None, got dict", dict(a=pair[0], b=pair[1]), x,
+               config={"matching": "greedy"})
+    with pytest.raises(TypeError):
+        tf_mtz.zip_models(dict(a=pair[0], b=pair[1]), x, method="paper")  # the old keyword: gone in 0.2
     zip_raises(r"Retrain.loss must be one of", dict(a=pair[0], b=pair[1]), x,
                retrain=tf_mtz.Retrain(loss="mse"))
     zip_raises(r"Retraining data for task 'a' has no labels", dict(a=pair[0], b=pair[1]), x,
@@ -160,7 +169,7 @@ def test_singular_hessian_from_constant_inputs_gives_finite_model(rng):
     x = np.zeros((50, 12, 12, 1), "float32")
     x[:, 4:8, 4:8] = rng.random((50, 4, 4, 1))  # border pixels always zero: singular Hessians
     for damping in (0.0, 1e-2):
-        zipped = tf_mtz.zip_models({"a": a, "b": b}, x, damping=damping, verbose=0)
+        zipped = tf_mtz.zip_models({"a": a, "b": b}, x, config=tf_mtz.ZipConfig(damping=damping), verbose=0)
         out = zipped.predict(x, verbose=0)
         assert all(np.isfinite(v).all() for v in out.values())
         assert all(np.isfinite(w).all() for w in zipped.get_weights())

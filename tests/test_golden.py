@@ -57,7 +57,8 @@ def zip_case(case: str):
 
     arch, method = case.split("/")
     make, shape, sharing = ARCHITECTURES[arch]
-    return tf_mtz.zip_models(make(), _inputs(shape), sharing=sharing, method=method, verbose=0)
+    config = tf_mtz.ZipConfig.paper() if method == "paper" else tf_mtz.ZipConfig()
+    return tf_mtz.zip_models(make(), _inputs(shape), sharing=sharing, config=config, verbose=0)
 
 
 def summary(zipped) -> dict:

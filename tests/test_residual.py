@@ -34,7 +34,7 @@ def test_mobilenet_v2_with_permuted_copy(rng):
     model = randomize_batch_norms(model)
     copy = permuted_graph_copy(model, seed=2)
     x = rng.normal(size=(8, 96, 96, 3)).astype("float32")
-    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=1.0, refit=False, verbose=0)
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=1.0, config=tf_mtz.ZipConfig(refit=False), verbose=0)
     assert_reproduces(model, zipped, x)
     kinds = {type(layer).__name__ for layer in zipped.layers}
     assert {"DepthwiseConv2D", "Add", "Conv2D"} <= kinds

@@ -1,10 +1,12 @@
 """End-to-end behaviour of zip_models on small models."""
 
+import dataclasses
 import keras
 import numpy as np
 import pytest
 
 import tf_mtz
+from tf_mtz.experimental import ExperimentalConfig
 from conftest import mlp, permuted_copy, small_cnn
 
 
@@ -63,7 +65,7 @@ def test_three_permuted_copies_reproduce_outputs(rng):
     b, _ = permuted_copy(model, seed=1)
     c, _ = permuted_copy(model, seed=2)
     x = rng.normal(size=(300, 20)).astype("float32")
-    zipped = tf_mtz.zip_models({"a": model, "b": b, "c": c}, x, matching="optimal", verbose=0)
+    zipped = tf_mtz.zip_models({"a": model, "b": b, "c": c}, x, verbose=0)
     out = predict(zipped, x)
     for task in "abc":
         np.testing.assert_allclose(out[task], predict(model, x), atol=1e-5)
@@ -91,7 +93,7 @@ def test_inputs_untouched_and_keras_round_trip_without_custom_objects(rng, tmp_p
     a, b = small_cnn("a", seed=0), small_cnn("b", seed=1)
     before = [w.copy() for m in (a, b) for w in m.get_weights()]
     x = rng.normal(size=(200, 12, 12, 1)).astype("float32")
-    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, matching="optimal", verbose=0)
+    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0)
     after = [w for m in (a, b) for w in m.get_weights()]
     assert all(np.array_equal(u, v) for u, v in zip(before, after))
     path = str(tmp_path / "zipped.keras")
@@ -106,8 +108,8 @@ def test_inputs_untouched_and_keras_round_trip_without_custom_objects(rng, tmp_p
 def test_optimal_matching_total_cost_not_above_greedy(rng):
     a, b = mlp("a", widths=(30,), seed=0), mlp("b", widths=(30,), seed=5)
     x = rng.normal(size=(500, 20)).astype("float32")
-    greedy = tf_mtz.zip_models({"a": a, "b": b}, x, matching="greedy", verbose=0).zip_report
-    optimal = tf_mtz.zip_models({"a": a, "b": b}, x, matching="optimal", verbose=0).zip_report
+    greedy = tf_mtz.zip_models({"a": a, "b": b}, x, config=tf_mtz.ZipConfig(matching="greedy"), verbose=0).zip_report
+    optimal = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0).zip_report
     assert optimal.layers[0].cost_sum <= greedy.layers[0].cost_sum + 1e-6
     assert greedy.layers[0].cost_sum > 0
 
@@ -118,7 +120,7 @@ def test_reported_cost_equals_measured_preactivation_error_undamped(rng):
     b = mlp("b", widths=(10,), activation="linear", seed=1)
     x_a = rng.normal(size=(2000, 20)).astype("float32")
     x_b = (rng.normal(size=(2000, 20)) * 2 + 0.3).astype("float32")
-    zipped = tf_mtz.zip_models({"a": a, "b": b}, {"a": x_a, "b": x_b}, damping=0.0, verbose=0)
+    zipped = tf_mtz.zip_models({"a": a, "b": b}, {"a": x_a, "b": x_b}, config=tf_mtz.ZipConfig(damping=0.0), verbose=0)
     layer = zipped.zip_report.layers[0]
     shared = keras.Model(zipped.inputs, zipped.get_layer("fc1_shared").output)
     measured = 0.0
@@ -134,8 +136,8 @@ def test_retraining_and_fine_tune_reduce_distillation_gap(rng):
     x = rng.normal(size=(2000, 20)).astype("float32")
     gap = output_gap({"a": a, "b": b}, x, squared=False)
 
-    raw = tf_mtz.zip_models({"a": a, "b": b}, x, method="paper", verbose=0)
-    retrained = tf_mtz.zip_models({"a": a, "b": b}, x, method="paper", verbose=0,
+    raw = tf_mtz.zip_models({"a": a, "b": b}, x, config=tf_mtz.ZipConfig.paper(), verbose=0)
+    retrained = tf_mtz.zip_models({"a": a, "b": b}, x, config=tf_mtz.ZipConfig.paper(), verbose=0,
                                   retrain=tf_mtz.Retrain(steps_per_layer=150, learning_rate=3e-3))
     assert gap(retrained) < 0.7 * gap(raw)
     losses = [layer.retrain_loss for layer in retrained.zip_report.layers if not layer.head]
@@ -171,7 +173,7 @@ def test_refit_brings_zipped_outputs_closer_to_the_originals(rng):
     x = rng.normal(size=(2000, 20)).astype("float32")
     gap = output_gap({"a": a, "b": b}, x, squared=True)
 
-    paper = tf_mtz.zip_models({"a": a, "b": b}, x, method="paper", verbose=0)
+    paper = tf_mtz.zip_models({"a": a, "b": b}, x, config=tf_mtz.ZipConfig.paper(), verbose=0)
     refitted = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0)
     assert refitted.zip_report.settings["refit"] and not paper.zip_report.settings["refit"]
     assert gap(refitted) < 0.5 * gap(paper)
@@ -185,8 +187,8 @@ def test_baseline_strategies_zip_permuted_copies(rng, pairing, merge, matching):
     model = mlp("a", widths=(12, 10))
     copy, _ = permuted_copy(model, seed=3)
     x = rng.normal(size=(400, 20)).astype("float32")
-    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, pairing=pairing, merge=merge, matching=matching,
-                               refit=False, verbose=0)
+    config = ExperimentalConfig(pairing=pairing, merge=merge, matching=matching, refit=False)
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, config=config, verbose=0)
     error = np.abs(predict(zipped, x)["a"] - predict(model, x)).max()
     if pairing == "random":
         assert error > 1e-3 and zipped.zip_report.layers[0].cost_sum > 0
@@ -234,15 +236,28 @@ def test_reported_mismatch_equals_measured_relative_error_of_the_refit_layer(rng
     np.testing.assert_allclose(reported, measured, rtol=1e-3)
 
 
-def test_method_presets_and_explicit_options(rng):
+def test_config_presets_and_explicit_options(rng):
     """The documented presets: the default pairs by weight matching with the optimal assignment, averages
-    and refits; "paper" is the published procedure; explicit options override a preset."""
+    and refits; ZipConfig.paper() is the published procedure; explicit options override a preset; the
+    report records the configuration used."""
     a, b = mlp("a", seed=0), mlp("b", seed=1)
     x = rng.normal(size=(300, 20)).astype("float32")
-    settings = {m: tf_mtz.zip_models({"a": a, "b": b}, x, method=m, verbose=0).zip_report.settings
-                for m in ("default", "paper")}
     pick = ("pairing", "matching", "merge", "refit")
-    assert [settings["default"][k] for k in pick] == ["weights", "optimal", "average", True]
-    assert [settings["paper"][k] for k in pick] == ["hessian", "greedy", "hessian", False]
-    explicit = tf_mtz.zip_models({"a": a, "b": b}, x, matching="greedy", pairing="hessian", verbose=0)
-    assert [explicit.zip_report.settings[k] for k in pick] == ["hessian", "greedy", "average", True]
+    assert [getattr(tf_mtz.ZipConfig(), k) for k in pick] == ["weights", "optimal", "average", True]
+    assert [getattr(tf_mtz.ZipConfig.paper(), k) for k in pick] == ["hessian", "greedy", "hessian", False]
+    explicit = tf_mtz.ZipConfig(matching="greedy", pairing="hessian")
+    assert [getattr(explicit, k) for k in pick] == ["hessian", "greedy", "average", True]
+    assert tf_mtz.ZipConfig.paper(refit=True).refit and explicit.replace(damping=0.5).damping == 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        explicit.damping = 1.0
+    default = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0)
+    paper = tf_mtz.zip_models({"a": a, "b": b}, x, config=tf_mtz.ZipConfig.paper(), verbose=0)
+    assert {k: default.zip_report.settings[k] for k in pick} == {k: getattr(tf_mtz.ZipConfig(), k) for k in pick}
+    assert paper.zip_report.settings["pairing"] == "hessian" and paper.zip_report.layers[0].mismatch is None
+    assert default.zip_report.layers[1].mismatch is not None  # the default refits fc2 after fc1 is zipped
+    np.testing.assert_array_less(0, paper.zip_report.layers[0].cost_sum)
+    # The baselines are refused by ZipConfig with a pointer to where they are, and work from there.
+    with pytest.raises(ValueError, match=r"pairing must be one of \('weights', 'hessian'\).*experimental"):
+        tf_mtz.ZipConfig(pairing="random")
+    assert ExperimentalConfig.paper(pairing="random").pairing == "random"
+

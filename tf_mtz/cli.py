@@ -13,6 +13,8 @@ import sys
 
 from absl import app, flags
 
+from tf_mtz import config as config_lib
+
 COMMANDS = ("zip", "report")
 
 _MODEL = flags.DEFINE_multi_string("model", [], "TASK=PATH of a saved .keras model; give one per task.")
@@ -24,9 +26,15 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TensorFlow Datasets data dire
 _SHARING = flags.DEFINE_string(
     "sharing", "1.0", "Fraction of every hidden layer's units to share, or LAYER=VALUE[,LAYER=VALUE...] where "
     "VALUE is a fraction (with a dot) or a unit count.")
-_MATCHING = flags.DEFINE_enum("matching", None, ["greedy", "optimal"], "How to pair units (default: the method's).")
-_CONV_HESSIAN = flags.DEFINE_enum("conv_hessian", "channel", ["channel", "patch"], "Hessian for Conv2D layers.")
-_DAMPING = flags.DEFINE_float("damping", 1e-2, "Hessian damping, as a fraction of trace/dim.")
+_PRESET = flags.DEFINE_enum("preset", "default", ["default", "paper"],
+                            "default: weight matching, averaging and refit (the measured best); paper: the "
+                            "published procedure (Hessian costs, greedy matching, Hessian merge, no refit).")
+_PAIRING = flags.DEFINE_enum("pairing", None, list(config_lib.PAIRINGS), "How units are paired (default: the preset's).")
+_MATCHING = flags.DEFINE_enum("matching", None, list(config_lib.MATCHINGS), "One-to-one matching (default: the preset's).")
+_MERGE = flags.DEFINE_enum("merge", None, list(config_lib.MERGES), "How paired weights merge (default: the preset's).")
+_REFIT = flags.DEFINE_bool("refit", None, "Refit each next layer to the originals (default: the preset's).")
+_DAMPING = flags.DEFINE_float("damping", config_lib.ZipConfig.damping, "Hessian damping, as a fraction of trace/dim.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", config_lib.ZipConfig.batch_size, "Calibration batch size.")
 _RETRAIN_STEPS = flags.DEFINE_integer(
     "retrain_steps", 0, "Joint distillation steps after each zipped layer (label-free, on the calibration "
     "inputs); 0 skips retraining.")
@@ -123,6 +131,14 @@ def write_report(report, directory: str) -> list:
     return written
 
 
+def _config() -> config_lib.ZipConfig:
+    """The configuration the flags describe: the preset, with the options given explicitly changed."""
+    preset = config_lib.ZipConfig.paper() if _PRESET.value == "paper" else config_lib.ZipConfig()
+    changes = {name: flag.value for name, flag in (("pairing", _PAIRING), ("matching", _MATCHING),
+                                                    ("merge", _MERGE), ("refit", _REFIT)) if flag.value is not None}
+    return preset.replace(damping=_DAMPING.value, batch_size=_BATCH_SIZE.value, **changes)
+
+
 def _zip():
     import keras
 
@@ -153,9 +169,8 @@ def _zip():
         evaluation = _load_labelled(_EVALUATION.value[0])
     elif _EVALUATION.value:
         evaluation = {task: _load_labelled(path) for task, path in _pairs(_EVALUATION.value, "evaluation").items()}
-    zipped = tf_mtz.zip_models(loaded, calibration, sharing=parse_sharing(_SHARING.value),
-                               matching=_MATCHING.value, retrain=retrain, conv_hessian=_CONV_HESSIAN.value,
-                               damping=_DAMPING.value, evaluation_data=evaluation)
+    zipped = tf_mtz.zip_models(loaded, calibration, sharing=parse_sharing(_SHARING.value), retrain=retrain,
+                               config=_config(), evaluation_data=evaluation)
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     zipped.save(_OUTPUT.value)
     written = [_OUTPUT.value]

@@ -72,8 +72,9 @@ class Probe:
     """Per task, the inputs of any unit layer in the zipped network (from the zip state) and in the
     original model, on the calibration batches."""
 
-    def __init__(self, plan: graph.ZipPlan, state: state_lib.ZipState, calibration: dict):
+    def __init__(self, plan: graph.ZipPlan, state: state_lib.ZipState, calibration: dict, strategy=None):
         self.plan, self.state = plan, state
+        self.strategy = strategy  # a tf.distribute.Strategy for the statistics, or None
         self.batches = {t: [tf.cast(x, tf.float32) for x in calibration[t]] for t in plan.tasks}
         children = plan.children
         body_parents = [position.parents for position in plan.body]

@@ -423,6 +423,30 @@ def register_layer_handler(layer_class: type, handler: LayerHandler) -> None:
     _REGISTRY[layer_class] = handler
 
 
+def unregister_layer_handler(layer_class: type) -> LayerHandler:
+    """Removes the handler registered for `layer_class` (its subclasses fall back to their nearest base).
+
+    Args:
+        layer_class: a class given to `register_layer_handler` before.
+
+    Returns:
+        The handler that was registered.
+
+    Raises:
+        KeyError: nothing is registered for exactly that class.
+
+    Example:
+
+    ```python
+    tf_mtz.register_layer_handler(MyDropout, tf_mtz.registry.ChannelwiseHandler())
+    tf_mtz.unregister_layer_handler(MyDropout)
+    ```
+    """
+    if layer_class not in _REGISTRY:
+        raise KeyError(f"No handler is registered for {getattr(layer_class, '__name__', layer_class)!r}.")
+    return _REGISTRY.pop(layer_class)
+
+
 def handler_for(layer) -> LayerHandler | None:
     """Returns the handler registered for `layer`'s class or its nearest registered base class."""
     for cls in type(layer).__mro__:

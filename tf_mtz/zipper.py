@@ -1,8 +1,8 @@
 """`zip_models`: Multi-Task Zipping, layer by layer from the input.
 
-For each layer: Hessians of every task in the current, partly zipped net -> merge costs -> one-to-one
-matching -> merged weights -> re-indexed next layer -> refit of the next layer to the originals'
-pre-activations (its inputs are final now) -> optional joint retraining. Heads are never merged. Each layer's inputs come from the probe,
+For each layer: pair (costs from weights or Hessians in the current, partly zipped net, then a one-to-one
+matching) -> permute -> merge -> refit the next layer to the originals' pre-activations (its inputs are
+final now) -> optional joint retraining. Heads are never merged. Each layer's inputs come from the probe,
 which carries them forward from layer to layer instead of replaying the network from its input.
 """
 
@@ -17,80 +17,46 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_mtz import config as config_lib
 from tf_mtz import costs as costs_lib
 from tf_mtz import data as data_lib
-from tf_mtz import graph, keras_graph, matching, probe as probe_lib, rebuild, report as report_lib, retrain as retrain_lib, state as state_lib, statistics
+from tf_mtz import graph, keras_graph, matching, rebuild, statistics
+from tf_mtz import probe as probe_lib
+from tf_mtz import report as report_lib
+from tf_mtz import retrain as retrain_lib
+from tf_mtz import state as state_lib
 from tf_mtz.errors import RankDeficientWarning, ZipError
 
 
-METHODS = {
-    # The paper: Hessian pair costs, greedy matching, Hessian-weighted merge, nothing else.
-    "paper": {"pairing": "hessian", "matching": "greedy", "merge": "hessian", "refit": False},
-    # Measured best (README, benchmarks/compare_methods.py): with the least-squares refit of the next layer,
-    # which matters most, weight matching (optimal assignment) was at or near the best pairing before
-    # retraining in all eight MNIST cells, and averaging beat the Hessian-weighted merge.
-    "default": {"pairing": "weights", "matching": "optimal", "merge": "average", "refit": True},
-}
-
-
-def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None = None, retrain=None, *,
-               method: str = "default", pairing: str | None = None, merge: str | None = None,
-               refit: bool | None = None, repair: bool = False, conv_hessian: str = "channel",
-               damping: float = 1e-2,
-               batch_size: int = 256, evaluation_data=None, seed: int = 0, strategy=None,
-               verbose: int = 1) -> keras.Model:
+def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config=None, *, evaluation_data=None,
+               strategy=None, verbose: int = 1) -> keras.Model:
     """Zips several trained models into one network with a shared trunk and one head per task.
 
-    Layers are zipped from the input: each task's layer-wise Hessian is measured on its calibration
-    data in the current, partly zipped network; units are paired one per task and each pair merged into
-    one unit. With `method="paper"` pairs are chosen greedily by the merge cost
-    ΔE = ½ dᵀ H_A (H_A+H_B)⁻¹ H_B d and merged to (H_A+H_B)⁻¹(H_A w_A + H_B w_B); the default pairs by
-    weight matching (optimal assignment), averages, and refits the next layer of every task by least
-    squares to the original models' pre-activations, which measured best (README). More than two tasks
-    are zipped one at a time against the shared units. The output layers (heads) are never merged.
+    Layers are zipped from the input. At each layer, units are paired one per task and each pair is merged
+    into one unit; the next layer is then refit so that its pre-activations match the original models'
+    on the calibration data. `config` says how units are paired and merged: the default pairs by weight
+    matching (optimal assignment) and averages, the measured best; `tf_mtz.ZipConfig.paper()` is the
+    published procedure (greedy pairs by ΔE = ½ dᵀ H_A (H_A+H_B)⁻¹ H_B d from each task's layer-wise
+    Hessian in the partly zipped network, merged to (H_A+H_B)⁻¹(H_A w_A + H_B w_B), no refit). More than
+    two tasks are zipped one at a time against the shared units. Output layers (heads) are never merged.
 
     Args:
         models: `{task_name: keras.Model}`, two or more Functional or Sequential models that take the
             same input and have the same layer types in the same order (widths may differ). They are
             not modified.
-        calibration_data: inputs for the Hessians: `{task: data}` or one value for every task, where
-            data is a numpy array, a tensor, or a `tf.data.Dataset` of x or (x, y) (batched or not).
+        calibration_data: inputs for the layer statistics: `{task: data}` or one value for every task,
+            where data is a numpy array, a tensor, or a `tf.data.Dataset` of x or (x, y) (batched or not).
         sharing: fraction in [0, 1] of each hidden layer's units to share (of the narrowest task), or
             `{layer_name: fraction | count}` with names of the first model's layers; layers not named
             are not shared.
-        matching: "greedy" (the paper: cheapest pairs first) or "optimal" (least total cost); None takes
-            the method's ("optimal" for "default", "greedy" for "paper").
         retrain: a `tf_mtz.Retrain` for joint retraining after each zipped layer, or None.
-        method: "default" or "paper": presets of `pairing`, `matching`, `merge` and `refit` (explicit
-            values win). "paper" is the published procedure exactly (Hessian costs, greedy, Hessian
-            merge); "default" pairs by weight matching with the optimal assignment, averages the paired
-            weights and refits the next layer (the measured best; README).
-        pairing: how units are paired: "hessian" (ΔE, the paper), "weights" (weight matching as in Git
-            Re-Basin, the default's; use with matching="optimal"), "euclidean" (distance of incoming
-            weights), "correlation" (of the units' pre-activations on the pooled calibration data, as
-            ZipIt! pairs features), or "random".
-        merge: how a pair's weights become one: "hessian" ((H_A+H_B)⁻¹(H_A w_A + H_B w_B)), "average",
-            or "first" (keep the first task's).
-        refit: refit every layer whose inputs earlier merges changed, per task, by ridge least squares
-            so that its pre-activations match the original model's on the calibration data; done once per
-            layer, as soon as its inputs are final (right after the layer before it is zipped, before any
-            retraining).
-        repair: after merging a layer, rescale and shift each merged unit so that the mean and spread of its
-            pre-activation on the calibration data are the average of its paired original units' (in the
-            spirit of REPAIR, Jordan et al. 2023: merged units lose variance). Off by default; the refit
-            corrects the next layer instead.
-        conv_hessian: "channel" (the reference code's per-offset approximation, the default: it zipped
-            LeNet-5 better before retraining and as well after) or "patch" (the exact im2col Hessian).
-        damping: λ = damping · trace(H)/dim added to each Hessian, so singular Hessians stay solvable.
-        batch_size: calibration batch size.
+        config: a `tf_mtz.ZipConfig` (None: `ZipConfig()`, the default recipe).
         evaluation_data: optional labelled data, `{task: (x, y) | dataset of (x, y)}` or one for all
             tasks: the report then holds each task's accuracy for the original models, after each layer
             is zipped, after its retraining, and for the result.
-        seed: seed of the "random" pairing.
-        strategy: a `tf.distribute.Strategy` for the layer statistics (the Hessians), e.g.
+        strategy: a `tf.distribute.Strategy` for the layer statistics (the Hessians) and retraining, e.g.
             `MirroredStrategy`; defaults to the ambient one inside `with strategy.scope():`. Results equal
-            the single-device ones up to rounding. Retraining runs under it too (each replica takes a
-            slice of every task's batch); the refit runs on the default device.
+            the single-device ones up to rounding; the refit runs on the default device.
         verbose: 0 silent, 1 per-layer log lines and progress bars.
 
     Returns:
@@ -99,7 +65,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
 
     Raises:
         ValueError (`tf_mtz.ZipError`): mismatched or unsupported models, bad calibration data, bad
-            sharing or options; the message names the model, layer or task at fault.
+            sharing or config; the message names the model, layer or task at fault.
 
     Example:
 
@@ -107,28 +73,13 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
     zipped = tf_mtz.zip_models({"a": model_a, "b": model_b}, calibration_data=x_train[:10000])
     print(zipped.zip_report)
     probabilities = zipped.predict(x_test)["a"]
+    paper = tf_mtz.zip_models({"a": model_a, "b": model_b}, x_train[:10000], config=tf_mtz.ZipConfig.paper())
     ```
     """
     started = time.perf_counter()
-    if method not in METHODS:
-        raise ZipError(f"method must be one of {sorted(METHODS)}, got {method!r}.")
+    config = _checked_config(config)
     if strategy is None and tf.distribute.has_strategy():
         strategy = tf.distribute.get_strategy()
-    options = {**METHODS[method], "conv_hessian": conv_hessian, "damping": damping,
-               "seed": seed, "strategy": strategy}
-    for name, value, allowed in (("pairing", pairing, costs_lib.PAIRINGS), ("merge", merge, costs_lib.MERGES),
-                                 ("matching", matching, matching_methods())):
-        if value is not None:
-            if value not in allowed:
-                raise ZipError(f"{name} must be one of {allowed}, got {value!r}.")
-            options[name] = value
-    if refit is not None:
-        options["refit"] = bool(refit)
-    refit = options["refit"]
-    if conv_hessian not in ("patch", "channel"):
-        raise ZipError(f"conv_hessian must be 'patch' or 'channel', got {conv_hessian!r}.")
-    if not (isinstance(damping, (int, float)) and damping >= 0 and np.isfinite(damping)):
-        raise ZipError(f"damping must be a finite number >= 0, got {damping!r}.")
     if retrain is not None:
         if not isinstance(retrain, retrain_lib.Retrain):
             raise ZipError(f"retrain must be a tf_mtz.Retrain or None, got {type(retrain).__name__}.")
@@ -137,86 +88,25 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
     plan = graph.read_models(models)
     tasks = plan.tasks
     counts = resolve_sharing(sharing, plan)
-    calibration = {t: data_lib.as_dataset(d, t, plan.input_shape, "Calibration data", batch_size)
+    calibration = {t: data_lib.as_dataset(d, t, plan.input_shape, "Calibration data", config.batch_size)
                    for t, d in data_lib.per_task(calibration_data, tasks, "Calibration data").items()}
     fingerprints = {t: _fingerprint(m) for t, m in models.items()}
     evaluation = None
     if evaluation_data is not None:
-        evaluation = {t: data_lib.as_dataset(d, t, plan.input_shape, "Evaluation data", batch_size,
+        evaluation = {t: data_lib.as_dataset(d, t, plan.input_shape, "Evaluation data", config.batch_size,
                                              with_labels=True)
                       for t, d in data_lib.per_task(evaluation_data, tasks, "Evaluation data").items()}
-
-    trainer_inputs = None
-    if retrain is not None:
-        # The originals' logits are the distillation targets; their output activation picks the loss.
-        logits = {t: retrain_lib.chain_teacher(plan, t) for t in tasks}
-        teachers = {t: logits[t][0] for t in tasks} if retrain.loss == "distill" else None
-        activations = {t: logits[t][1] for t in tasks}
-        fallback = calibration_data if retrain.loss == "distill" else None
-        trainer_inputs = (teachers, activations,
-                          retrain_lib.training_datasets(retrain, tasks, plan.input_shape, fallback), strategy)
+    trainer_inputs = None if retrain is None else _trainer_inputs(plan, retrain, calibration_data, strategy)
 
     state = state_lib.ZipState.from_plan(plan)
-    probe = probe_lib.Probe(plan, state, calibration)
-    refit_mismatch = {}  # slot index -> what its refit left, reported with that layer
+    probe = probe_lib.Probe(plan, state, calibration, strategy)
+    steps = _LayerSteps(plan, state, probe, config, counts, verbose)
     layer_reports = []
-    group_counts = {}
-    for index, slot_plan in enumerate(plan.slots):
-        slot = state.slots[index]
-        position = slot_plan.position
-        is_head = index == len(plan.slots) - 1
-        layer_started = time.perf_counter()
-        chosen, samples, deficient, shared_units, hessians = np.zeros(0), {t: 0 for t in tasks}, [], {}, None
-        count, pair_now, mismatch = 0, False, None
-        probe.advance(index)
-        mismatch = refit_mismatch.pop(index, None)
-        if not is_head:
-            group = slot_plan.group
-            if group not in group_counts:
-                group_counts[group] = counts[index]
-                if counts[index]:
-                    if slot.shared_inputs == 0:
-                        raise ZipError(
-                            f"Layer '{position.name}' is set to share {counts[index]} units but the layer before "
-                            "it shares none, so its shared units would have no shared inputs; share some units "
-                            "of the previous layer.")
-                    if verbose:
-                        keras_graph.print_message(f"tf_mtz: zipping layer {index + 1}/{len(plan.slots) - 1} "
-                                           f"'{position.name}': sharing {counts[index]} units")
-                    pair_now = True
-            elif group_counts[group] and verbose:
-                keras_graph.print_message(f"tf_mtz: zipping layer {index + 1}/{len(plan.slots) - 1} '{position.name}': "
-                                   f"{group_counts[group]} units paired with '{plan.slots[plan.groups[group].members[0]].position.name}'")
-            count = group_counts[group]
-        if count:
-            if slot.shared_inputs == 0:
-                first = plan.slots[plan.groups[slot_plan.group].members[0]].position.name
-                raise ZipError(
-                    f"Layer '{position.name}' is tied by a residual merge to '{first}', which shares {count} "
-                    "units, but its own input shares none; share units of the layer feeding it too.")
-            chosen, hessians = _zip_layer(plan, state, index, count, probe, options, repair, pair_now)
-            shared_units = {t: state.slots[index].column_order[t][:count].tolist() for t in tasks}
-            samples = {t: h.samples for t, h in hessians.items()}
-            deficient = [t for t, h in hessians.items() if h.rank_deficient]
-            if deficient:
-                warnings.warn(
-                    f"Layer '{position.name}': fewer calibration samples than inputs for task(s) {deficient} "
-                    f"({min(hessians[t].samples for t in deficient)} < {hessians[deficient[0]].dim}); "
-                    "the Hessian is rank-deficient and damping decides the unseen directions. Give more "
-                    "calibration data.", RankDeficientWarning, stacklevel=2)
-        if refit and not is_head:
-            # The next layer's inputs are final now: refit it before any retraining, which then starts from
-            # the refit weights.
-            probe.advance(index + 1)
-            if _zipped_producers(plan, state, index + 1):
-                refit_mismatch[index + 1] = _refit(plan, state, index + 1, probe)
-        seconds = time.perf_counter() - layer_started
-        layer_report = _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, seconds,
-                                     shared_units)
-        layer_report.mismatch = mismatch
-        if count and evaluation is not None:
+    for index in range(len(plan.slots)):
+        layer_report = steps.zip_layer(index)
+        if layer_report.shared and evaluation is not None:
             layer_report.accuracy_zipped = _accuracy(rebuild.build_model(plan, state).model, evaluation)
-        if count and retrain is not None and retrain.steps_per_layer:
+        if layer_report.shared and retrain is not None and retrain.steps_per_layer:
             layer_report.retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.steps_per_layer,
                                                  f"layer {index + 1}", verbose)
             probe.weights_changed()
@@ -227,40 +117,126 @@ def zip_models(models: dict, calibration_data, sharing=1.0, matching: str | None
         layer_reports[-1].retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.final_steps,
                                                   "final", verbose)
 
-    built = rebuild.build_model(plan, state)
-    zipped = built.model
+    zipped = rebuild.build_model(plan, state).model
     for t, m in models.items():
         if _fingerprint(m) != fingerprints[t]:
             raise AssertionError(f"Internal error: zipping modified the weights of model for task '{t}'.")
-    report = report_lib.ZipReport(
-        tasks=tasks, layers=layer_reports,
-        params_original=int(sum(m.count_params() for m in models.values())),
-        params_zipped=int(zipped.count_params()),
-        params_shared=state_lib.count_shared_parameters(state),
-        settings={"sharing": sharing if not isinstance(sharing, dict) else dict(sharing), "method": method,
-                  **{k: options[k] for k in ("pairing", "merge", "refit", "matching", "conv_hessian", "damping")},
-                  "repair": bool(repair),
-                  "retrain": None if retrain is None else {
-                      k: v for k, v in vars(retrain).items() if k != "data" and not callable(v)
-                      and isinstance(v, (int, float, str))},
-                  "seconds": time.perf_counter() - started})
+    zipped.zip_report = _zip_report(models, zipped, state, layer_reports, sharing, config, retrain, started)
     if evaluation is not None:
-        report.accuracy_original = {t: _accuracy(models[t], {t: evaluation[t]}, single_output=True)[t]
-                                    for t in tasks}
-        report.accuracy_final = _accuracy(zipped, evaluation)
-    zipped.zip_report = report
+        zipped.zip_report.accuracy_original = {
+            t: _accuracy(models[t], {t: evaluation[t]}, single_output=True)[t] for t in tasks}
+        zipped.zip_report.accuracy_final = _accuracy(zipped, evaluation)
     if verbose:
         keras_graph.print_message(f"tf_mtz: zipped {len(tasks)} models in {time.perf_counter() - started:.1f} s")
     return zipped
 
 
+def _checked_config(config) -> config_lib.ZipConfig:
+    if config is None:
+        return config_lib.ZipConfig()
+    if not isinstance(config, config_lib.ZipConfig):
+        raise ZipError(f"config must be a tf_mtz.ZipConfig or None, got {type(config).__name__}.")
+    return config
+
+
+def _trainer_inputs(plan, retrain, calibration_data, strategy) -> tuple:
+    """What joint retraining needs: teachers (the originals' logits, for distillation), each head's output
+    activation (it picks the loss), the training datasets, and the strategy."""
+    logits = {t: retrain_lib.chain_teacher(plan, t) for t in plan.tasks}
+    teachers = {t: logits[t][0] for t in plan.tasks} if retrain.loss == "distill" else None
+    activations = {t: logits[t][1] for t in plan.tasks}
+    fallback = calibration_data if retrain.loss == "distill" else None
+    return (teachers, activations, retrain_lib.training_datasets(retrain, plan.tasks, plan.input_shape, fallback),
+            strategy)
+
+
+def _zip_report(models, zipped, state, layer_reports, sharing, config, retrain, started) -> report_lib.ZipReport:
+    return report_lib.ZipReport(
+        tasks=list(models), layers=layer_reports,
+        params_original=int(sum(m.count_params() for m in models.values())),
+        params_zipped=int(zipped.count_params()),
+        params_shared=state_lib.count_shared_parameters(state),
+        settings={"sharing": sharing if not isinstance(sharing, dict) else dict(sharing), **config.as_dict(),
+                  "retrain": None if retrain is None else {
+                      k: v for k, v in vars(retrain).items() if k != "data" and not callable(v)
+                      and isinstance(v, (int, float, str))},
+                  "seconds": time.perf_counter() - started})
+
+
+class _LayerSteps:
+    """The per-layer step of the method: pair (when a layer starts its unit group) -> permute -> merge ->
+    refit the next layer, with what the report needs of each layer."""
+
+    def __init__(self, plan, state, probe, config, counts, verbose):
+        self.plan, self.state, self.probe, self.config = plan, state, probe, config
+        self.counts, self.verbose = counts, verbose
+        self.group_counts = {}  # group -> shared units, set by the group's first layer
+        self.refit_mismatch = {}  # slot index -> what its refit left, reported with that layer
+
+    def zip_layer(self, index) -> report_lib.LayerReport:
+        plan, state, probe = self.plan, self.state, self.probe
+        started = time.perf_counter()
+        position = plan.slots[index].position
+        is_head = index == len(plan.slots) - 1
+        probe.advance(index)
+        count, pair_now = (0, False) if is_head else self._count(index)
+        chosen, hessians = np.zeros(0), {}
+        if count:
+            chosen, hessians = _zip_layer(plan, state, index, count, probe, self.config, pair_now)
+            _warn_rank_deficient(position.name, hessians)
+        if self.config.refit and not is_head:
+            # The next layer's inputs are final now: refit it before any retraining, which then starts from
+            # the refit weights.
+            probe.advance(index + 1)
+            if _zipped_producers(plan, state, index + 1):
+                self.refit_mismatch[index + 1] = _refit(plan, state, index + 1, probe, self.config)
+        layer_report = _layer_report(
+            position, state.slots[index], is_head, plan.tasks, chosen,
+            {t: hessians[t].samples if t in hessians else 0 for t in plan.tasks},
+            [t for t, h in hessians.items() if h.rank_deficient], time.perf_counter() - started,
+            {t: state.slots[index].column_order[t][:count].tolist() for t in plan.tasks} if count else {})
+        layer_report.mismatch = self.refit_mismatch.pop(index, None)
+        return layer_report
+
+    def _count(self, index) -> tuple:
+        """`(units to share, whether this layer pairs its group now)`, checked against its inputs."""
+        plan, slot = self.plan, self.state.slots[index]
+        name, group, last = plan.slots[index].position.name, plan.slots[index].group, len(plan.slots) - 1
+        pair_now = group not in self.group_counts
+        if pair_now:
+            self.group_counts[group] = count = self.counts[index]
+            if count and slot.shared_inputs == 0:
+                raise ZipError(
+                    f"Layer '{name}' is set to share {count} units but the layer before it shares none, so its "
+                    "shared units would have no shared inputs; share some units of the previous layer.")
+            if count and self.verbose:
+                keras_graph.print_message(f"tf_mtz: zipping layer {index + 1}/{last} '{name}': sharing {count} units")
+            return count, bool(count)
+        count = self.group_counts[group]
+        first = plan.slots[plan.groups[group].members[0]].position.name
+        if count and slot.shared_inputs == 0:
+            raise ZipError(
+                f"Layer '{name}' is tied by a residual merge to '{first}', which shares {count} units, but its "
+                "own input shares none; share units of the layer feeding it too.")
+        if count and self.verbose:
+            keras_graph.print_message(f"tf_mtz: zipping layer {index + 1}/{last} '{name}': {count} units paired "
+                                      f"with '{first}'")
+        return count, False
+
+
+def _warn_rank_deficient(layer_name, hessians) -> None:
+    deficient = [t for t, h in hessians.items() if h.rank_deficient]
+    if deficient:
+        warnings.warn(
+            f"Layer '{layer_name}': fewer calibration samples than inputs for task(s) {deficient} "
+            f"({min(hessians[t].samples for t in deficient)} < {hessians[deficient[0]].dim}); "
+            "the Hessian is rank-deficient and damping decides the unseen directions. Give more "
+            "calibration data.", RankDeficientWarning, stacklevel=3)
+
+
 def _fingerprint(model) -> list:
     """Checksums of a model's weights: enough to prove they were not touched, without a copy of them."""
     return [zlib.crc32(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).view(np.uint8)) for w in model.weights]
-
-
-def matching_methods():
-    return matching.MATCHINGS
 
 
 def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
@@ -321,28 +297,28 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
     return counts
 
 
-def _hessians(plan, indices, probe, options) -> dict:
+def _hessians(plan, indices, probe, config) -> dict:
     """`{slot index: {task: LayerHessian}}` of the shared inputs of unit layers, in the current network."""
     result = {}
     for index in indices:
         position = plan.slots[index].position
         handler = position.handler
-        mode = _mode(handler, options)
+        mode = _mode(handler, config)
         result[index] = {}
         for t in plan.tasks:
             template = position.layers[t]
             result[index][t] = statistics.hessian_of_inputs(
                 probe.shared_inputs(index, t), lambda x, template=template: handler.hessian_samples(template, x, mode),
                 task=t, layer_name=position.name, is_first_layer=plan.slots[index].input_space == graph.INPUT,
-                strategy=options["strategy"])
+                strategy=probe.strategy)
     return result
 
 
-def _mode(handler, options):
-    return options["conv_hessian"] if options["conv_hessian"] in handler.hessian_modes else handler.hessian_modes[0]
+def _mode(handler, config):
+    return config.conv_hessian if config.conv_hessian in handler.hessian_modes else handler.hessian_modes[0]
 
 
-def _pair_group(plan, state, group, index, count, probe, options):
+def _pair_group(plan, state, group, index, count, probe, config):
     """Pairs `count` units of a group across tasks and puts every member, per-channel layer and consumer of
     the group into the paired order [paired, rest]. Merging happens per member, in `_merge_slot`.
 
@@ -361,23 +337,23 @@ def _pair_group(plan, state, group, index, count, probe, options):
                 f"got {count} of {[graph.group_width(plan, group, t) for t in tasks]}.")
     ready = [m for m in members
              if state.slots[m].shared_inputs > 0 and plan.slots[m].input_space != group]
-    hessians = _hessians(plan, ready, probe, options)
+    hessians = _hessians(plan, ready, probe, config)
     blocks, damped, pooled = {}, {}, {}
     for m in ready:
         slot, handler = state.slots[m], plan.slots[m].position.handler
-        mode = _mode(handler, options)
+        mode = _mode(handler, config)
         rows = slot.shared_rows
         blocks[m] = {t: handler.to_blocks(slot.kernels[t][..., :rows, :], slot.biases[t], mode) for t in tasks}
-        damped[m] = {t: statistics.damped(hessians[m][t], options["damping"]) for t in tasks}
+        damped[m] = {t: statistics.damped(hessians[m][t], config.damping) for t in tasks}
         pooled[m] = None
-        if options["pairing"] == "correlation":
+        if config.pairing == "correlation":
             pooled[m] = _pooled(list(hessians[m].values()))
 
     def pair(merged, merged_hessian, t):
-        cost = sum(costs_lib.pairing_costs(options["pairing"], merged[m], blocks[m][t], merged_hessian[m],
-                                           damped[m][t], pooled[m], seed=options["seed"] + index)
+        cost = sum(costs_lib.pairing_costs(config.pairing, merged[m], blocks[m][t], merged_hessian[m],
+                                           damped[m][t], pooled[m], seed=config.seed + index)
                    for m in ready)
-        return matching.match(cost, count, options["matching"])
+        return matching.match(cost, count, config.matching)
 
     # The first two tasks pick `count` pairs; each further task is matched against those shared units,
     # whose Hessian is the sum of the merged tasks' (as in the reference code).
@@ -386,7 +362,7 @@ def _pair_group(plan, state, group, index, count, probe, options):
                                    second)
     orders = {first: pick_first, second: pick_second}
     if len(tasks) > 2:  # the merged units matter only for matching further tasks; `_merge_slot` merges
-        merged = {m: costs_lib.merge_units(options["merge"], blocks[m][first][:, :, pick_first],
+        merged = {m: costs_lib.merge_units(config.merge, blocks[m][first][:, :, pick_first],
                                            blocks[m][second][:, :, pick_second], damped[m][first],
                                            damped[m][second]) for m in ready}
         accumulated = {m: damped[m][first] + damped[m][second] for m in ready}
@@ -396,7 +372,7 @@ def _pair_group(plan, state, group, index, count, probe, options):
         order[shared_index] = picks
         orders[t] = order
         for m in ready:
-            merged[m] = costs_lib.merge_units(options["merge"], merged[m], blocks[m][t][:, :, order],
+            merged[m] = costs_lib.merge_units(config.merge, merged[m], blocks[m][t][:, :, order],
                                               accumulated[m], damped[m][t], tasks_in_a=count_merged)
             accumulated[m] = accumulated[m] + damped[m][t]
 
@@ -423,7 +399,7 @@ def _pair_group(plan, state, group, index, count, probe, options):
         biases = [channel.biases[t][:count] for t in tasks]
         # Per-channel weights have no layer input of their own to weigh them by: average them
         # (or keep the first task's, for merge="first").
-        keep_first = options["merge"] == "first"
+        keep_first = config.merge == "first"
         kernel = kernels[0] if keep_first else np.mean(kernels, axis=0)
         bias = biases[0] if keep_first else np.mean(biases, axis=0)
         for t in tasks:
@@ -442,16 +418,16 @@ def _pair_group(plan, state, group, index, count, probe, options):
     return hessians.get(index)
 
 
-def _zip_layer(plan, state, index, count, probe, options, repair, pair_now):
+def _zip_layer(plan, state, index, count, probe, config, pair_now):
     """Pairs (when this layer starts its group), merges and repairs one layer, in place.
 
     Returns the chosen merge costs and the Hessians.
     """
     hessians = None
     if pair_now:
-        hessians = _pair_group(plan, state, plan.slots[index].group, index, count, probe, options)
-    chosen, hessians = _merge_slot(plan, state, index, probe, options, hessians)
-    if repair:
+        hessians = _pair_group(plan, state, plan.slots[index].group, index, count, probe, config)
+    chosen, hessians = _merge_slot(plan, state, index, probe, config, hessians)
+    if getattr(config, "repair", False):  # tf_mtz.experimental.ExperimentalConfig
         _repair(plan, state, index, probe)
     return chosen, hessians
 
@@ -465,22 +441,22 @@ def _pooled(hessians: list):
     return sum(h.dense() * (h.samples / total) for h in hessians)
 
 
-def _merge_slot(plan, state, index, probe, options, hessians=None):
+def _merge_slot(plan, state, index, probe, config, hessians=None):
     """Gives the paired units of one layer common weights; returns the ΔE each merged unit causes
     (Σ_t ½ δ_tᵀ H_t δ_t, which equals the paper's pair cost for its merge) and the Hessians."""
     tasks = plan.tasks
     slot = state.slots[index]
     handler = plan.slots[index].position.handler
-    mode = _mode(handler, options)
+    mode = _mode(handler, config)
     if hessians is None:
-        hessians = _hessians(plan, [index], probe, options)[index]
+        hessians = _hessians(plan, [index], probe, config)[index]
     rows, count = slot.shared_rows, slot.shared
     blocks = {t: handler.to_blocks(slot.kernels[t][..., :rows, :count], slot.biases[t][:count], mode) for t in tasks}
-    damped = {t: statistics.damped(hessians[t], options["damping"]) for t in tasks}
+    damped = {t: statistics.damped(hessians[t], config.damping) for t in tasks}
     first = tasks[0]
     merged, accumulated = blocks[first], damped[first]
     for count_merged, t in enumerate(tasks[1:], start=1):
-        merged = costs_lib.merge_units(options["merge"], merged, blocks[t], accumulated, damped[t],
+        merged = costs_lib.merge_units(config.merge, merged, blocks[t], accumulated, damped[t],
                                        tasks_in_a=count_merged)
         accumulated = accumulated + damped[t]
     chosen = sum(costs_lib.merge_error(merged, blocks[t], damped[t]) for t in tasks)
@@ -569,12 +545,16 @@ def _consumers(plan, index) -> list:
     return sorted(found)
 
 
-def _refit(plan, state, slot_index, probe, ridge: float = 1e-3) -> float:
+def _refit(plan, state, slot_index, probe, config, ridge: float = 1e-3) -> float:
     """Refits one unit layer, per task, by ridge least squares so that its pre-activations in the zipped
     network match the original model's on the calibration data (compensating the merges before it).
 
+    With `config.refit_rows_per_input`, a convolution's statistics use a random subset of its patches
+    (at most that many rows per kernel input): the Gram matrix of every patch costs many times the
+    layer's forward pass, and a least-squares fit with tens of rows per unknown is as good.
+
     Returns the mismatch that is left, summed over tasks, each task's relative to the variance of its
-    original pre-activations.
+    original pre-activations (on the rows used).
     """
     slot = state.slots[slot_index]
     position = plan.slots[slot_index].position
@@ -591,7 +571,14 @@ def _refit(plan, state, slot_index, probe, ridge: float = 1e-3) -> float:
 
         accumulated = statistics.StreamedGram()
         target_sum, target_square, residual_square = 0.0, 0.0, 0.0
-        for zipped_inputs, original_inputs in _layer_samples(plan, probe, slot_index, t, mode):
+        keep = None
+        for batch, (zipped_inputs, original_inputs) in enumerate(_layer_samples(plan, probe, slot_index, t, mode)):
+            if keep is None:  # the share of rows to keep, from the first batch's rows per sample
+                rows_per_sample = int(zipped_inputs.shape[0]) / int(probe.batches[t][0].shape[0])
+                keep = _refit_share(config, int(zipped_inputs.shape[1]), rows_per_sample * probe.samples(t))
+            if keep < 1.0:
+                chosen = _subsample(int(zipped_inputs.shape[0]), keep, (config.seed, slot_index, batch))
+                zipped_inputs, original_inputs = tf.gather(zipped_inputs, chosen), tf.gather(original_inputs, chosen)
             target = tf.matmul(original_inputs, original_weights)
             residual = target - tf.matmul(zipped_inputs, current_weights)
             accumulated.add(zipped_inputs, residual)
@@ -627,6 +614,19 @@ def _refit(plan, state, slot_index, probe, ridge: float = 1e-3) -> float:
         slot.kernels[t] = np.ascontiguousarray(kernel, np.float32)
         slot.biases[t] = np.ascontiguousarray(bias, np.float32)
     return mismatch
+
+
+def _refit_share(config, features: int, rows: float) -> float:
+    """The share of a layer's statistics rows the refit keeps: all, or `refit_rows_per_input` per feature."""
+    if config.refit_rows_per_input is None or rows <= 0:
+        return 1.0
+    return min(1.0, config.refit_rows_per_input * features / rows)
+
+
+def _subsample(rows: int, share: float, key: tuple) -> np.ndarray:
+    """A fixed random subset of `rows` row indices (the same for the zipped and original inputs), sorted."""
+    count = max(1, int(round(rows * share)))
+    return np.sort(np.random.default_rng(list(key)).choice(rows, count, replace=False))
 
 
 def _retrain(plan, state, retrain, trainer_inputs, steps, label, verbose):

@@ -1,0 +1,111 @@
+"""How to zip: one frozen configuration, its two presets, and the option values the CLI's flags offer too.
+
+`ZipConfig()` is the measured-best default recipe (weight matching with the optimal assignment, averaged
+weights, least-squares refit of each next layer; docs/design.md has the numbers behind it);
+`ZipConfig.paper()` is the published procedure (Hessian merge costs, greedy matching, Hessian-weighted
+merge, no refit). The baselines the benchmarks compare against live in `tf_mtz.experimental`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from tf_mtz.errors import ZipError
+
+PAIRINGS = ("weights", "hessian")
+MATCHINGS = ("optimal", "greedy")
+MERGES = ("average", "hessian")
+CONV_HESSIANS = ("channel",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZipConfig:
+    """Options of `tf_mtz.zip_models`, validated on construction.
+
+    Args:
+        pairing: how units are paired: "weights" (weight matching, as in Git Re-Basin: the default) or
+            "hessian" (the paper's merge cost ΔE = ½ dᵀ H_A (H_A+H_B)⁻¹ H_B d).
+        matching: "optimal" (least total cost, the default) or "greedy" (cheapest pairs first, the paper).
+        merge: how a pair's weights become one: "average" (the default) or "hessian"
+            ((H_A+H_B)⁻¹(H_A w_A + H_B w_B), the paper).
+        refit: refit every layer whose inputs earlier merges changed, per task, by ridge least squares to
+            the original model's pre-activations, once its inputs are final (the default; the paper has
+            no refit).
+        refit_rows_per_input: the refit's statistics use at most this many rows per input of the layer
+            (its kernel rows plus the bias): convolutions see many patches per image, and a random subset
+            of them bounds the refit's cost; None (the default) uses every row.
+        conv_hessian: "channel": the reference code's per-offset Hessian of a convolution
+            (`tf_mtz.experimental` also has the exact patch Hessian).
+        damping: λ = damping · trace(H)/dim added to each Hessian, so singular Hessians stay solvable.
+        batch_size: calibration batch size.
+        seed: seed of any random choice (the experimental random pairing).
+
+    Raises:
+        ValueError (`tf_mtz.ZipError`): an unknown option value, naming the valid ones.
+
+    Example:
+
+    ```python
+    zipped = tf_mtz.zip_models(models, x, config=tf_mtz.ZipConfig.paper())
+    zipped = tf_mtz.zip_models(models, x, config=tf_mtz.ZipConfig(matching="greedy", damping=1e-3))
+    ```
+    """
+
+    pairing: str = "weights"
+    matching: str = "optimal"
+    merge: str = "average"
+    refit: bool = True
+    refit_rows_per_input: int | None = None
+    conv_hessian: str = "channel"
+    damping: float = 1e-2
+    batch_size: int = 256
+    seed: int = 0
+
+    #: The option values this class accepts (`tf_mtz.experimental.ExperimentalConfig` widens them).
+    allowed = {"pairing": PAIRINGS, "matching": MATCHINGS, "merge": MERGES, "conv_hessian": CONV_HESSIANS}
+
+    def __post_init__(self):
+        for name, values in self.allowed.items():
+            if getattr(self, name) not in values:
+                hint = " (the baselines are in tf_mtz.experimental.ExperimentalConfig)" if type(self) is ZipConfig else ""
+                raise ZipError(f"{name} must be one of {values}, got {getattr(self, name)!r}{hint}.")
+        if not isinstance(self.refit, bool):
+            raise ZipError(f"refit must be True or False, got {self.refit!r}.")
+        rows = self.refit_rows_per_input
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ZipError(f"refit_rows_per_input must be a positive integer or None, got {rows!r}.")
+        damping = self.damping
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
+                or damping < 0:
+            raise ZipError(f"damping must be a finite number >= 0, got {damping!r}.")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ZipError(f"batch_size must be a positive integer, got {self.batch_size!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ZipError(f"seed must be an integer, got {self.seed!r}.")
+
+    @classmethod
+    def paper(cls, **changes) -> "ZipConfig":
+        """The published procedure: Hessian costs, greedy matching, Hessian-weighted merge, no refit.
+
+        Args:
+            **changes: fields to set differently, e.g. `damping=1e-3`.
+
+        Returns:
+            A configuration of this class.
+
+        Example:
+
+        ```python
+        config = tf_mtz.ZipConfig.paper(batch_size=64)
+        ```
+        """
+        return cls(**{"pairing": "hessian", "matching": "greedy", "merge": "hessian", "refit": False, **changes})
+
+    def replace(self, **changes) -> "ZipConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        """The options as a plain dict (what the report's `settings` records)."""
+        return dataclasses.asdict(self)
