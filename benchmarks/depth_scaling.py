@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import tf_mtz  # noqa: E402
+from machine import describe  # noqa: E402
 
 DEPTHS = flags.DEFINE_list("depths", ["4", "8", "16", "32"], "Numbers of Conv-BN-ReLU layers.")
 IMAGES = flags.DEFINE_integer("images", 256, "Calibration images per task.")
@@ -76,7 +77,7 @@ def main(argv):
         with open(os.path.join(OUT.value, "depth_scaling.md"), "w") as f:
             f.write("# Zip time against depth (`python benchmarks/depth_scaling.py`)\n\n"
                     f"Two Conv-BN-ReLU chains ({WIDTH.value} channels, 16x16x3 inputs, {IMAGES.value} calibration "
-                    "images, full sharing, default recipe, no retraining), zipped on a 2-core CPU. The growth "
+                    f"images, full sharing, default recipe, no retraining), zipped on a {describe()}. The growth "
                     "exponent is log(t2/t1)/log(d2/d1) between successive depths.\n\n" + "\n".join(table) + "\n")
 
 

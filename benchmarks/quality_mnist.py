@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import tf_mtz  # noqa: E402
+from machine import describe  # noqa: E402
 from tf_mtz.experimental import ExperimentalConfig  # noqa: E402
 from mnist_data import load_mnist  # noqa: E402
 from models import trained_model  # noqa: E402
@@ -96,7 +97,7 @@ def main(_):
                          else f"{(column - base[task]).mean():+.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"zip_models wall time per run: {np.mean(seconds):.1f} s on average (this machine).")
+    lines.append(f"zip_models wall time per run: {np.mean(seconds):.1f} s on average (on a {describe()}).")
     text = "\n".join(lines)
     print()
     print(text)

@@ -23,6 +23,7 @@ from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tf_mtz  # noqa: E402
+from machine import describe  # noqa: E402
 from experiments import error, experiment_data  # noqa: E402
 from mnist_data import load_mnist  # noqa: E402
 from models import calibration_sample, trained_model  # noqa: E402
@@ -85,7 +86,7 @@ def main(_):
               "percentage points (target: within +0.5).",
               f"Parameters (first pair): {report.params_original:,} in the two models -> {report.params_zipped:,} "
               f"zipped ({report.params_zipped / report.params_original:.3f}x); zipping with retraining took "
-              f"{np.mean(seconds):.0f} s per pair on this machine.", "", "Per layer (first pair):", "",
+              f"{np.mean(seconds):.0f} s per pair on a {describe()}.", "", "Per layer (first pair):", "",
               report.to_markdown() if hasattr(report, "to_markdown") else report.to_table()]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -1,5 +1,5 @@
 """Scale: two VGG-16 (138M parameters each) zipped fully with the full Hessian method, fc6 and fc7 included,
-on this machine; wall time and peak memory printed from one run.
+wall time and peak memory printed from one run.
 
 `keras.applications.VGG16(weights=None)` with different seeds, 224x224x3 inputs, heads of 1000 and 40
 units. 64 calibration images per task: real MNIST digits resized to 224x224 and repeated over the three
@@ -25,6 +25,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import tf_mtz  # noqa: E402
+from machine import describe  # noqa: E402
 from mnist_data import load_mnist  # noqa: E402
 
 SIZE = flags.DEFINE_integer("size", 224, "Input height and width.")
@@ -60,7 +61,7 @@ def main(_):
     report = zipped.zip_report
     out = zipped.predict(calibration["small"][:4], verbose=0)
     finite = all(np.isfinite(v).all() for v in out.values())
-    lines = [f"# Two VGG-16 ({SIZE.value}x{SIZE.value}x3, heads 1000 and 40) zipped fully on this machine", "",
+    lines = [f"# Two VGG-16 ({SIZE.value}x{SIZE.value}x3, heads 1000 and 40) zipped fully", "", f"Measured on a {describe()}.", "",
              f"`python benchmarks/vgg16_scale.py --size {SIZE.value} --images {IMAGES.value} --batch_size "
              f"{BATCH.value}{'' if REFIT.value else ' --norefit'}`: {IMAGES.value} calibration images per task, "
              "every hidden layer 100% shared, Hessian pair costs for every layer including fc6 and fc7"
