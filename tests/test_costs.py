@@ -127,7 +127,8 @@ def test_low_rank_hessians_give_the_dense_costs_merges_and_errors(rng):
     np.testing.assert_allclose(costs.cost_matrix(a, b, *low, dtype=tf.float64),
                                costs.cost_matrix(a, b, *dense, dtype=tf.float64), rtol=1e-8, atol=1e-9)
     np.testing.assert_allclose(costs.merged_weights(a, b, *low), costs.merged_weights(a, b, *dense), atol=1e-9)
-    np.testing.assert_allclose(costs.merge_error(a, b, low[0]), costs.merge_error(a, b, dense[0]), rtol=1e-10)
+    np.testing.assert_allclose(costs.merge_error(a, b, low[0]), costs.merge_error(a, b, dense[0], tf.float64),
+                               rtol=1e-10)
     summed = low[0] + low[1]
     np.testing.assert_allclose(summed.dense(), dense[0] + dense[1], atol=1e-12)
     np.testing.assert_allclose(costs.pairing_costs("correlation", a, b, None, None, pooled=low[0]),

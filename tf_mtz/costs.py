@@ -378,16 +378,21 @@ def pairing_costs(pairing: str, blocks_a, blocks_b, hessian_a, hessian_b, pooled
     """
     if pairing == "hessian":
         return cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b)
-    a = np.asarray(blocks_a, np.float64)
-    b = np.asarray(blocks_b, np.float64)
-    n_a, n_b = a.shape[2], b.shape[2]
+    n_a, n_b = np.shape(blocks_a)[2], np.shape(blocks_b)[2]
     if pairing == "random":
         return np.random.default_rng(seed).random((n_a, n_b))
-    cross = np.einsum("kdi,kdj->ij", a, b)
-    if pairing == "weights":
-        return -cross
-    if pairing == "euclidean":
-        return np.maximum(np.sum(a * a, axis=(0, 1))[:, None] + np.sum(b * b, axis=(0, 1))[None, :] - 2 * cross, 0)
+    if pairing in ("weights", "euclidean"):
+        # One matrix product of the flattened weights, in float32 on TensorFlow's device (a GPU when there
+        # is one): 4096 units from 4096 inputs take one 4096³ matmul, where numpy's float64 einsum took 40x.
+        flat_a, flat_b = (tf.reshape(tf.constant(w, tf.float32), (-1, np.shape(w)[2])) for w in (blocks_a, blocks_b))
+        cross = tf.matmul(flat_a, flat_b, transpose_a=True)
+        if pairing == "weights":
+            return (-cross).numpy()
+        squared = (tf.reduce_sum(tf.square(flat_a), axis=0)[:, None] + tf.reduce_sum(tf.square(flat_b), axis=0)[None, :]
+                   - 2.0 * cross)
+        return tf.maximum(squared, 0.0).numpy()
+    a = np.asarray(blocks_a, np.float64)
+    b = np.asarray(blocks_b, np.float64)
     if pairing == "correlation":
         pooled_b = np.stack([_times(pooled, b[i]) for i in range(b.shape[0])])
         pooled_a = np.stack([_times(pooled, a[i]) for i in range(a.shape[0])])
@@ -421,7 +426,16 @@ def _times(hessian, w: np.ndarray) -> np.ndarray:
     return np.asarray(hessian, np.float64) @ w
 
 
-def merge_error(merged, blocks, hessian) -> np.ndarray:
-    """Per unit ½ δᵀ H δ, δ = merged − original: the pre-activation error a merge causes for one task."""
+def merge_error(merged, blocks, hessian, dtype=tf.float32) -> np.ndarray:
+    """Per unit ½ δᵀ H δ, δ = merged − original: the pre-activation error a merge causes for one task.
+
+    A dense Hessian is applied as one TensorFlow product over every block, in float32 by default (the
+    report's number: float32 is the weights' own precision), a low-rank one through its factor.
+    """
     delta = np.asarray(merged, np.float64) - np.asarray(blocks, np.float64)
-    return 0.5 * sum(np.sum(delta[i] * _times(hessian, delta[i]), axis=0) for i in range(delta.shape[0]))
+    if isinstance(hessian, LowRankHessian):
+        return 0.5 * sum(np.sum(delta[i] * hessian.matmul(delta[i]), axis=0) for i in range(delta.shape[0]))
+    k, d, n = delta.shape
+    flat = tf.reshape(tf.transpose(tf.constant(delta, dtype), (1, 0, 2)), (d, k * n))
+    product = tf.matmul(tf.constant(hessian, dtype), flat)
+    return 0.5 * tf.reduce_sum(tf.reshape(flat * product, (d, k, n)), axis=(0, 1)).numpy().astype(np.float64)
