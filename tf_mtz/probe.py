@@ -25,15 +25,20 @@ from tf_mtz.graph import INPUT
 
 
 class _Values:
-    """Values of one task's graph (zipped or original) at its operations, each a list of batches, computed
-    on demand in topological order and kept while a consumer at or past the frontier remains."""
+    """Values of one task's graph (zipped or original) at its operations, each a list of batches.
+
+    `advance(frontier)` computes the *boundary* (the operations before the frontier that an operation at
+    or past it reads) from what was kept, keeps exactly those, and drops the rest: each operation before
+    the frontier is computed once. `get` of anything else computes it from the boundary without keeping
+    it."""
 
     def __init__(self, parents: list, children: dict, inputs: list, compute):
         self.parents = parents  # operation index -> parent indices (INPUT for the model input)
         self.children = children
+        self.inputs = inputs
         self.kept = {INPUT: inputs}
+        self.boundary = set()
         self.compute = compute  # (index, [parent values]) -> value
-        self.frontier = 0
 
     def get(self, index: int) -> list:
         if index in self.kept:
@@ -50,22 +55,24 @@ class _Values:
         for i in sorted(order):
             values = [computed[p] if p in computed else self.kept[p] for p in self.parents[i]]
             computed[i] = self.compute(i, values)
-            if i < self.frontier and self._still_read(i):
+            if i in self.boundary:
                 self.kept[i] = computed[i]
         return computed[index]
 
-    def _still_read(self, index: int) -> bool:
-        return any(c >= self.frontier for c in self.children.get(index, []))
-
     def advance(self, frontier: int) -> None:
-        """Everything before `frontier` is final; drops what nothing at or past it reads."""
-        self.frontier = frontier
-        for i in [i for i in self.kept if i != INPUT and not self._still_read(i)]:
+        """Everything before `frontier` is final: keeps what operations at or past it read, drops the rest."""
+        boundary = {i for i in range(min(frontier, len(self.parents)))
+                    if any(c >= frontier for c in self.children.get(i, []))}
+        self.boundary = boundary | set(self.boundary)  # the old boundary may still feed the new one
+        for i in sorted(boundary):
+            self.get(i)
+        self.boundary = boundary
+        for i in [i for i in self.kept if i != INPUT and i not in boundary]:
             del self.kept[i]
 
     def forget(self) -> None:
-        """Drops every computed value (after retraining changed the weights)."""
-        self.kept = {INPUT: self.kept[INPUT]}
+        """Drops every computed value (after retraining changed the weights); `advance` recomputes them."""
+        self.kept = {INPUT: self.inputs}
 
 
 class Probe:
@@ -104,7 +111,8 @@ class Probe:
             self.original[t].advance(self._original_index[t][id(layer)])
 
     def weights_changed(self) -> None:
-        """Retraining moved every weight: values of the zipped network are computed afresh."""
+        """Retraining moved every weight: values of the zipped network are computed afresh (from the input,
+        once, at the next `advance`)."""
         for values in self.zipped.values():
             values.forget()
 
