@@ -33,8 +33,10 @@ class ZipConfig:
             the original model's pre-activations, once its inputs are final (the default; the paper has
             no refit).
         refit_rows_per_input: the refit's statistics use at most this many rows per input of the layer
-            (its kernel rows plus the bias): convolutions see many patches per image, and a random subset
-            of them bounds the refit's cost; None (the default) uses every row.
+            (its kernel rows plus the bias): a convolution sees many patches per image, and the Gram matrix
+            of all of them costs many times the layer's forward pass, while a least-squares fit with 32
+            rows per unknown is about as good (docs/benchmarks.md); a random subset of the patches, the
+            same for every run, is used instead. None uses every row; Dense layers have one per sample.
         conv_hessian: "channel": the reference code's per-offset Hessian of a convolution
             (`tf_mtz.experimental` also has the exact patch Hessian).
         damping: λ = damping · trace(H)/dim added to each Hessian, so singular Hessians stay solvable.
@@ -56,7 +58,7 @@ class ZipConfig:
     matching: str = "optimal"
     merge: str = "average"
     refit: bool = True
-    refit_rows_per_input: int | None = None
+    refit_rows_per_input: int | None = 32
     conv_hessian: str = "channel"
     damping: float = 1e-2
     batch_size: int = 256

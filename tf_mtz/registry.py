@@ -67,6 +67,14 @@ class UnitLayerHandler(LayerHandler):
         """Maps a batch of layer inputs to a `(samples, features)` matrix whose Gram matrix is the Hessian."""
         raise NotImplementedError
 
+    def sample_count(self, template, x: tf.Tensor, mode: str) -> int:
+        """How many rows `hessian_samples` gives for the batch `x` (override to avoid computing them)."""
+        return int(self.hessian_samples(template, x, mode).shape[0])
+
+    def hessian_rows(self, template, x: tf.Tensor, mode: str, rows: np.ndarray) -> tf.Tensor:
+        """Rows `rows` of `hessian_samples(template, x, mode)` (override to compute only those)."""
+        return tf.gather(self.hessian_samples(template, x, mode), rows)
+
     def to_blocks(self, kernel: np.ndarray, bias: np.ndarray, mode: str) -> np.ndarray:
         """Stacks kernel and bias as `(blocks, features + 1, units)`, bias last, one block per Hessian."""
         raise NotImplementedError
@@ -120,6 +128,9 @@ class DenseHandler(UnitLayerHandler):
     def hessian_samples(self, template, x, mode):
         return tf.reshape(x, (-1, x.shape[-1]))
 
+    def sample_count(self, template, x, mode):
+        return prod(x.shape[:-1])
+
     def to_blocks(self, kernel, bias, mode):
         return np.concatenate([kernel, bias[None, :]], axis=0)[None]
 
@@ -162,6 +173,18 @@ class Conv2DHandler(UnitLayerHandler):
             rates=[1, *template.dilation_rate, 1], padding=template.padding.upper())
         return tf.reshape(patches, (-1, kh * kw * x.shape[-1]))
 
+    def sample_count(self, template, x, mode):
+        if mode == "channel":
+            return prod(x.shape[:-1])
+        return int(x.shape[0]) * prod(_output_grid(x.shape[1:3], template.kernel_size, template.strides,
+                                                     template.dilation_rate, template.padding)[0])
+
+    def hessian_rows(self, template, x, mode, rows):
+        if mode == "channel":
+            return super().hessian_rows(template, x, mode, rows)
+        return _patches_at(x, template.kernel_size, template.strides, template.dilation_rate, template.padding,
+                           rows)
+
     def to_blocks(self, kernel, bias, mode):
         kh, kw, c, n = kernel.shape
         if mode == "channel":
@@ -196,12 +219,56 @@ class Conv1DHandler(Conv2DHandler):
             padding=template.padding.upper())
         return tf.reshape(patches, (-1, k * x.shape[-1]))
 
+    def sample_count(self, template, x, mode):
+        if mode == "channel":
+            return prod(x.shape[:-1])
+        (k,), (stride,), (rate,) = template.kernel_size, template.strides, template.dilation_rate
+        return int(x.shape[0]) * prod(_output_grid((1, x.shape[1]), (1, k), (1, stride), (1, rate),
+                                                     template.padding)[0])
+
+    def hessian_rows(self, template, x, mode, rows):
+        if mode == "channel":
+            return tf.gather(tf.reshape(x, (-1, x.shape[-1])), rows)
+        (k,), (stride,), (rate,) = template.kernel_size, template.strides, template.dilation_rate
+        return _patches_at(x[:, None], (1, k), (1, stride), (1, rate), template.padding, rows)
+
     def to_blocks(self, kernel, bias, mode):
         return super().to_blocks(kernel[None], bias, mode)
 
     def from_blocks(self, blocks, kernel_shape, mode):
         kernel, bias = super().from_blocks(blocks, (1,) + tuple(kernel_shape), mode)
         return kernel[0], bias
+
+
+def _output_grid(size, kernel, strides, rates, padding) -> tuple:
+    """`((out_h, out_w), (pad_top, pad_bottom), (pad_left, pad_right))` of a convolution, as TensorFlow pads."""
+    grid, pads = [], []
+    for length, k, stride, rate in zip(size, kernel, strides, rates):
+        length, span = int(length), (int(k) - 1) * int(rate) + 1
+        if padding == "same":
+            out = -(-length // int(stride))
+            total = max((out - 1) * int(stride) + span - length, 0)
+            pads.append((total // 2, total - total // 2))
+        else:
+            out = (length - span) // int(stride) + 1
+            pads.append((0, 0))
+        grid.append(out)
+    return tuple(grid), pads[0], pads[1]
+
+
+def _patches_at(x, kernel, strides, rates, padding, rows) -> tf.Tensor:
+    """The im2col patches (`extract_patches` order: kernel row, kernel column, channel) of a channels-last
+    batch at the flattened output positions `rows` only: one gather per kernel offset, so a subset of
+    patches costs its own size rather than all of them."""
+    (out_h, out_w), (top, bottom), (left, right) = _output_grid(x.shape[1:3], kernel, strides, rates, padding)
+    padded = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+    height, width, channels = int(padded.shape[1]), int(padded.shape[2]), int(padded.shape[3])
+    flat = tf.reshape(padded, (-1, channels))
+    image, position = np.divmod(np.asarray(rows, np.int64), out_h * out_w)
+    row, column = np.divmod(position, out_w)
+    origin = image * height * width + row * int(strides[0]) * width + column * int(strides[1])
+    offsets = [i * int(rates[0]) * width + j * int(rates[1]) for i in range(kernel[0]) for j in range(kernel[1])]
+    return tf.concat([tf.gather(flat, origin + offset) for offset in offsets], axis=1)
 
 
 class ChannelUnitsHandler(LayerHandler):

@@ -474,14 +474,23 @@ def _exact_mode(handler) -> str:
     return "patch" if "patch" in handler.hessian_modes else handler.hessian_modes[0]
 
 
-def _layer_samples(plan, probe, index, t, mode):
+def _layer_samples(plan, probe, index, t, mode, share=lambda rows: 1.0, key=()):
     """Pairs of batches (zipped, original) of slot `index`'s augmented inputs (bias column last) for task `t`,
-    as rows for that layer's blocks: in the zipped network and in the original model."""
+    as rows for that layer's blocks: in the zipped network and in the original model.
+
+    `share(rows)` gives the share of rows to keep (a random subset, the same in both; `key` seeds it).
+    """
     position = plan.slots[index].position
     handler, template = position.handler, position.layers[t]
-    for zipped, original in zip(probe.zipped_inputs(index, t), probe.original_inputs(index, t)):
-        yield (statistics.augment(handler.hessian_samples(template, zipped, mode)),
-               statistics.augment(handler.hessian_samples(template, original, mode)))
+    for batch, (zipped, original) in enumerate(zip(probe.zipped_inputs(index, t), probe.original_inputs(index, t))):
+        rows = handler.sample_count(template, zipped, mode)
+        keep = share(rows / int(zipped.shape[0]))
+        if keep < 1.0:
+            chosen = _subsample(rows, keep, key + (batch,))
+            zipped, original = (handler.hessian_rows(template, x, mode, chosen) for x in (zipped, original))
+        else:
+            zipped, original = (handler.hessian_samples(template, x, mode) for x in (zipped, original))
+        yield statistics.augment(zipped), statistics.augment(original)
 
 
 def _original_blocks(plan, state, index, t, mode) -> np.ndarray:
@@ -571,14 +580,13 @@ def _refit(plan, state, slot_index, probe, config, ridge: float = 1e-3) -> float
 
         accumulated = statistics.StreamedGram()
         target_sum, target_square, residual_square = 0.0, 0.0, 0.0
-        keep = None
-        for batch, (zipped_inputs, original_inputs) in enumerate(_layer_samples(plan, probe, slot_index, t, mode)):
-            if keep is None:  # the share of rows to keep, from the first batch's rows per sample
-                rows_per_sample = int(zipped_inputs.shape[0]) / int(probe.batches[t][0].shape[0])
-                keep = _refit_share(config, int(zipped_inputs.shape[1]), rows_per_sample * probe.samples(t))
-            if keep < 1.0:
-                chosen = _subsample(int(zipped_inputs.shape[0]), keep, (config.seed, slot_index, batch))
-                zipped_inputs, original_inputs = tf.gather(zipped_inputs, chosen), tf.gather(original_inputs, chosen)
+        features = int(current.shape[0])  # kernel rows per unit, bias included
+
+        def share(rows_per_sample, features=features, samples=probe.samples(t)):
+            return _refit_share(config, features, rows_per_sample * samples)
+
+        for zipped_inputs, original_inputs in _layer_samples(plan, probe, slot_index, t, mode, share,
+                                                             (config.seed, slot_index, plan.tasks.index(t))):
             target = tf.matmul(original_inputs, original_weights)
             residual = target - tf.matmul(zipped_inputs, current_weights)
             accumulated.add(zipped_inputs, residual)
@@ -604,7 +612,8 @@ def _refit(plan, state, slot_index, probe, config, ridge: float = 1e-3) -> float
             gram = accumulated.gram
             dim = gram.shape[0]
             damped_gram = gram + ridge * max(np.trace(gram) / dim, 1e-12) * np.eye(dim)
-            step = np.linalg.solve(damped_gram, accumulated.cross)
+            # TensorFlow's float64 solve: numpy's (OpenBLAS) was 10x slower next to TensorFlow's thread pool.
+            step = tf.linalg.solve(tf.constant(damped_gram), tf.constant(accumulated.cross)).numpy()
             # ‖R − XΔ‖² from the statistics alone: ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, XᵀXΔ⟩.
             left = residual_square - 2.0 * float(np.sum(step * accumulated.cross)) + float(np.sum(step * (gram @ step)))
         mismatch += max(left, 0.0) / variance
