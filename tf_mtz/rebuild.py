@@ -277,12 +277,3 @@ def _specific(position, slot, t, features, names, bindings, act):
     bindings.append(Binding(specific, slot, [(t, (..., slice(s, None)), slice(s, None))]))
     return specific_out
 
-
-def read_back(state: ZipState, built: BuiltModel) -> None:
-    """Copies the (retrained) weights of a built model back into `state`, in place."""
-    for binding in built.bindings:
-        weights = binding.layer.get_weights()
-        for task, kernel_index, bias_index in binding.targets:
-            binding.target.kernels[task][kernel_index] = weights[0]
-            if bias_index is not None:
-                binding.target.biases[task][bias_index] = weights[1]

@@ -20,7 +20,11 @@ class LayerReport:
         params_after: parameters of this layer in the zipped model.
         calibration_samples: `{task: Hessian samples}` (0 where the layer was not zipped).
         rank_deficient: tasks whose Hessian had fewer samples than dimensions.
-        seconds: time spent on statistics, costs, matching and merging.
+        seconds: time spent on this layer's step: its inputs, statistics, costs, matching, merging and
+            the next layer's refit.
+        stage_seconds: `{stage: seconds}` of that time: "inputs" (the probe's forward computation),
+            "pair" (statistics, pair costs and matching, where the layer starts its unit group), "merge"
+            (its own statistics and the merge), "refit" (the next layer's refit).
         retrain_loss: summed joint loss at the end of this layer's retraining, if any.
         shared_units: `{task: [unit index in that task's original layer]}`, in shared-unit order: shared
             unit i merges unit `shared_units[t][i]` of every task t.
@@ -48,6 +52,7 @@ class LayerReport:
     accuracy_zipped: dict = dataclasses.field(default_factory=dict)
     accuracy_retrained: dict = dataclasses.field(default_factory=dict)
     mismatch: float | None = None
+    stage_seconds: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -2,7 +2,9 @@
 
 At a layer that shares `s` units, every task's units are ordered [shared, task-specific] (`column_order`
 maps each column back to the original unit) and every consumer's kernel rows follow the same order
-(`row_order`). The zipper changes the state only through this module's functions; `rebuild` reads it.
+(`row_order`). This module is the state's only writer: the zipper changes it only through the functions
+below (permute a group, merge the shared units, rescale them, replace a task's weights, absorb trained
+weights); `rebuild` and `probe` only read it.
 """
 
 from __future__ import annotations
@@ -128,3 +130,85 @@ def count_shared_parameters(state: ZipState) -> int:
             kernel = next(iter(channel.kernels.values()))
             total += (kernel.size // bias.size + 1) * channel.shared
     return total
+
+
+def permute_group(plan: ZipPlan, state: ZipState, group, permutations: dict, count: int,
+                  keep_first: bool = False) -> None:
+    """Puts every member, per-channel layer and consumer of a unit group into the paired order
+    [paired, rest] (`permutations[t]`: original unit of each new position) with `count` paired units.
+
+    Members stay per task until `merge_shared` reaches them; per-channel layers (DepthwiseConv2D) have no
+    input of their own to weigh a merge by, so their paired units get the average (or the first task's,
+    with `keep_first`) at once.
+    """
+    tasks = plan.tasks
+    for m in plan.groups[group].members:
+        slot = state.slots[m]
+        for t in tasks:
+            slot.kernels[t] = slot.kernels[t][..., permutations[t]]
+            slot.biases[t] = slot.biases[t][permutations[t]]
+            slot.column_order[t] = slot.column_order[t][permutations[t]]
+        slot.shared, slot.merged = count, False
+    for position_index in plan.groups[group].channel_positions:
+        channel = state.channels[position_index]
+        handler = plan.body[position_index].handler
+        for t in tasks:
+            channel.kernels[t] = channel.kernels[t][handler.channel_index(permutations[t])]
+            channel.biases[t] = channel.biases[t][permutations[t]]
+        paired = handler.channel_index(slice(0, count))
+        kernels = [channel.kernels[t][paired] for t in tasks]
+        biases = [channel.biases[t][:count] for t in tasks]
+        kernel = kernels[0] if keep_first else np.mean(kernels, axis=0)
+        bias = biases[0] if keep_first else np.mean(biases, axis=0)
+        for t in tasks:
+            channel.kernels[t][paired] = kernel
+            channel.biases[t][:count] = bias
+        channel.shared = count
+    for c in plan.groups[group].consumers:
+        consumer = state.slots[c]
+        if isinstance(plan.slots[c].input_space, tuple):
+            reorder_concatenated_rows(plan, state, c)
+            continue
+        for t in tasks:
+            consumer.kernels[t] = consumer.kernels[t][..., row_order(permutations[t], count,
+                                                                      consumer.rows_per_input_unit), :]
+        consumer.shared_inputs = count
+
+
+def merge_shared(state: ZipState, index: int, kernel: np.ndarray, bias: np.ndarray) -> None:
+    """Gives the paired units of slot `index` (from its shared inputs) the common weights of their merge."""
+    slot = state.slots[index]
+    rows, count = slot.shared_rows, slot.shared
+    for t in slot.kernels:
+        slot.kernels[t][..., :rows, :count] = kernel
+        slot.biases[t][:count] = bias
+    slot.merged = True
+
+
+def rescale_shared(state: ZipState, index: int, scale: np.ndarray, shift: np.ndarray) -> None:
+    """Scales and shifts the pre-activation of each shared unit of slot `index`, alike for every task."""
+    slot = state.slots[index]
+    count = slot.shared
+    for t in slot.kernels:
+        slot.kernels[t][..., :count] *= scale.astype(np.float32)
+        slot.biases[t][:count] = (slot.biases[t][:count] * scale + shift).astype(np.float32)
+
+
+def replace_task_weights(state: ZipState, index: int, task: str, kernel: np.ndarray, bias: np.ndarray) -> None:
+    """Replaces one task's weights of slot `index` (same shapes: its unit and row order are kept)."""
+    slot = state.slots[index]
+    if kernel.shape != slot.kernels[task].shape or bias.shape != slot.biases[task].shape:
+        raise AssertionError(f"Internal error: new weights {kernel.shape} for a kernel of {slot.kernels[task].shape}.")
+    slot.kernels[task] = np.ascontiguousarray(kernel, np.float32)
+    slot.biases[task] = np.ascontiguousarray(bias, np.float32)
+
+
+def absorb_trained(state: ZipState, bindings: list) -> None:
+    """Copies the (retrained) weights of a built model's layers back into the state (`rebuild.Binding`s:
+    each names its layer, the slot or channel state, and the task slices it holds)."""
+    for binding in bindings:
+        weights = binding.layer.get_weights()
+        for task, kernel_index, bias_index in binding.targets:
+            binding.target.kernels[task][kernel_index] = weights[0]
+            if bias_index is not None:
+                binding.target.biases[task][bias_index] = weights[1]

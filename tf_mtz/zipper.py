@@ -174,28 +174,40 @@ class _LayerSteps:
         self.refit_mismatch = {}  # slot index -> what its refit left, reported with that layer
 
     def zip_layer(self, index) -> report_lib.LayerReport:
-        plan, state, probe = self.plan, self.state, self.probe
+        plan, state, probe, config = self.plan, self.state, self.probe, self.config
         started = time.perf_counter()
+        stages = _Stages()
         position = plan.slots[index].position
         is_head = index == len(plan.slots) - 1
-        probe.advance(index)
+        with stages("inputs"):
+            probe.advance(index)
         count, pair_now = (0, False) if is_head else self._count(index)
-        chosen, hessians = np.zeros(0), {}
+        chosen, hessians = np.zeros(0), None
         if count:
-            chosen, hessians = _zip_layer(plan, state, index, count, probe, self.config, pair_now)
+            if pair_now:
+                with stages("pair"):
+                    hessians = _pair_group(plan, state, plan.slots[index].group, index, count, probe, config)
+            with stages("merge"):
+                chosen, hessians = _merge_slot(plan, state, index, probe, config, hessians)
+                if getattr(config, "repair", False):  # tf_mtz.experimental.ExperimentalConfig
+                    _repair(plan, state, index, probe)
             _warn_rank_deficient(position.name, hessians)
-        if self.config.refit and not is_head:
+        hessians = hessians or {}
+        if config.refit and not is_head:
             # The next layer's inputs are final now: refit it before any retraining, which then starts from
             # the refit weights.
-            probe.advance(index + 1)
+            with stages("inputs"):
+                probe.advance(index + 1)
             if _zipped_producers(plan, state, index + 1):
-                self.refit_mismatch[index + 1] = _refit(plan, state, index + 1, probe, self.config)
+                with stages("refit"):
+                    self.refit_mismatch[index + 1] = _refit(plan, state, index + 1, probe, config)
         layer_report = _layer_report(
             position, state.slots[index], is_head, plan.tasks, chosen,
             {t: hessians[t].samples if t in hessians else 0 for t in plan.tasks},
             [t for t, h in hessians.items() if h.rank_deficient], time.perf_counter() - started,
             {t: state.slots[index].column_order[t][:count].tolist() for t in plan.tasks} if count else {})
         layer_report.mismatch = self.refit_mismatch.pop(index, None)
+        layer_report.stage_seconds = stages.seconds
         return layer_report
 
     def _count(self, index) -> tuple:
@@ -381,55 +393,23 @@ def _pair_group(plan, state, group, index, count, probe, config):
         width = graph.group_width(plan, group, t)
         rest = np.setdiff1d(np.arange(width), orders[t], assume_unique=True)
         permutations[t] = np.concatenate([orders[t], rest]).astype(np.int64)
-    for m in members:
-        slot = state.slots[m]
-        for t in tasks:
-            slot.kernels[t] = slot.kernels[t][..., permutations[t]]
-            slot.biases[t] = slot.biases[t][permutations[t]]
-            slot.column_order[t] = slot.column_order[t][permutations[t]]
-        slot.shared, slot.merged = count, False
-    for position_index in plan.groups[group].channel_positions:
-        channel = state.channels[position_index]
-        channel_handler = plan.body[position_index].handler
-        for t in tasks:
-            channel.kernels[t] = channel.kernels[t][channel_handler.channel_index(permutations[t])]
-            channel.biases[t] = channel.biases[t][permutations[t]]
-        paired = channel_handler.channel_index(slice(0, count))
-        kernels = [channel.kernels[t][paired] for t in tasks]
-        biases = [channel.biases[t][:count] for t in tasks]
-        # Per-channel weights have no layer input of their own to weigh them by: average them
-        # (or keep the first task's, for merge="first").
-        keep_first = config.merge == "first"
-        kernel = kernels[0] if keep_first else np.mean(kernels, axis=0)
-        bias = biases[0] if keep_first else np.mean(biases, axis=0)
-        for t in tasks:
-            channel.kernels[t][paired] = kernel
-            channel.biases[t][:count] = bias
-        channel.shared = count
-    for c in plan.groups[group].consumers:
-        consumer = state.slots[c]
-        if isinstance(plan.slots[c].input_space, tuple):
-            state_lib.reorder_concatenated_rows(plan, state, c)
-            continue
-        for t in tasks:
-            consumer.kernels[t] = consumer.kernels[t][..., state_lib.row_order(permutations[t], count,
-                                                                      consumer.rows_per_input_unit), :]
-        consumer.shared_inputs = count
+    state_lib.permute_group(plan, state, group, permutations, count, keep_first=config.merge == "first")
     return hessians.get(index)
 
 
-def _zip_layer(plan, state, index, count, probe, config, pair_now):
-    """Pairs (when this layer starts its group), merges and repairs one layer, in place.
+class _Stages:
+    """Seconds spent per stage of one layer step, for the report."""
 
-    Returns the chosen merge costs and the Hessians.
-    """
-    hessians = None
-    if pair_now:
-        hessians = _pair_group(plan, state, plan.slots[index].group, index, count, probe, config)
-    chosen, hessians = _merge_slot(plan, state, index, probe, config, hessians)
-    if getattr(config, "repair", False):  # tf_mtz.experimental.ExperimentalConfig
-        _repair(plan, state, index, probe)
-    return chosen, hessians
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
 
 
 def _pooled(hessians: list):
@@ -462,10 +442,7 @@ def _merge_slot(plan, state, index, probe, config, hessians=None):
     chosen = sum(costs_lib.merge_error(merged, blocks[t], damped[t]) for t in tasks)
     kernel_shape = slot.kernels[first][..., :rows, :count].shape
     merged_kernel, merged_bias = handler.from_blocks(merged, kernel_shape, mode)
-    for t in tasks:
-        slot.kernels[t][..., :rows, :count] = merged_kernel
-        slot.biases[t][:count] = merged_bias
-    slot.merged = True
+    state_lib.merge_shared(state, index, merged_kernel, merged_bias)
     return chosen, hessians
 
 
@@ -526,9 +503,7 @@ def _repair(plan, state, index, probe) -> None:
     mean, std, target_mean, target_std = (np.mean(m, axis=0) for m in zip(*moments))
     scale = np.where(std > 1e-12, target_std / np.maximum(std, 1e-12), 1.0)
     shift = target_mean - scale * mean
-    for t in plan.tasks:
-        slot.kernels[t][..., :count] *= scale.astype(np.float32)
-        slot.biases[t][:count] = (slot.biases[t][:count] * scale + shift).astype(np.float32)
+    state_lib.rescale_shared(state, index, scale, shift)
 
 
 def _zipped_producers(plan, state, index) -> bool:
@@ -620,8 +595,7 @@ def _refit(plan, state, slot_index, probe, config, ridge: float = 1e-3) -> float
         solution = current + step
         del step
         kernel, bias = handler.from_blocks(solution[None].astype(np.float32, copy=False), slot.kernels[t].shape, mode)
-        slot.kernels[t] = np.ascontiguousarray(kernel, np.float32)
-        slot.biases[t] = np.ascontiguousarray(bias, np.float32)
+        state_lib.replace_task_weights(state, slot_index, t, kernel, bias)
     return mismatch
 
 
@@ -645,7 +619,7 @@ def _retrain(plan, state, retrain, trainer_inputs, steps, label, verbose):
         students = {t: keras.Model(built.model.inputs, built.logits[t]) for t in plan.tasks}
     trainer = retrain_lib.JointTrainer(students, activations, retrain, datasets, teachers, strategy)
     loss = trainer.run(steps, label, verbose)
-    rebuild.read_back(state, built)
+    state_lib.absorb_trained(state, built.bindings)
     return loss
 
 
