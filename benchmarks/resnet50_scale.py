@@ -21,12 +21,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import tf_mtz  # noqa: E402
 from machine import describe  # noqa: E402
-from mnist_data import load_mnist  # noqa: E402
+from mnist_data import load_mnist, rgb_frames  # noqa: E402
 
 SIZE = flags.DEFINE_integer("size", 224, "Input height and width.")
 IMAGES = flags.DEFINE_integer("images", 128, "Calibration images per task.")
@@ -41,9 +40,7 @@ def resnet50(seed: int) -> keras.Model:
 
 
 def images(x: np.ndarray, start: int) -> np.ndarray:
-    digits = x[start:start + IMAGES.value].reshape(-1, 28, 28, 1)
-    resized = tf.image.resize(digits, (SIZE.value, SIZE.value)).numpy()
-    return np.repeat(resized, 3, axis=-1).astype("float32")
+    return rgb_frames(x[start:start + IMAGES.value], SIZE.value)
 
 
 def main(_):

@@ -27,6 +27,15 @@ def load_mnist():
     return tuple((np.asarray(x, np.float32), np.asarray(y, np.int64)) for x, y in splits)
 
 
+def rgb_frames(x: np.ndarray, size: int) -> np.ndarray:
+    """MNIST digits (n, 784) as (n, size, size, 3) float32 frames: resized, the gray repeated over RGB
+    (stand-ins for camera frames in the speed benchmarks of ImageNet-sized networks)."""
+    import tensorflow as tf
+
+    resized = tf.image.resize(x.reshape(-1, 28, 28, 1), (size, size)).numpy()
+    return np.repeat(resized, 3, axis=-1).astype("float32")
+
+
 def cache_dir() -> str:
     """Where trained base models are cached between runs ($TF_MTZ_CACHE, default ~/.cache/tf_mtz)."""
     path = os.environ.get("TF_MTZ_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tf_mtz"))
