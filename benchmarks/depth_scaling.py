@@ -7,7 +7,7 @@ calibration images through both models (the unit of the method's own cost: every
 their ratio, and the growth exponent of zip time between successive depths (1.0 is linear in depth).
 Results go to docs/depth_scaling.md.
 
-    python benchmarks/depth_scaling.py [--depths 4,8,16,32] [--images 256]
+    python benchmarks/depth_scaling.py [--depths 4,8,16,32] [--images 256] [--refit_rows_per_input 32]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from machine import describe  # noqa: E402
 DEPTHS = flags.DEFINE_list("depths", ["4", "8", "16", "32"], "Numbers of Conv-BN-ReLU layers.")
 IMAGES = flags.DEFINE_integer("images", 256, "Calibration images per task.")
 WIDTH = flags.DEFINE_integer("width", 32, "Channels of every convolution.")
+ROWS = flags.DEFINE_integer("refit_rows_per_input", 0, "ZipConfig.refit_rows_per_input (0: None, every row).")
 OUT = flags.DEFINE_string("out", "docs", "Where to write depth_scaling.md ('' to skip).")
 
 
@@ -62,7 +63,8 @@ def main(argv):
         models = {"a": chain(depth, 0), "b": chain(depth, 1)}
         forward = forward_seconds(list(models.values()), x)
         started = time.perf_counter()
-        tf_mtz.zip_models(models, x, sharing=1.0, verbose=0)
+        config = tf_mtz.ZipConfig(refit_rows_per_input=ROWS.value or None)
+        tf_mtz.zip_models(models, x, sharing=1.0, config=config, verbose=0)
         seconds = time.perf_counter() - started
         exponent = (np.log(seconds / rows[-1][1]) / np.log(depth / rows[-1][0])) if rows else float("nan")
         rows.append((depth, seconds, forward, seconds / forward, exponent))
@@ -74,10 +76,12 @@ def main(argv):
     print("\n".join(table))
     if OUT.value:
         os.makedirs(OUT.value, exist_ok=True)
-        with open(os.path.join(OUT.value, "depth_scaling.md"), "w") as f:
+        name = "depth_scaling.md" if not ROWS.value else f"depth_scaling_rows{ROWS.value}.md"
+        with open(os.path.join(OUT.value, name), "w") as f:
             f.write("# Zip time against depth (`python benchmarks/depth_scaling.py`)\n\n"
                     f"Two Conv-BN-ReLU chains ({WIDTH.value} channels, 16x16x3 inputs, {IMAGES.value} calibration "
-                    f"images, full sharing, default recipe, no retraining), zipped on a {describe()}. The growth "
+                    f"images, full sharing, default recipe with refit_rows_per_input={ROWS.value or None}, no retraining), "
+                    f"zipped on a {describe()}. The growth "
                     "exponent is log(t2/t1)/log(d2/d1) between successive depths.\n\n" + "\n".join(table) + "\n")
 
 

@@ -56,12 +56,13 @@ def test_subsampled_refit_keeps_a_permuted_copy_exact_and_stays_close_to_the_ful
     np.testing.assert_allclose(mismatch[32], mismatch[None], rtol=0.1)
 
 
-def test_dense_layers_use_every_row(rng):
-    """One row per sample: a Dense refit never subsamples below 32 rows per input, so the default leaves
-    the MLPs' refit exact (and the mismatch equal to what Keras measures, tested in test_zip)."""
+def test_dense_layers_use_every_row_below_the_bound(rng):
+    """One row per sample: 300 samples for 21 inputs stay below 32 rows per input, so the bound leaves a
+    Dense refit exact; the default (None) is every row."""
+    assert tf_mtz.ZipConfig().refit_rows_per_input is None
     a, b = mlp("a", seed=0), mlp("b", seed=1)
     x = rng.normal(size=(300, 20)).astype("float32")
-    every = tf_mtz.zip_models({"a": a, "b": b}, x, config=tf_mtz.ZipConfig(refit_rows_per_input=None), verbose=0)
-    default = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0)
+    every = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0)
+    default = tf_mtz.zip_models({"a": a, "b": b}, x, config=tf_mtz.ZipConfig(refit_rows_per_input=32), verbose=0)
     for u, v in zip(every.get_weights(), default.get_weights()):
         np.testing.assert_array_equal(u, v)
