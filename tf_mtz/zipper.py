@@ -509,23 +509,22 @@ def _repair(plan, state, index, probe) -> None:
 def _zipped_producers(plan, state, index) -> bool:
     """Whether any unit layer feeding slot `index` (through weightless, per-channel and merge layers) has
     shared units: then the merges changed this layer's inputs, and the refit corrects for them."""
-    return any(index in _consumers(plan, j) and state.slots[j].shared for j in range(index))
+    return any(state.slots[j].shared for j in _producers(plan, index))
 
 
-def _consumers(plan, index) -> list:
-    """Slot indices of the unit layers that read slot `index`'s output, through weightless layers,
-    per-channel layers and merges."""
-    children = plan.children
-    found, stack, seen = [], list(children.get(plan.slots[index].position.index, [])), set()
+def _producers(plan, index) -> list:
+    """Slot indices of the unit layers whose outputs reach slot `index`'s input through weightless layers,
+    per-channel layers and merges: one walk back from the layer."""
+    found, stack, seen = [], list(plan.slots[index].position.parents), set()
     while stack:
         p = stack.pop()
-        if p in seen:
+        if p in seen or p == graph.INPUT:
             continue
         seen.add(p)
         if p in plan.slot_indices:
             found.append(plan.slot_indices[p])
         else:
-            stack.extend(children.get(p, []))
+            stack.extend(plan.body[p].parents)
     return sorted(found)
 
 
