@@ -35,6 +35,9 @@ _MERGE = flags.DEFINE_enum("merge", None, list(config_lib.MERGES), "How paired w
 _REFIT = flags.DEFINE_bool("refit", None, "Refit each next layer to the originals (default: the preset's).")
 _DAMPING = flags.DEFINE_float("damping", config_lib.ZipConfig.damping, "Hessian damping, as a fraction of trace/dim.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", config_lib.ZipConfig.batch_size, "Calibration batch size.")
+_ACTIVATION_MEMORY = flags.DEFINE_float(
+    "activation_memory_gib", config_lib.ZipConfig.activation_memory_gib,
+    "Memory for the calibration data's layer activations; beyond it they are spilled to a temporary directory.")
 _RETRAIN_STEPS = flags.DEFINE_integer(
     "retrain_steps", 0, "Joint distillation steps after each zipped layer (label-free, on the calibration "
     "inputs); 0 skips retraining.")
@@ -136,7 +139,8 @@ def _config() -> config_lib.ZipConfig:
     preset = config_lib.ZipConfig.paper() if _PRESET.value == "paper" else config_lib.ZipConfig()
     changes = {name: flag.value for name, flag in (("pairing", _PAIRING), ("matching", _MATCHING),
                                                     ("merge", _MERGE), ("refit", _REFIT)) if flag.value is not None}
-    return preset.replace(damping=_DAMPING.value, batch_size=_BATCH_SIZE.value, **changes)
+    return preset.replace(damping=_DAMPING.value, batch_size=_BATCH_SIZE.value,
+                          activation_memory_gib=_ACTIVATION_MEMORY.value, **changes)
 
 
 def _zip():

@@ -41,6 +41,10 @@ class ZipConfig:
             (`tf_mtz.experimental` also has the exact patch Hessian).
         damping: λ = damping · trace(H)/dim added to each Hessian, so singular Hessians stay solvable.
         batch_size: calibration batch size.
+        activation_memory_gib: how much memory the layer activations of the calibration data may take;
+            beyond it they are written to a temporary directory and read back batch by batch (slower,
+            same results). Per task, the zipped and the original network's activations where a later
+            layer still reads them are kept.
         seed: seed of any random choice (the experimental random pairing).
 
     Raises:
@@ -62,6 +66,7 @@ class ZipConfig:
     conv_hessian: str = "channel"
     damping: float = 1e-2
     batch_size: int = 256
+    activation_memory_gib: float = 4.0
     seed: int = 0
 
     #: The option values this class accepts (`tf_mtz.experimental.ExperimentalConfig` widens them).
@@ -83,6 +88,10 @@ class ZipConfig:
             raise ZipError(f"damping must be a finite number >= 0, got {damping!r}.")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ZipError(f"batch_size must be a positive integer, got {self.batch_size!r}.")
+        memory = self.activation_memory_gib
+        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not memory >= 0 \
+                or not math.isfinite(memory):
+            raise ZipError(f"activation_memory_gib must be a finite number >= 0, got {memory!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ZipError(f"seed must be an integer, got {self.seed!r}.")
 

@@ -50,12 +50,8 @@ class Position:
         return next(iter(self.layers.values())).name
 
     @property
-    def role(self) -> str:
-        return self.handler.role
-
-    @property
     def is_units(self) -> bool:
-        return self.handler.role == "units"
+        return registry.has_units(self.handler)
 
 
 @dataclasses.dataclass
@@ -262,6 +258,80 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+class _BodyReader(registry.PositionVisitor):
+    """Reads the aligned positions up to the heads, in order: each position's unit space (its handler's
+    kind decides how the space follows from its inputs' spaces) and, for weighted layers, every task's
+    weights (BatchNormalization folded in)."""
+
+    def __init__(self, tasks: list, names: dict, folded: dict):
+        self.tasks, self.names, self.folded = tasks, names, folded
+        self.spaces = _UnionFind()
+        self.space_of = {INPUT: INPUT}
+
+    def read(self, index: int, layers: dict, handler, parents: list, handlers: dict, is_head: bool) -> Position:
+        ref = layers[self.tasks[0]]
+        if not is_head:
+            for task in self.tasks[1:]:
+                if _comparable_config(layers[task]) != _comparable_config(ref):
+                    raise ZipError(
+                        f"Layer '{layers[task].name}' of model '{self.names[task]}' (task '{task}') is configured "
+                        f"differently from '{ref.name}' of model '{self.names[self.tasks[0]]}': "
+                        f"{_comparable_config(layers[task])} vs {_comparable_config(ref)}.")
+        parent_spaces = [_find(self.spaces, self.space_of[p]) for p in parents]
+        space, weighted = handler.visit(self, index, ref, parent_spaces)
+        if space != INPUT and not registry.has_units(handler):
+            for task in self.tasks:
+                handlers[task].check_between_units(layers[task], self.names[task])
+            if not is_head and registry.mixes_units(ref):
+                raise ZipError(
+                    f"Layer '{ref.name}' of model '{self._first_name}' applies softmax before the output "
+                    "layer; softmax mixes units and can only follow a task's output layer.")
+        self.space_of[index] = space
+        weights = None
+        if weighted:
+            weights = {t: self.folded[t].get(id(layers[t])) or handlers[t].kernel_and_bias(layers[t])
+                       for t in self.tasks}
+        return Position(index, layers, handler, list(parents), weights, space)
+
+    @property
+    def _first_name(self) -> str:
+        return self.names[self.tasks[0]]
+
+    def units(self, index, ref, parent_spaces):
+        return index, True  # a unit layer opens a space of its own
+
+    def channel_units(self, index, ref, parent_spaces):
+        self._refuse_after_concatenate(ref, parent_spaces)
+        if parent_spaces[0] == INPUT:
+            raise ZipError(f"Layer '{ref.name}' ({type(ref).__name__}) of model '{self._first_name}' acts on the "
+                           "model input with per-task weights; put a Dense/Conv layer before it.")
+        return parent_spaces[0], True
+
+    def merge(self, index, ref, parent_spaces):
+        self._refuse_after_concatenate(ref, parent_spaces)
+        if INPUT in parent_spaces and any(s != INPUT for s in parent_spaces):
+            raise ZipError(
+                f"Layer '{ref.name}' of model '{self._first_name}' merges the model input with the output of "
+                "a Dense/Conv layer; such residual connections from the raw input cannot be zipped.")
+        for other in parent_spaces[1:]:
+            self.spaces.union(parent_spaces[0], other)  # element-wise: one unit order for all inputs
+        return parent_spaces[0], False
+
+    def concatenate(self, index, ref, parent_spaces):
+        # A composite space: the inputs' spaces side by side (nested concatenations flattened).
+        space = tuple(part for sp in parent_spaces for part in (sp if isinstance(sp, tuple) else (sp,)))
+        return (INPUT if all(part == INPUT for part in space) else space), False
+
+    def passthrough(self, index, ref, parent_spaces):
+        return parent_spaces[0], False
+
+    def _refuse_after_concatenate(self, ref, parent_spaces):
+        if any(isinstance(sp, tuple) for sp in parent_spaces):
+            raise ZipError(
+                f"Layer '{ref.name}' ({type(ref).__name__}) of model '{self._first_name}' reads the output of a "
+                "Concatenate; tf_mtz supports only Dense/Conv and weightless layers after a Concatenate.")
+
+
 def read_models(models: dict) -> ZipPlan:
     """Checks that the task models line up and returns their zip plan.
 
@@ -295,7 +365,7 @@ def read_models(models: dict) -> ZipPlan:
                 "take the same input.")
 
     handlers = {t: [_handler(op.layer, names[t]) for op in ops[t]] for t in tasks}
-    unit_counts = {t: sum(h.role == "units" for h in handlers[t]) for t in tasks}
+    unit_counts = {t: sum(registry.has_units(h) for h in handlers[t]) for t in tasks}
     for task in tasks:
         if unit_counts[task] == 0:
             raise ZipError(f"Model '{names[task]}' (task '{task}') has no Dense or Conv layer to zip.")
@@ -306,12 +376,15 @@ def read_models(models: dict) -> ZipPlan:
                 f"'{names[first]}' (task '{first}') has {unit_counts[first]}; zipped models must have the "
                 "same depth.")
 
-    head_index = {t: max(i for i, h in enumerate(handlers[t]) if h.role == "units") for t in tasks}
+    head_index = {t: max(i for i, h in enumerate(handlers[t]) if registry.has_units(h)) for t in tasks}
     for task in tasks:
         for i in range(head_index[task] + 1, len(ops[task])):
-            if ops[task][i].parents != [i - 1] or handlers[task][i].role == "merge":
+            layer = ops[task][i].layer
+            # The layers after a head are copied from their configuration, so they must hold no weights.
+            if (ops[task][i].parents != [i - 1] or not isinstance(handlers[task][i], registry.PassThroughHandler)
+                    or layer.weights):
                 raise ZipError(
-                    f"Layer '{ops[task][i].layer.name}' of model '{names[task]}' (task '{task}') follows the output "
+                    f"Layer '{layer.name}' of model '{names[task]}' (task '{task}') follows the output "
                     f"layer '{ops[task][head_index[task]].layer.name}' but does not just transform its output; "
                     "the model's output must come from one Dense/Conv layer through weightless layers.")
     for task in tasks[1:]:
@@ -333,73 +406,37 @@ def read_models(models: dict) -> ZipPlan:
                 f"layer but model '{names[first]}' (task '{first}') has {head_index[first] + 1}; the models "
                 "must have the same layers in the same order.")
 
-    spaces = _UnionFind()
-    space_of = {INPUT: INPUT}
-    body = []
-    head = head_index[first]
-    for i in range(head + 1):
-        layers = {t: ops[t][i].layer for t in tasks}
-        ref = layers[first]
-        handler = handlers[first][i]
-        parents = ops[first][i].parents
-        if i != head:
-            for task in tasks[1:]:
-                if _comparable_config(layers[task]) != _comparable_config(ref):
-                    raise ZipError(
-                        f"Layer '{layers[task].name}' of model '{names[task]}' (task '{task}') is configured "
-                        f"differently from '{ref.name}' of model '{names[first]}': "
-                        f"{_comparable_config(layers[task])} vs {_comparable_config(ref)}.")
-        parent_spaces = [_find(spaces, space_of[p]) for p in parents]
-        composite = any(isinstance(sp, tuple) for sp in parent_spaces)
-        if composite and handler.role in ("merge", "channel_units"):
-            raise ZipError(
-                f"Layer '{ref.name}' ({type(ref).__name__}) of model '{names[first]}' reads the output of a "
-                "Concatenate; tf_mtz supports only Dense/Conv and weightless layers after a Concatenate.")
-        if handler.role == "units":
-            space = i
-        elif handler.role == "concat":
-            # A composite space: the inputs' spaces side by side (nested concatenations flattened).
-            space = tuple(part for sp in parent_spaces for part in (sp if isinstance(sp, tuple) else (sp,)))
-            if all(part == INPUT for part in space):
-                space = INPUT
-        elif handler.role == "merge":
-            if INPUT in parent_spaces and any(s != INPUT for s in parent_spaces):
-                raise ZipError(
-                    f"Layer '{ref.name}' of model '{names[first]}' merges the model input with the output of "
-                    "a Dense/Conv layer; such residual connections from the raw input cannot be zipped.")
-            space = parent_spaces[0]
-            for other in parent_spaces[1:]:
-                spaces.union(space, other)
-        else:
-            space = parent_spaces[0]
-        if space != INPUT and handler.role != "units":
-            for task in tasks:
-                handlers[task][i].check_between_units(layers[task], names[task])
-            if i != head and registry.mixes_units(ref):
-                raise ZipError(
-                    f"Layer '{ref.name}' of model '{names[first]}' applies softmax before the output layer; "
-                    "softmax mixes units and can only follow a task's output layer.")
-        if space == INPUT and handler.role == "channel_units":
-            raise ZipError(f"Layer '{ref.name}' ({type(ref).__name__}) of model '{names[first]}' acts on the "
-                           "model input with per-task weights; put a Dense/Conv layer before it.")
-        space_of[i] = space
-        weights = None
-        if handler.role in ("units", "channel_units"):
-            weights = {t: folded[t].get(id(layers[t])) or handlers[t][i].kernel_and_bias(layers[t]) for t in tasks}
-        body.append(Position(i, layers, handler, list(parents), weights, space))
+    reader = _BodyReader(tasks, names, folded)
+    body = [reader.read(i, {t: ops[t][i].layer for t in tasks}, handlers[first][i], ops[first][i].parents,
+                        {t: handlers[t][i] for t in tasks}, is_head=i == head_index[first])
+            for i in range(head_index[first] + 1)]
     for position in body:
-        position.space = _find(spaces, position.space)
+        position.space = _find(reader.spaces, position.space)
     suffixes = {t: [op.layer for op in ops[t][head_index[t] + 1:]] for t in tasks}
 
+    slots, groups = _slots_and_groups(body, names[first])
+    input_name = models[first].inputs[0].name or "input"
+    plan = ZipPlan(tasks=tasks, input_shape=shapes[first], input_dtype=dtypes[first],
+                   input_name=keras_graph.clean_name(input_name), body=body, suffixes=suffixes, slots=slots,
+                   groups=groups, originals=originals)
+    for slot in slots:
+        if slot.input_space != INPUT:
+            slot.rows_per_input_unit = _rows_per_unit(plan, slot, names)
+    return plan
+
+
+def _slots_and_groups(body: list, first_name: str) -> tuple[list, dict]:
+    """The unit positions as slots (the last is the heads) and the unit groups: each group's member
+    slots, the per-channel layers that follow its units, and the slots reading it."""
     slots, groups = [], {}
     for position in body:
         if not position.is_units:
-            if position.role == "channel_units":
+            if position.weights is not None:  # a per-channel layer: its units follow the group's order
                 groups.setdefault(position.space, Group([], [], [])).channel_positions.append(position.index)
             continue
         parent = position.parents[0]
         input_space = body[parent].space if parent != INPUT else INPUT
-        is_head = position.index == head
+        is_head = position.index == body[-1].index
         group = None if is_head else position.space
         slot_index = len(slots)
         if group is not None:
@@ -411,16 +448,9 @@ def read_models(models: dict) -> ZipPlan:
     if slots[-1].position.space in groups and slots[-1].position.space != INPUT:
         head_space = slots[-1].position.space
         if groups[head_space].members or groups[head_space].channel_positions:
-            raise ZipError(f"The output layer '{slots[-1].position.name}' of model '{names[first]}' is tied to "
+            raise ZipError(f"The output layer '{slots[-1].position.name}' of model '{first_name}' is tied to "
                            "other layers by a merge; output layers are never shared.")
-    input_name = models[first].inputs[0].name or "input"
-    plan = ZipPlan(tasks=tasks, input_shape=shapes[first], input_dtype=dtypes[first],
-                   input_name=keras_graph.clean_name(input_name), body=body, suffixes=suffixes, slots=slots,
-                   groups=groups, originals=originals)
-    for slot in slots:
-        if slot.input_space != INPUT:
-            slot.rows_per_input_unit = _rows_per_unit(plan, slot, names)
-    return plan
+    return slots, groups
 
 
 def _find(spaces: "_UnionFind", space):

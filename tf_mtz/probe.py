@@ -13,15 +13,107 @@ index of the layer it is zipping: everything before it is final (its weights cha
 there are computed once and kept while a position at or beyond the frontier still reads them. Values past
 the frontier (a tied layer's input, needed early to pair a group) are computed on demand and not kept.
 The original models are run the same way over their own operations (BatchNormalization unfolded).
+
+Memory is bounded: every value the probe computes is a `Batches` sequence whose batches stay in memory
+while the probe's budget (`ZipConfig.activation_memory_gib`) allows and are written to a temporary
+directory beyond it, then read back one batch at a time. Consumers iterate batch by batch, so at most the
+budget plus a few batches are held at once however much calibration data there is.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
+import os
+import shutil
+import tempfile
+import weakref
+
 import numpy as np
 import tensorflow as tf
 
-from tf_mtz import graph, state as state_lib
+from tf_mtz import graph, registry, state as state_lib
 from tf_mtz.graph import INPUT
+
+
+class _OnDisk:
+    __slots__ = ("path", "nbytes")
+
+    def __init__(self, path: str, nbytes: int):
+        self.path, self.nbytes = path, nbytes
+
+
+class _Spill:
+    """The probe's memory budget for computed values, and the directory batches beyond it go to."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.held, self.written = int(budget_bytes), 0, 0
+        self.directory = None
+        self._count = 0
+
+    def store(self, tensor: tf.Tensor):
+        size = int(tensor.shape.num_elements()) * tensor.dtype.size
+        if self.held + size <= self.budget:
+            self.held += size
+            return tensor
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="tf_mtz_probe_")
+            self._remove_directory = weakref.finalize(self, shutil.rmtree, self.directory, True)
+        path = os.path.join(self.directory, f"{self._count}.npy")
+        self._count += 1
+        np.save(path, tensor.numpy())
+        self.written += size
+        return _OnDisk(path, size)
+
+    def close(self) -> None:
+        """Removes the spill directory and everything in it."""
+        if self.directory is not None:
+            self._remove_directory()
+
+    @staticmethod
+    def load(item) -> tf.Tensor:
+        return tf.constant(np.load(item.path)) if isinstance(item, _OnDisk) else item
+
+    def release(self, items: list) -> None:
+        for item in items:
+            if isinstance(item, _OnDisk):
+                with contextlib.suppress(OSError):
+                    os.remove(item.path)
+            else:
+                self.held -= int(item.shape.num_elements()) * item.dtype.size
+        items.clear()
+
+
+class Batches(collections.abc.Sequence):
+    """One probe value (a layer's output or input) as a sequence of calibration batches, each in memory or
+    spilled to disk by the probe's budget; memory and files are given back when the value is dropped."""
+
+    def __init__(self, spill: _Spill, tensors):
+        self._items = [spill.store(tensor) for tensor in tensors]
+        weakref.finalize(self, spill.release, self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [_Spill.load(item) for item in self._items[index]]
+        return _Spill.load(self._items[index])
+
+
+class _Mapped(collections.abc.Sequence):
+    """A sequence of batches with `function` applied to each when it is read (nothing is stored)."""
+
+    def __init__(self, batches, function):
+        self._batches, self._function = batches, function
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._function(batch) for batch in self._batches[index]]
+        return self._function(self._batches[index])
 
 
 class _Values:
@@ -79,12 +171,15 @@ class Probe:
     """Per task, the inputs of any unit layer in the zipped network (from the zip state) and in the
     original model, on the calibration batches."""
 
-    def __init__(self, plan: graph.ZipPlan, state: state_lib.ZipState, calibration: dict, strategy=None):
+    def __init__(self, plan: graph.ZipPlan, state: state_lib.ZipState, calibration: dict, strategy=None,
+                 memory_budget_bytes: int = 4 * 2 ** 30):
         self.plan, self.state = plan, state
+        self.spill = _Spill(memory_budget_bytes)
         self.strategy = strategy  # a tf.distribute.Strategy for the statistics, or None
         self.batches = {t: [tf.cast(x, tf.float32) for x in calibration[t]] for t in plan.tasks}
         children = plan.children
         body_parents = [position.parents for position in plan.body]
+        self._runner = _TaskRunner(plan, state, self.spill)
         self.zipped = {t: _Values(body_parents, children, self.batches[t],
                                   lambda i, values, t=t: self._zipped_position(t, i, values)) for t in plan.tasks}
         self.original = {}
@@ -97,7 +192,13 @@ class Probe:
                     op_children.setdefault(p, []).append(i)
             self._original_index[t] = {id(op.layer): i for i, op in enumerate(ops)}
             self.original[t] = _Values([op.parents for op in ops], op_children, self.batches[t],
-                                       lambda i, values, ops=ops: _call_each(ops[i].layer, values))
+                                       lambda i, values, ops=ops: _call_each(self.spill, ops[i].layer, values))
+
+    def close(self) -> None:
+        """Drops every computed value and removes the files of spilled ones."""
+        for values in list(self.zipped.values()) + list(self.original.values()):
+            values.forget()
+        self.spill.close()
 
     def samples(self, task: str) -> int:
         return int(sum(int(x.shape[0]) for x in self.batches[task]))
@@ -124,12 +225,12 @@ class Probe:
         rows = input_rows(self.plan, self.state, slot_index, task)
         if rows is None:
             return natural
-        return [tf.gather(x, rows, axis=-1) for x in natural]
+        return _Mapped(natural, lambda x: tf.gather(x, rows, axis=-1))
 
     def shared_inputs(self, slot_index: int, task: str) -> list:
         """The part of a unit layer's input that every task shares (what its Hessian is measured on)."""
         width = self.state.slots[slot_index].shared_rows
-        return [x[..., :width] for x in self.zipped_inputs(slot_index, task)]
+        return _Mapped(self.zipped_inputs(slot_index, task), lambda x: x[..., :width])
 
     def original_inputs(self, slot_index: int, task: str) -> list:
         """The input of a unit layer in the task's original model."""
@@ -139,32 +240,43 @@ class Probe:
         return self.original[task].get(parent)
 
     def _zipped_position(self, task: str, index: int, values: list) -> list:
-        plan, state = self.plan, self.state
-        position = plan.body[index]
-        layer = None
-        if position.role == "units":
-            slot_index = plan.slot_indices[index]
-            slot = state.slots[slot_index]
-            layer = position.handler.build_layer(position.layers[task], slot.units(task), use_bias=True,
-                                                 activation=position.handler.activation(position.layers[task]),
-                                                 name=f"probe_{position.name}")
-            rows = input_rows(plan, state, slot_index, task)
-            inputs = values[0] if rows is None else [tf.gather(x, rows, axis=-1) for x in values[0]]
-            layer.build(tuple(inputs[0].shape))
-            layer.set_weights([slot.kernels[task], slot.biases[task]])
-            return _call_each(layer, [inputs])
-        if position.role == "channel_units" and position.space != INPUT:
-            channel = state.channels[index]
-            layer = position.handler.build_layer(position.layers[task], name=f"probe_{position.name}")
-            layer.build(tuple(values[0][0].shape))
-            layer.set_weights([channel.kernels[task], channel.biases[task]])
-            return _call_each(layer, values)
-        return _call_each(position.layers[task], values)
+        return self.plan.body[index].handler.visit(self._runner, task, self.plan.body[index], values)
 
 
-def _call_each(layer, values: list) -> list:
-    """`layer` applied batch by batch to its inputs' values (one list of batches per input)."""
-    return [layer(batch[0] if len(batch) == 1 else list(batch), training=False) for batch in zip(*values)]
+class _TaskRunner(registry.PositionVisitor):
+    """Runs one position of a task's zipped network on its inputs' batches: weighted layers with the
+    task's current weights from the zip state, every other layer as it is in the task's model."""
+
+    def __init__(self, plan: graph.ZipPlan, state: state_lib.ZipState, spill: _Spill):
+        self.plan, self.state, self.spill = plan, state, spill
+
+    def units(self, task, position, values):
+        slot_index = self.plan.slot_indices[position.index]
+        slot = self.state.slots[slot_index]
+        handler, template = position.handler, position.layers[task]
+        layer = handler.build_layer(template, slot.units(task), use_bias=True,
+                                    activation=handler.activation(template), name=f"probe_{position.name}")
+        rows = input_rows(self.plan, self.state, slot_index, task)
+        inputs = values[0] if rows is None else _Mapped(values[0], lambda x: tf.gather(x, rows, axis=-1))
+        layer.build(tuple(inputs[0].shape))
+        layer.set_weights([slot.kernels[task], slot.biases[task]])
+        return _call_each(self.spill, layer, [inputs])
+
+    def channel_units(self, task, position, values):
+        channel = self.state.channels[position.index]
+        layer = position.handler.build_layer(position.layers[task], name=f"probe_{position.name}")
+        layer.build(tuple(values[0][0].shape))
+        layer.set_weights([channel.kernels[task], channel.biases[task]])
+        return _call_each(self.spill, layer, values)
+
+    def passthrough(self, task, position, values):
+        return _call_each(self.spill, position.layers[task], values)
+
+
+def _call_each(spill: _Spill, layer, values: list) -> Batches:
+    """`layer` applied batch by batch to its inputs' values (one sequence of batches per input)."""
+    return Batches(spill, (layer(batch[0] if len(batch) == 1 else list(batch), training=False)
+                           for batch in zip(*values)))
 
 
 def input_rows(plan: graph.ZipPlan, state: state_lib.ZipState, slot_index: int, task: str):

@@ -59,69 +59,86 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
     # Keras models are reference cycles: with few Python objects but gigabytes of weights (VGG-16) the
     # cyclic collector would not run before several earlier probe models pile up.
     gc.collect()
-    names = _Names()
-    tasks = plan.tasks
-    inputs = keras.Input(shape=plan.input_shape, dtype=plan.input_dtype, name=names(plan.input_name))
-    features = {INPUT: {t: (inputs, None) for t in tasks}}
-    taps, parts = [None] * len(plan.slots), [None] * len(plan.slots)
-    logits, bindings = {}, []
-    head_slot = len(plan.slots) - 1
+    builder = _Builder(plan, state)
+    inputs = keras.Input(shape=plan.input_shape, dtype=plan.input_dtype, name=builder.names(plan.input_name))
+    features = {INPUT: {t: (inputs, None) for t in plan.tasks}}
     for position in plan.body:
         parents = [features[p] for p in position.parents]
-        role = position.role
-        if role == "units":
-            index = plan.slot_indices[position.index]
-            slot = state.slots[index]
-            feature = parents[0]
-            taps[index] = {t: feature[t][0] if slot.shared_inputs else None for t in tasks}
-            parts[index] = dict(feature)
-            if index == head_slot:
-                features[position.index] = _heads(position, slot, index, feature, tasks, names, bindings, logits)
-            else:
-                features[position.index] = _zipped_layer(position, slot, feature, tasks, names, bindings)
-        elif position.space == INPUT:
-            # Before any unit layer the input is not split: replay the layer exactly, once.
-            ref = position.layers[tasks[0]]
-            copy = registry.copy_layer(ref, names(ref.name))
-            args = [feature[tasks[0]][0] for feature in parents]
-            out = copy(args[0] if len(args) == 1 else args)
-            if ref.get_weights():  # e.g. Normalization's adapted mean and variance
-                copy.set_weights(ref.get_weights())
-                if hasattr(copy, "finalize_state"):  # Normalization derives its statistics from them
-                    copy.finalize_state()
-            features[position.index] = {t: (out, None) for t in tasks}
-        elif role == "channel_units":
-            features[position.index] = _channel_layer(position, state.channels[position.index], parents[0],
-                                                       tasks, names, bindings)
-        elif role in ("merge", "concat"):
-            features[position.index] = _combine(position, parents, tasks, names)
+        if position.space == INPUT and not position.is_units:
+            features[position.index] = builder.replay(position, parents)
         else:
-            cache = {}
-
-            def apply(layer, x, label):
-                if x is None:
-                    return None
-                if id(x) not in cache:
-                    cache[id(x)] = position.handler.apply_to_part(layer, x, names(label))
-                return cache[id(x)]
-
-            features[position.index] = {
-                t: (apply(position.layers[t], parents[0][t][0], f"{position.name}_shared"),
-                    apply(position.layers[t], parents[0][t][1], f"{t}_{position.layers[t].name}"))
-                for t in tasks}
+            features[position.index] = position.handler.visit(builder, position, parents)
 
     outputs = {}
     last = features[plan.slots[-1].position.index]
-    for t in tasks:
+    for t in plan.tasks:
         out = last[t][0]
         for layer in plan.suffixes[t]:
-            out = registry.copy_layer(layer, names(f"{t}_{layer.name}"))(out)
+            out = registry.copy_layer(layer, builder.names(f"{t}_{layer.name}"))(out)
         outputs[t] = out
     model = keras.Model(inputs, outputs, name=name)
-    return BuiltModel(model, taps, parts, logits, bindings)
+    return BuiltModel(model, builder.taps, builder.parts, builder.logits, builder.bindings)
 
 
-def _heads(position, slot, index, feature, tasks, names, bindings, logits):
+class _Builder(registry.PositionVisitor):
+    """Builds each position of the zipped model from its inputs' features, by the kind of its handler.
+
+    A feature is `{task: (shared part, task-specific part)}`, either part None where it has no units."""
+
+    def __init__(self, plan: ZipPlan, state: ZipState):
+        self.plan, self.state, self.tasks = plan, state, plan.tasks
+        self.names = _Names()
+        self.taps, self.parts = [None] * len(plan.slots), [None] * len(plan.slots)
+        self.logits, self.bindings = {}, []
+
+    def replay(self, position, parents):
+        """Before any unit layer the input is not split: the layer is replayed exactly, once."""
+        ref = position.layers[self.tasks[0]]
+        copy = registry.copy_layer(ref, self.names(ref.name))
+        args = [feature[self.tasks[0]][0] for feature in parents]
+        out = copy(args[0] if len(args) == 1 else args)
+        if ref.get_weights():  # e.g. Normalization's adapted mean and variance
+            copy.set_weights(ref.get_weights())
+            if hasattr(copy, "finalize_state"):  # Normalization derives its statistics from them
+                copy.finalize_state()
+        return {t: (out, None) for t in self.tasks}
+
+    def units(self, position, parents):
+        index = self.plan.slot_indices[position.index]
+        slot = self.state.slots[index]
+        (feature,) = parents
+        self.taps[index] = {t: feature[t][0] if slot.shared_inputs else None for t in self.tasks}
+        self.parts[index] = dict(feature)
+        if index == len(self.plan.slots) - 1:
+            return _heads(position, slot, feature, self.tasks, self.names, self.bindings, self.logits)
+        return _zipped_layer(position, slot, feature, self.tasks, self.names, self.bindings)
+
+    def channel_units(self, position, parents):
+        return _channel_layer(position, self.state.channels[position.index], parents[0], self.tasks, self.names,
+                              self.bindings)
+
+    def merge(self, position, parents):
+        return _combine(position, parents, self.tasks, self.names, concatenates=False)
+
+    def concatenate(self, position, parents):
+        return _combine(position, parents, self.tasks, self.names, concatenates=True)
+
+    def passthrough(self, position, parents):
+        cache = {}
+
+        def apply(layer, x, label):
+            if x is None:
+                return None
+            if id(x) not in cache:  # tasks reading one tensor share one call
+                cache[id(x)] = position.handler.apply_to_part(layer, x, self.names(label))
+            return cache[id(x)]
+
+        return {t: (apply(position.layers[t], parents[0][t][0], f"{position.name}_shared"),
+                    apply(position.layers[t], parents[0][t][1], f"{t}_{position.layers[t].name}"))
+                for t in self.tasks}
+
+
+def _heads(position, slot, feature, tasks, names, bindings, logits):
     out_features = {}
     for t in tasks:
         layer = position.layers[t]
@@ -139,7 +156,7 @@ def _heads(position, slot, index, feature, tasks, names, bindings, logits):
     return out_features
 
 
-def _combine(position, parents, tasks, names):
+def _combine(position, parents, tasks, names, concatenates: bool):
     """A multi-input layer applied to its inputs' shared parts and, separately, to their specific parts.
 
     An element-wise merge needs every input split alike (tied inputs share the same number of units); a
@@ -147,7 +164,6 @@ def _combine(position, parents, tasks, names):
     """
     cache = {}
     ref = position.layers[tasks[0]]
-    concatenates = position.role == "concat"
 
     def combine(xs, label):
         present = [x for x in xs if x is not None]

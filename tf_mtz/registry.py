@@ -1,7 +1,7 @@
 """One registry of per-layer handlers: how tf_mtz reads, merges and rebuilds each Keras layer type.
 
 Every layer the zipper meets is looked up here, built-in layers included, so supporting a new layer type
-means registering one handler rather than touching the zipper. Two roles exist:
+means registering one handler rather than touching the zipper. Two kinds are public:
 
 * ``UnitLayerHandler``: layers with output units that can be shared (Dense, Conv2D). The handler exposes
   the kernel as ``[..., inputs, units]`` plus a bias, turns a batch of layer inputs into Hessian samples,
@@ -10,8 +10,14 @@ means registering one handler rather than touching the zipper. Two roles exist:
   activations) or only re-lay out units (Flatten, Reshape). They are applied to the shared and the
   task-specific parts of a feature separately.
 
-Two built-in roles complete the set: ``ChannelUnitsHandler`` (per-unit weights that follow their input's
-units: DepthwiseConv2D, LayerNormalization) and ``MergeHandler`` (element-wise merges such as a residual ``Add``, which tie their inputs' units).
+Three built-in kinds complete the set: ``ChannelUnitsHandler`` (per-unit weights that follow their input's
+units: DepthwiseConv2D, LayerNormalization), ``MergeHandler`` (element-wise merges such as a residual ``Add``,
+which tie their inputs' units) and ``ConcatenateHandler``.
+
+Each kind of handler dispatches by method: `handler.visit(visitor, *args)` calls the visitor's method for
+its kind (`units`, `channel_units`, `merge`, `concatenate`, `passthrough`; see `PositionVisitor`). The
+graph reader, the model builder and the probe are such visitors, so each says what it does per kind in one
+method, and a new kind of layer is one handler base class plus one method in each visitor.
 """
 
 from __future__ import annotations
@@ -25,10 +31,36 @@ import tensorflow as tf
 from tf_mtz.errors import ZipError
 
 
+class PositionVisitor:
+    """What a module does at one position of the zip plan, one method per kind of handler.
+
+    `LayerHandler.visit` picks the method; the arguments are the visitor's own (typically the position
+    and the values flowing into it). Visitors override the kinds they treat differently; the default of
+    every kind is `passthrough`.
+    """
+
+    def units(self, *args):
+        return self.passthrough(*args)
+
+    def channel_units(self, *args):
+        return self.passthrough(*args)
+
+    def merge(self, *args):
+        return self.passthrough(*args)
+
+    def concatenate(self, *args):
+        return self.passthrough(*args)
+
+    def passthrough(self, *args):
+        raise NotImplementedError
+
+
 class LayerHandler:
     """Base class of all handlers. Subclass `UnitLayerHandler` or `PassThroughHandler`, not this."""
 
-    role = "abstract"
+    def visit(self, visitor: PositionVisitor, *args):
+        """Calls the method of `visitor` for this handler's kind with `args`, and returns its result."""
+        raise NotImplementedError
 
     def check(self, layer, model_name: str) -> None:
         """Raises `ZipError` when this particular layer's configuration is not supported."""
@@ -41,9 +73,11 @@ class UnitLayerHandler(LayerHandler):
     indexes input units (channels); any leading axes are spatial kernel offsets.
     """
 
-    role = "units"
     #: Hessian modes this layer supports; the first is its default.
     hessian_modes = ("exact",)
+
+    def visit(self, visitor, *args):
+        return visitor.units(*args)
 
     def kernel_and_bias(self, layer) -> tuple[np.ndarray, np.ndarray]:
         """Returns `(kernel, bias)` as float32 numpy arrays; a layer without bias gets zeros."""
@@ -91,8 +125,10 @@ class PassThroughHandler(LayerHandler):
     re-lay out units (Flatten) override `apply_to_part`.
     """
 
-    role = "passthrough"
     channelwise = True
+
+    def visit(self, visitor, *args):
+        return visitor.passthrough(*args)
 
     def check_between_units(self, layer, model_name: str) -> None:
         """Raises `ZipError` when the layer cannot run on shared and specific units separately."""
@@ -279,9 +315,11 @@ class ChannelUnitsHandler(LayerHandler):
     on the shared and the specific units separately.
     """
 
-    role = "channel_units"
     channel_axis = -1
     partial_sharing = True
+
+    def visit(self, visitor, *args):
+        return visitor.channel_units(*args)
 
     def check_between_units(self, layer, model_name):
         pass
@@ -366,7 +404,8 @@ class MergeHandler(LayerHandler):
     Their inputs' units are tied together: one unit order for all of them, which the zipper pairs once.
     """
 
-    role = "merge"
+    def visit(self, visitor, *args):
+        return visitor.merge(*args)
 
     def check_between_units(self, layer, model_name):
         pass
@@ -382,7 +421,8 @@ class ConcatenateHandler(LayerHandler):
     next layer's rows are re-indexed to [every input's shared units, every input's specific units].
     """
 
-    role = "concat"
+    def visit(self, visitor, *args):
+        return visitor.concatenate(*args)
 
     def check(self, layer, model_name):
         rank = len(layer.output.shape) if _has_input(layer) else None
@@ -485,7 +525,7 @@ def register_layer_handler(layer_class: type, handler: LayerHandler) -> None:
     """
     if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
         raise TypeError(f"register_layer_handler expects a keras.layers.Layer subclass, got {layer_class!r}.")
-    if not isinstance(handler, LayerHandler) or type(handler) in (LayerHandler,):
+    if not isinstance(handler, LayerHandler) or type(handler).visit is LayerHandler.visit:
         raise TypeError(f"handler must be a UnitLayerHandler or PassThroughHandler, got {handler!r}.")
     _REGISTRY[layer_class] = handler
 
@@ -552,6 +592,11 @@ for _cls in (keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, ker
              keras.layers.Maximum, keras.layers.Minimum):
     register_layer_handler(_cls, MergeHandler())
 register_layer_handler(keras.layers.Concatenate, ConcatenateHandler())
+
+
+def has_units(handler: LayerHandler) -> bool:
+    """Whether the handler's layers have output units of their own to share (Dense, Conv)."""
+    return isinstance(handler, UnitLayerHandler)
 
 
 def mixes_units(layer) -> bool:

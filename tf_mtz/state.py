@@ -70,11 +70,11 @@ class ZipState:
                 slots[index].input_order = {t: np.arange(graph.space_width(plan, slot.input_space, t))
                                             for t in plan.tasks}
                 reorder_concatenated_rows(plan, state, index)
-        channels = state.channels
-        for position in plan.body:
-            if position.role == "channel_units":
-                channels[position.index] = ChannelState({t: k.copy() for t, (k, _) in position.weights.items()},
-                                                        {t: b.copy() for t, (_, b) in position.weights.items()})
+        for group in plan.groups.values():
+            for position_index in group.channel_positions:
+                weights = plan.body[position_index].weights
+                state.channels[position_index] = ChannelState({t: k.copy() for t, (k, _) in weights.items()},
+                                                              {t: b.copy() for t, (_, b) in weights.items()})
         return state
 
 

@@ -154,8 +154,10 @@ def hessian_of_inputs(batches: list, sample_fn, *, task: str, layer_name: str, i
         for batch in batches:
             accumulated.add(augment(sample_fn(batch)))
     else:
-        size = max(int(b.shape[0]) for b in batches)
-        dataset = tf.data.Dataset.from_tensor_slices(tf.concat(batches, axis=0)).batch(size)
+        # The probe's batches one at a time (they may be spilled to disk), as the dataset's batches.
+        first = batches[0]
+        dataset = tf.data.Dataset.from_generator(
+            lambda: iter(batches), output_signature=tf.TensorSpec((None,) + tuple(first.shape[1:]), first.dtype))
         _add_distributed(accumulated, dataset, lambda x: augment(sample_fn(x)), strategy)
     return _finish(accumulated, task, layer_name, is_first_layer)
 

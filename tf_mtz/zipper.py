@@ -99,7 +99,30 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     trainer_inputs = None if retrain is None else _trainer_inputs(plan, retrain, calibration_data, strategy)
 
     state = state_lib.ZipState.from_plan(plan)
-    probe = probe_lib.Probe(plan, state, calibration, strategy)
+    probe = probe_lib.Probe(plan, state, calibration, strategy,
+                            memory_budget_bytes=int(config.activation_memory_gib * 2 ** 30))
+    try:
+        layer_reports = _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, evaluation, verbose)
+    finally:
+        probe.close()
+
+    zipped = rebuild.build_model(plan, state).model
+    for t, m in models.items():
+        if _fingerprint(m) != fingerprints[t]:
+            raise AssertionError(f"Internal error: zipping modified the weights of model for task '{t}'.")
+    zipped.zip_report = _zip_report(models, zipped, state, layer_reports, sharing, config, retrain, started)
+    if evaluation is not None:
+        zipped.zip_report.accuracy_original = {
+            t: _accuracy(models[t], {t: evaluation[t]}, single_output=True)[t] for t in tasks}
+        zipped.zip_report.accuracy_final = _accuracy(zipped, evaluation)
+    if verbose:
+        keras_graph.print_message(f"tf_mtz: zipped {len(tasks)} models in {time.perf_counter() - started:.1f} s")
+    return zipped
+
+
+def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, evaluation, verbose) -> list:
+    """The method's loop: each layer step (pair, permute, merge, refit) and its retraining; returns the
+    layers' reports."""
     steps = _LayerSteps(plan, state, probe, config, counts, verbose)
     layer_reports = []
     for index in range(len(plan.slots)):
@@ -116,19 +139,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     if retrain is not None and retrain.final_steps:
         layer_reports[-1].retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.final_steps,
                                                   "final", verbose)
-
-    zipped = rebuild.build_model(plan, state).model
-    for t, m in models.items():
-        if _fingerprint(m) != fingerprints[t]:
-            raise AssertionError(f"Internal error: zipping modified the weights of model for task '{t}'.")
-    zipped.zip_report = _zip_report(models, zipped, state, layer_reports, sharing, config, retrain, started)
-    if evaluation is not None:
-        zipped.zip_report.accuracy_original = {
-            t: _accuracy(models[t], {t: evaluation[t]}, single_output=True)[t] for t in tasks}
-        zipped.zip_report.accuracy_final = _accuracy(zipped, evaluation)
-    if verbose:
-        keras_graph.print_message(f"tf_mtz: zipped {len(tasks)} models in {time.perf_counter() - started:.1f} s")
-    return zipped
+    return layer_reports
 
 
 def _checked_config(config) -> config_lib.ZipConfig:
