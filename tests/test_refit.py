@@ -66,3 +66,85 @@ def test_dense_layers_use_every_row_below_the_bound(rng):
     default = tf_mtz.zip_models({"a": a, "b": b}, x, config=tf_mtz.ZipConfig(refit_rows_per_input=32), verbose=0)
     for u, v in zip(every.get_weights(), default.get_weights()):
         np.testing.assert_array_equal(u, v)
+
+
+STRUCTURED = [
+    (lambda: keras.layers.Conv2D(4, 3, padding="same"), (3, 9, 8, 5)),
+    (lambda: keras.layers.Conv2D(4, 3, padding="valid"), (2, 11, 10, 3)),
+    (lambda: keras.layers.Conv2D(3, (3, 2), padding="same"), (2, 8, 9, 4)),
+    (lambda: keras.layers.Conv2D(3, 5, padding="same"), (2, 16, 16, 2)),
+    (lambda: keras.layers.Conv1D(4, 3, padding="same"), (3, 20, 5)),
+    (lambda: keras.layers.Conv1D(4, 5, padding="valid"), (2, 23, 3)),
+]
+
+
+@pytest.mark.parametrize("make,shape", STRUCTURED)
+def test_moments_without_patches_equal_the_moments_of_the_patches(make, shape, rng):
+    """The refit's Gram and cross moments of stride-1 convolutions, summed from shifted inputs without
+    forming the patches, are the patches' XᵀX and XᵀT (float64 inputs: equal to rounding)."""
+    layer = make()
+    layer.build(shape)
+    handler = registry.handler_for(layer)
+    x = tf.constant(rng.normal(size=shape))
+    patches = handler.hessian_samples(layer, x, "patch")
+    patches = tf.concat([patches, tf.ones_like(patches[:, :1])], axis=1)  # augmented, kept in float64
+    targets = tf.constant(rng.normal(size=(int(patches.shape[0]), 3)))
+    moments = handler.input_moments(layer, x, targets, "patch")
+    assert moments is not None
+    gram, cross = moments
+    np.testing.assert_allclose(gram.numpy(), (tf.transpose(patches) @ patches).numpy(), atol=1e-10)
+    np.testing.assert_allclose(cross.numpy(), (tf.transpose(patches) @ targets).numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize("make,shape", STRUCTURED + LAYERS)
+def test_pre_activations_from_blocks_equal_the_layer(make, shape, rng):
+    layer = make()
+    layer.build(shape)
+    handler = registry.handler_for(layer)
+    x = tf.constant(rng.normal(size=shape).astype("float32"))
+    kernel, bias = handler.kernel_and_bias(layer)
+    bias = rng.normal(size=bias.shape).astype("float32")
+    mode = "patch" if "patch" in handler.hessian_modes else handler.hessian_modes[0]
+    block = tf.constant(handler.to_blocks(kernel, bias, mode)[0])
+    layer.bias.assign(bias)
+    expected = tf.reshape(layer(x), (-1, kernel.shape[-1]))
+    np.testing.assert_allclose(handler.pre_activations(layer, x, block, mode).numpy(), expected.numpy(),
+                               atol=1e-5)
+
+
+def test_strided_and_dilated_convolutions_form_their_patches(rng):
+    for layer in (keras.layers.Conv2D(4, 3, strides=2, padding="same"),
+                  keras.layers.Conv2D(4, 3, dilation_rate=2, padding="same"), keras.layers.Conv2D(4, 1)):
+        layer.build((2, 9, 9, 3))
+        x = tf.constant(rng.normal(size=(2, 9, 9, 3)).astype("float32"))
+        assert registry.handler_for(layer).input_moments(layer, x, tf.zeros((1, 4)), "patch") is None
+
+
+def _same_padded_cnn(name, seed):
+    keras.utils.set_random_seed(seed)
+    x = inputs = keras.Input((12, 12, 2))
+    x = keras.layers.Conv2D(6, 3, padding="same", activation="relu")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    x = keras.layers.Conv1D(5, 3, padding="same", activation="relu")(keras.layers.Reshape((144, 8))(x))
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3)(x), name=name)
+
+
+def test_refit_from_moments_equals_the_refit_from_patches(rng, monkeypatch):
+    a, b = _same_padded_cnn("a", seed=0), _same_padded_cnn("b", seed=1)
+    x = rng.normal(size=(64, 12, 12, 2)).astype("float32")
+    used = []
+    moments = registry._structured_moments
+
+    def counted(*args):
+        result = moments(*args)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(registry, "_structured_moments", counted)
+    fast = tf_mtz.zip_models({"a": a, "b": b}, x, config=tf_mtz.ZipConfig(batch_size=32), verbose=0)
+    assert len(used) == 2 * 2 * 2 and all(used)  # two refit layers x two tasks x two batches
+    monkeypatch.setattr(registry, "_structured_moments", lambda *args: None)
+    plain = tf_mtz.zip_models({"a": a, "b": b}, x, config=tf_mtz.ZipConfig(batch_size=32), verbose=0)
+    for u, v in zip(fast.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(v).max())))

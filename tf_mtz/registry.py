@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_mtz import statistics
 from tf_mtz.errors import ZipError
 
 
@@ -108,6 +109,17 @@ class UnitLayerHandler(LayerHandler):
     def hessian_rows(self, template, x: tf.Tensor, mode: str, rows: np.ndarray) -> tf.Tensor:
         """Rows `rows` of `hessian_samples(template, x, mode)` (override to compute only those)."""
         return tf.gather(self.hessian_samples(template, x, mode), rows)
+
+    def pre_activations(self, template, x: tf.Tensor, block: tf.Tensor, mode: str) -> tf.Tensor:
+        """The layer's pre-activations `(samples, units)` on the batch `x` with the weights `block`
+        (`(features + 1, units)`, one block of `to_blocks`, bias last)."""
+        return tf.matmul(statistics.augment(self.hessian_samples(template, x, mode)), block)
+
+    def input_moments(self, template, x: tf.Tensor, targets: tf.Tensor, mode: str):
+        """`(X̃ᵀX̃, X̃ᵀ targets)` of the augmented Hessian samples X̃ of the batch `x` computed without forming
+        X̃, or None where the layer has no such shortcut (then X̃ is formed). `targets` is
+        `(samples, units)`, in the order of `hessian_samples`."""
+        return None
 
     def to_blocks(self, kernel: np.ndarray, bias: np.ndarray, mode: str) -> np.ndarray:
         """Stacks kernel and bias as `(blocks, features + 1, units)`, bias last, one block per Hessian."""
@@ -221,6 +233,20 @@ class Conv2DHandler(UnitLayerHandler):
         return _patches_at(x, template.kernel_size, template.strides, template.dilation_rate, template.padding,
                            rows)
 
+    def pre_activations(self, template, x, block, mode):
+        if mode == "channel":
+            return super().pre_activations(template, x, block, mode)
+        kernel = tf.reshape(block[:-1], tuple(template.kernel_size) + (int(x.shape[-1]), int(block.shape[-1])))
+        out = tf.nn.convolution(x, kernel, strides=template.strides, padding=template.padding.upper(),
+                                dilations=template.dilation_rate) + block[-1]
+        return tf.reshape(out, (-1, int(block.shape[-1])))
+
+    def input_moments(self, template, x, targets, mode):
+        if mode == "channel":
+            return None
+        return _structured_moments(x, tuple(template.kernel_size), tuple(template.strides),
+                                   tuple(template.dilation_rate), template.padding, targets)
+
     def to_blocks(self, kernel, bias, mode):
         kh, kw, c, n = kernel.shape
         if mode == "channel":
@@ -268,6 +294,20 @@ class Conv1DHandler(Conv2DHandler):
         (k,), (stride,), (rate,) = template.kernel_size, template.strides, template.dilation_rate
         return _patches_at(x[:, None], (1, k), (1, stride), (1, rate), template.padding, rows)
 
+    def pre_activations(self, template, x, block, mode):
+        if mode == "channel":
+            return super().pre_activations(template, x, block, mode)
+        (k,), (stride,), (rate,) = template.kernel_size, template.strides, template.dilation_rate
+        kernel = tf.reshape(block[:-1], (k, int(x.shape[-1]), int(block.shape[-1])))
+        out = tf.nn.convolution(x, kernel, strides=stride, padding=template.padding.upper(), dilations=rate)
+        return tf.reshape(out + block[-1], (-1, int(block.shape[-1])))
+
+    def input_moments(self, template, x, targets, mode):
+        if mode == "channel":
+            return None
+        (k,), (stride,), (rate,) = template.kernel_size, template.strides, template.dilation_rate
+        return _structured_moments(x[:, None], (1, k), (1, stride), (1, rate), template.padding, targets)
+
     def to_blocks(self, kernel, bias, mode):
         return super().to_blocks(kernel[None], bias, mode)
 
@@ -290,6 +330,19 @@ def _output_grid(size, kernel, strides, rates, padding) -> tuple:
             pads.append((0, 0))
         grid.append(out)
     return tuple(grid), pads[0], pads[1]
+
+
+def _structured_moments(x, kernel, strides, rates, padding, targets):
+    """`(X̃ᵀX̃, X̃ᵀT)` of a channels-last batch's im2col patches by `statistics.patch_gram` and
+    `patch_cross`, for stride-1 undilated convolutions where that pays; None otherwise."""
+    if any(int(v) != 1 for v in tuple(strides) + tuple(rates)):
+        return None
+    grid, (top, bottom), (left, right) = _output_grid(x.shape[1:3], kernel, strides, rates, padding)
+    if not statistics.structured_patches_pay(grid, kernel):
+        return None
+    padded = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+    grid_targets = tf.reshape(targets, (int(x.shape[0]),) + tuple(grid) + (int(targets.shape[-1]),))
+    return statistics.patch_gram(padded, kernel), statistics.patch_cross(padded, kernel, grid_targets)
 
 
 def _patches_at(x, kernel, strides, rates, padding, rows) -> tf.Tensor:

@@ -101,6 +101,15 @@ class StreamedGram:
                 self.cross += tf.matmul(rows, targets, transpose_a=True).numpy().astype(np.float64)
         self.count += n
 
+    def add_moments(self, gram, cross, count: int) -> None:
+        """Adds an already formed XᵀX and XᵀT of `count` rows (once the rows outnumber the columns)."""
+        if self._rows:
+            raise AssertionError("Internal error: moments added to a Gram that still keeps its rows.")
+        gram, cross = np.asarray(gram, np.float64), np.asarray(cross, np.float64)
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.cross = cross if self.cross is None else self.cross + cross
+        self.count += count
+
     def add_gram(self, gram, count: int) -> None:
         """Adds an already reduced XᵀX of `count` rows (from several replicas)."""
         gram = np.asarray(gram, np.float64)
@@ -215,3 +224,93 @@ def damped(hessian, damping: float):
     dim = hessian.shape[0]
     scale = max(float(np.trace(hessian)) / dim, 1e-12)
     return hessian + (damping * scale + 1e-12 * scale) * np.eye(dim)
+
+
+def structured_patches_pay(grid: tuple, kernel: tuple) -> bool:
+    """Whether `patch_gram` beats the plain im2col Gram for a stride-1 convolution with this output grid and
+    kernel: the rows whose patches all lie inside (the *core*) must be most of them."""
+    (out_h, out_w), (kh, kw) = grid, kernel
+    if kh * kw == 1:
+        return False  # a 1x1 kernel's patches are the input vectors: nothing to gain
+    core = max(out_h - kh + 1, 0) * max(out_w - kw + 1, 0)
+    return core >= 0.5 * out_h * out_w
+
+
+def patch_gram(padded: tf.Tensor, kernel: tuple) -> tf.Tensor:
+    """X̃ᵀX̃ of the augmented im2col patches (kernel row, kernel column, channel; bias last) of a stride-1,
+    undilated convolution, from its zero-padded input `padded` (N, H, W, C), without forming the patches.
+
+    Two patches' entries at kernel offsets o1 and o2 multiply input pixels q and q + (o2 - o1). Over the
+    *core* (the positions q every offset reaches) the sum depends on the difference only, so one C×C
+    product per difference serves all pairs of offsets with it ((2k-1)² products instead of k⁴, and half
+    of those by symmetry); the frame of kernel-sized width around the core is added from its own patches.
+    Exact: the same matrix as `patches.T @ patches`, summed in a different order.
+    """
+    kh, kw = kernel
+    n, height, width, channels = (int(s) for s in padded.shape)
+    out_h, out_w = height - kh + 1, width - kw + 1
+    offsets = [(i, j) for i in range(kh) for j in range(kw)]
+    # Only the blocks on and above the diagonal are summed (the Gram matrix is symmetric): pairs of offsets
+    # o1 <= o2 in the patch order, whose differences are (dy > 0, any dx) or (0, dx >= 0).
+    core_h, core_w = out_h - kh + 1, out_w - kw + 1
+    by_difference = {}
+    core = tf.reshape(padded[:, kh - 1:out_h, kw - 1:out_w], (-1, channels)) if core_h > 0 and core_w > 0 else None
+    for dy in range(0, kh):
+        for dx in range(-(kw - 1), kw):
+            if dy == 0 and dx < 0:
+                continue
+            if core is None:
+                by_difference[dy, dx] = tf.zeros((channels, channels), padded.dtype)
+                continue
+            shifted = padded[:, kh - 1 + dy:out_h + dy, kw - 1 + dx:out_w + dx]
+            by_difference[dy, dx] = tf.matmul(core, tf.reshape(shifted, (-1, channels)), transpose_a=True)
+
+    frame_rows, frame_patches = _frame_patches(padded, kernel)
+    blocks = {}
+    for first, (i, j) in enumerate(offsets):
+        # Rows p whose pixel p + o1 lies outside the core: the core sums above miss them.
+        outside = ~((frame_rows[:, 0] >= kh - 1 - i) & (frame_rows[:, 0] < out_h - i)
+                    & (frame_rows[:, 1] >= kw - 1 - j) & (frame_rows[:, 1] < out_w - j))
+        missed = tf.boolean_mask(frame_patches, np.tile(outside, n))
+        correction = tf.matmul(missed[:, first * channels:(first + 1) * channels], missed[:, first * channels:],
+                               transpose_a=True)
+        for second in range(first, len(offsets)):
+            k, l = offsets[second]
+            blocks[first, second] = (by_difference[k - i, l - j]
+                                     + correction[:, (second - first) * channels:(second - first + 1) * channels])
+    sums = [tf.reduce_sum(padded[:, i:i + out_h, j:j + out_w], axis=(0, 1, 2)) for i, j in offsets]
+    rows = []
+    for first in range(len(offsets)):
+        row = [blocks[first, second] if second >= first else tf.transpose(blocks[second, first])
+               for second in range(len(offsets))]
+        rows.append(tf.concat(row + [sums[first][:, None]], axis=1))
+    last = tf.concat(sums + [tf.constant([float(n * out_h * out_w)], padded.dtype)], axis=0)
+    return tf.concat(rows + [last[None]], axis=0)
+
+
+def _frame_patches(padded: tf.Tensor, kernel: tuple) -> tuple:
+    """The output positions (row, column) of one image within kernel-sized reach of the grid's border,
+    and the im2col patches of every image there (images major)."""
+    kh, kw = kernel
+    n, height, width, channels = (int(s) for s in padded.shape)
+    out_h, out_w = height - kh + 1, width - kw + 1
+    rows, columns = np.meshgrid(np.arange(out_h), np.arange(out_w), indexing="ij")
+    inner = ((rows >= kh - 1) & (rows < out_h - kh + 1) & (columns >= kw - 1) & (columns < out_w - kw + 1))
+    positions = np.stack([rows[~inner], columns[~inner]], axis=1)
+    origin = (np.arange(n)[:, None] * height * width + positions[None, :, 0] * width
+              + positions[None, :, 1]).reshape(-1)
+    pixels = tf.reshape(padded, (-1, channels))
+    patches = tf.concat([tf.gather(pixels, origin + i * width + j) for i in range(kh) for j in range(kw)], axis=1)
+    return positions, patches
+
+
+def patch_cross(padded: tf.Tensor, kernel: tuple, targets: tf.Tensor) -> tf.Tensor:
+    """X̃ᵀT of the augmented im2col patches of a stride-1, undilated convolution (as in `patch_gram`) and
+    targets T (N, out_h, out_w, U), one product per kernel offset instead of forming the patches."""
+    kh, kw = kernel
+    channels = int(padded.shape[-1])
+    out_h, out_w = int(targets.shape[1]), int(targets.shape[2])
+    flat_targets = tf.reshape(targets, (-1, int(targets.shape[-1])))
+    blocks = [tf.matmul(tf.reshape(padded[:, i:i + out_h, j:j + out_w], (-1, channels)), flat_targets,
+                        transpose_a=True) for i in range(kh) for j in range(kw)]
+    return tf.concat(blocks + [tf.reduce_sum(flat_targets, axis=0, keepdims=True)], axis=0)

@@ -563,22 +563,8 @@ def _refit(plan, state, slot_index, probe, config, ridge: float = 1e-3) -> float
         original_weights, current_weights = tf.constant(original, tf.float32), tf.constant(current, tf.float32)
         del original
 
-        accumulated = statistics.StreamedGram()
-        target_sum, target_square, residual_square = 0.0, 0.0, 0.0
-        features = int(current.shape[0])  # kernel rows per unit, bias included
-
-        def share(rows_per_sample, features=features, samples=probe.samples(t)):
-            return _refit_share(config, features, rows_per_sample * samples)
-
-        for zipped_inputs, original_inputs in _layer_samples(plan, probe, slot_index, t, mode, share,
-                                                             (config.seed, slot_index, plan.tasks.index(t))):
-            target = tf.matmul(original_inputs, original_weights)
-            residual = target - tf.matmul(zipped_inputs, current_weights)
-            accumulated.add(zipped_inputs, residual)
-            target_sum += tf.reduce_sum(target, axis=0).numpy().astype(np.float64)
-            target_square += float(tf.reduce_sum(tf.square(target)))
-            residual_square += float(tf.reduce_sum(tf.square(residual)))
-            del zipped_inputs, original_inputs, target, residual  # conv patches: up to a GB a batch
+        accumulated, (target_sum, target_square, residual_square) = _refit_statistics(
+            plan, probe, slot_index, t, mode, config, original_weights, current_weights)
         variance = max(target_square - float(np.sum(target_sum ** 2)) / max(accumulated.count, 1), 1e-12)
         # Wide layers' weights are large (VGG-16 fc6: 0.4 GB per copy in float32): drop the TF copies before
         # the solve; the low-rank step (those layers') is formed in float32, the weights' precision, rather
@@ -597,16 +583,71 @@ def _refit(plan, state, slot_index, probe, config, ridge: float = 1e-3) -> float
             gram = accumulated.gram
             dim = gram.shape[0]
             damped_gram = gram + ridge * max(np.trace(gram) / dim, 1e-12) * np.eye(dim)
-            # TensorFlow's float64 solve: numpy's (OpenBLAS) was 10x slower next to TensorFlow's thread pool.
-            step = tf.linalg.solve(tf.constant(damped_gram), tf.constant(accumulated.cross)).numpy()
+            step = _solve_positive_definite(damped_gram, accumulated.cross)
             # ‖R − XΔ‖² from the statistics alone: ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, XᵀXΔ⟩.
-            left = residual_square - 2.0 * float(np.sum(step * accumulated.cross)) + float(np.sum(step * (gram @ step)))
+            gram_step = tf.matmul(tf.constant(gram), tf.constant(step)).numpy()
+            left = residual_square - 2.0 * float(np.sum(step * accumulated.cross)) + float(np.sum(step * gram_step))
         mismatch += max(left, 0.0) / variance
         solution = current + step
         del step
         kernel, bias = handler.from_blocks(solution[None].astype(np.float32, copy=False), slot.kernels[t].shape, mode)
         state_lib.replace_task_weights(state, slot_index, t, kernel, bias)
     return mismatch
+
+
+def _solve_positive_definite(matrix: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """`matrix⁻¹ right` for a damped Gram matrix, in float64 with TensorFlow (numpy's OpenBLAS was 10x
+    slower next to TensorFlow's thread pool): by Cholesky, half the work of LU, and by LU where rounding
+    left the matrix not quite positive definite."""
+    matrix, right = tf.constant(matrix, tf.float64), tf.constant(right, tf.float64)
+    try:
+        return tf.linalg.cholesky_solve(tf.linalg.cholesky(matrix), right).numpy()
+    except tf.errors.InvalidArgumentError:
+        return tf.linalg.solve(matrix, right).numpy()
+
+
+def _refit_statistics(plan, probe, slot_index, t, mode, config, original_weights, current_weights) -> tuple:
+    """What task `t`'s refit of slot `slot_index` needs, streamed over its calibration batches: Σ X̃ᵀX̃ and
+    Σ X̃ᵀR of the zipped inputs X̃ and the residual R = T − X̃W (T the original pre-activations, W the
+    current weights), and `(Σ T per unit, Σ T², Σ R²)` for the mismatch.
+
+    Layers with a shortcut for these moments (stride-1 convolutions: `input_moments`) never form their
+    patches; the others, a patch subset (`refit_rows_per_input`) and fewer rows than features (a low-rank
+    Gram that keeps its rows) stream the rows.
+    """
+    position = plan.slots[slot_index].position
+    handler, template = position.handler, position.layers[t]
+    features = int(current_weights.shape[0])
+    accumulated = statistics.StreamedGram()
+    target_sum, target_square, residual_square = 0.0, 0.0, 0.0
+    samples = probe.samples(t)
+    key = (config.seed, slot_index, plan.tasks.index(t))
+    for batch, (zipped, original) in enumerate(zip(probe.zipped_inputs(slot_index, t),
+                                                   probe.original_inputs(slot_index, t))):
+        rows = handler.sample_count(template, zipped, mode)
+        keep = _refit_share(config, features, rows / int(zipped.shape[0]) * samples)
+        moments = None
+        if keep >= 1.0 and rows / int(zipped.shape[0]) * samples >= features:
+            target = handler.pre_activations(template, original, original_weights, mode)
+            residual = target - handler.pre_activations(template, zipped, current_weights, mode)
+            moments = handler.input_moments(template, zipped, residual, mode)
+        if moments is not None:
+            accumulated.add_moments(*moments, rows)
+        else:
+            if keep < 1.0:
+                chosen = _subsample(rows, keep, key + (batch,))
+                zipped, original = (handler.hessian_rows(template, x, mode, chosen) for x in (zipped, original))
+            else:
+                zipped, original = (handler.hessian_samples(template, x, mode) for x in (zipped, original))
+            zipped, original = statistics.augment(zipped), statistics.augment(original)
+            target = tf.matmul(original, original_weights)
+            residual = target - tf.matmul(zipped, current_weights)
+            accumulated.add(zipped, residual)
+        target_sum += tf.reduce_sum(target, axis=0).numpy().astype(np.float64)
+        target_square += float(tf.reduce_sum(tf.square(target)))
+        residual_square += float(tf.reduce_sum(tf.square(residual)))
+        del zipped, original, target, residual, moments  # conv patches: up to a GB a batch
+    return accumulated, (target_sum, target_square, residual_square)
 
 
 def _refit_share(config, features: int, rows: float) -> float:
