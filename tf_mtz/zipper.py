@@ -341,6 +341,9 @@ def _mode(handler, config):
     return config.conv_hessian if config.conv_hessian in handler.hessian_modes else handler.hessian_modes[0]
 
 
+HESSIAN_PAIRINGS = ("hessian", "correlation")  # the pairings whose costs read the Hessians
+
+
 def _pair_group(plan, state, group, index, count, probe, config):
     """Pairs `count` units of a group across tasks and puts every member, per-channel layer and consumer of
     the group into the paired order [paired, rest]. Merging happens per member, in `_merge_slot`.
@@ -360,14 +363,18 @@ def _pair_group(plan, state, group, index, count, probe, config):
                 f"got {count} of {[graph.group_width(plan, group, t) for t in tasks]}.")
     ready = [m for m in members
              if state.slots[m].shared_inputs > 0 and plan.slots[m].input_space != group]
-    hessians = _hessians(plan, ready, probe, config)
+    # Weight matching pairs from the weights alone: the Hessians are then measured per layer at its merge,
+    # not here for every member of the group.
+    uses_hessians = config.pairing in HESSIAN_PAIRINGS or (len(tasks) > 2 and config.merge == "hessian")
+    hessians = _hessians(plan, ready, probe, config) if uses_hessians else {}
     blocks, damped, pooled = {}, {}, {}
     for m in ready:
         slot, handler = state.slots[m], plan.slots[m].position.handler
         mode = _mode(handler, config)
         rows = slot.shared_rows
         blocks[m] = {t: handler.to_blocks(slot.kernels[t][..., :rows, :], slot.biases[t], mode) for t in tasks}
-        damped[m] = {t: statistics.damped(hessians[m][t], config.damping) for t in tasks}
+        damped[m] = {t: statistics.damped(hessians[m][t], config.damping) if uses_hessians else None
+                     for t in tasks}
         pooled[m] = None
         if config.pairing == "correlation":
             pooled[m] = _pooled(list(hessians[m].values()))
@@ -388,7 +395,7 @@ def _pair_group(plan, state, group, index, count, probe, config):
         merged = {m: costs_lib.merge_units(config.merge, blocks[m][first][:, :, pick_first],
                                            blocks[m][second][:, :, pick_second], damped[m][first],
                                            damped[m][second]) for m in ready}
-        accumulated = {m: damped[m][first] + damped[m][second] for m in ready}
+        accumulated = {m: _summed(damped[m][first], damped[m][second]) for m in ready}
     for count_merged, t in enumerate(tasks[2:], start=2):
         shared_index, picks = pair(merged, accumulated, t)
         order = np.empty(count, np.int64)
@@ -397,7 +404,7 @@ def _pair_group(plan, state, group, index, count, probe, config):
         for m in ready:
             merged[m] = costs_lib.merge_units(config.merge, merged[m], blocks[m][t][:, :, order],
                                               accumulated[m], damped[m][t], tasks_in_a=count_merged)
-            accumulated[m] = accumulated[m] + damped[m][t]
+            accumulated[m] = _summed(accumulated[m], damped[m][t])
 
     permutations = {}
     for t in tasks:
@@ -405,7 +412,12 @@ def _pair_group(plan, state, group, index, count, probe, config):
         rest = np.setdiff1d(np.arange(width), orders[t], assume_unique=True)
         permutations[t] = np.concatenate([orders[t], rest]).astype(np.int64)
     state_lib.permute_group(plan, state, group, permutations, count, keep_first=config.merge == "first")
-    return hessians.get(index)
+    return hessians.get(index)  # None when not measured: `_merge_slot` measures this layer's
+
+
+def _summed(hessian_a, hessian_b):
+    """The Hessian of merged units (their tasks' sum), or None where the Hessians were not measured."""
+    return None if hessian_a is None else hessian_a + hessian_b
 
 
 class _Stages:
