@@ -9,7 +9,7 @@ import os as _os
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tf_mtz import experimental  # noqa: E402,F401
+from tf_mtz import experimental, testing  # noqa: E402,F401
 from tf_mtz.config import ZipConfig  # noqa: E402
 from tf_mtz.errors import RankDeficientWarning, ZipError  # noqa: E402
 from tf_mtz.export import export_saved_model, export_tflite, tflite_bytes  # noqa: E402

@@ -72,6 +72,8 @@ class Group:
     members: list  # slot indices, topological order
     channel_positions: list  # body indices of per-channel weighted layers (DepthwiseConv2D) in the group
     consumers: list  # slot indices of the unit layers whose input is this group
+    # body indices of per-channel layers reading a Concatenate that this group is a part of
+    concatenated_channels: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -175,7 +177,9 @@ def _split_separable(layer, parent: int, ops: list, model_name: str) -> int:
 
 
 def _fold_batch_norms(ops: list, model_name: str) -> tuple[list, dict]:
-    """Folds each BatchNormalization into the Dense/Conv/DepthwiseConv2D feeding it (inference statistics).
+    """Folds each BatchNormalization into the Dense/Conv/DepthwiseConv2D feeding it (inference statistics)
+    where it is that layer's only consumer and the layer has no activation; the others stay operations of
+    their own (a per-unit affine map, `registry.BatchNormalizationHandler`).
 
     Returns the operations without the folded ones (parents re-indexed) and
     `{id(layer): (kernel, bias)}` with the folded weights: kernel·γ/√(σ²+ε) and (bias − μ)·γ/√(σ²+ε) + β.
@@ -194,27 +198,18 @@ def _fold_batch_norms(ops: list, model_name: str) -> tuple[list, dict]:
         parent = op.parents[0]
         previous = ops[parent].layer if parent != INPUT else None
         handler = registry.handler_for(previous) if previous is not None else None
-        axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
-        rank = len(layer.input.shape)
         if (not isinstance(handler, (registry.UnitLayerHandler, registry.DepthwiseHandler))
-                or axis not in (-1, rank - 1) or handler.activation(previous) != "linear"
-                or len(consumers.get(parent, [])) != 1):
-            raise ZipError(
-                f"BatchNormalization '{layer.name}' of model '{model_name}' can only be zipped when it directly "
-                "follows a Dense, Conv or DepthwiseConv2D layer without activation (and is that layer's only "
-                "consumer) and normalises the last axis: it is then folded into that layer.")
+                or handler.activation(previous) != "linear" or len(consumers.get(parent, [])) != 1
+                or not registry.normalises_last_axis(layer)):
+            # Not foldable (pre-activation, after a merge or a pooling): kept as a per-unit affine map.
+            new_index[i] = len(keep)
+            keep.append(Op(layer, [new_index[p] for p in op.parents]))
+            continue
         kernel, bias = handler.kernel_and_bias(previous)
-        units = bias.shape[0]
-        gamma = (np.asarray(keras.ops.convert_to_numpy(layer.gamma), np.float64) if layer.scale
-                 else np.ones(units))
-        beta = (np.asarray(keras.ops.convert_to_numpy(layer.beta), np.float64) if layer.center
-                else np.zeros(units))
-        mean = np.asarray(keras.ops.convert_to_numpy(layer.moving_mean), np.float64)
-        variance = np.asarray(keras.ops.convert_to_numpy(layer.moving_variance), np.float64)
-        scale = gamma / np.sqrt(variance + layer.epsilon)
-        kernel_scale = scale if kernel.shape[-1] == units else scale[:, None]  # depthwise: (..., C, 1)
+        scale, shift = registry.batch_norm_affine(layer)
+        kernel_scale = scale if kernel.shape[-1] == scale.shape[0] else scale[:, None]  # depthwise: (..., C, 1)
         folded[id(previous)] = ((kernel * kernel_scale).astype(np.float32),
-                                ((bias - mean) * scale + beta).astype(np.float32))
+                                (bias * scale + shift).astype(np.float32))
         new_index[i] = new_index[parent]
     return keep, folded
 
@@ -226,6 +221,12 @@ def _handler(layer, model_name: str) -> registry.LayerHandler:
             f"Layer '{layer.name}' ({type(layer).__name__}) of model '{model_name}' is not supported. "
             f"Supported layers: {', '.join(registry.supported_layer_names())}. A custom layer can be "
             "supported by registering a handler with tf_mtz.register_layer_handler().")
+    if (isinstance(handler, registry.PassThroughHandler) and not isinstance(handler, registry.InputOnlyHandler)
+            and layer.weights):
+        raise ZipError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) of model '{model_name}' has weights but is registered "
+            "with a pass-through handler, which rebuilds layers from their configuration alone; register a "
+            "UnitLayerHandler or a tf_mtz.registry.ChannelUnitsHandler for it.")
     handler.check(layer, model_name)
     return handler
 
@@ -301,7 +302,8 @@ class _BodyReader(registry.PositionVisitor):
         return index, True  # a unit layer opens a space of its own
 
     def channel_units(self, index, ref, parent_spaces):
-        self._refuse_after_concatenate(ref, parent_spaces)
+        if not registry.handler_for(ref).partial_sharing:  # it mixes units: one group's all or none
+            self._refuse_after_concatenate(ref, parent_spaces)
         if parent_spaces[0] == INPUT:
             raise ZipError(f"Layer '{ref.name}' ({type(ref).__name__}) of model '{self._first_name}' acts on the "
                            "model input with per-task weights; put a Dense/Conv layer before it.")
@@ -431,7 +433,11 @@ def _slots_and_groups(body: list, first_name: str) -> tuple[list, dict]:
     slots, groups = [], {}
     for position in body:
         if not position.is_units:
-            if position.weights is not None:  # a per-channel layer: its units follow the group's order
+            if position.weights is not None and isinstance(position.space, tuple):
+                # A per-channel layer after a Concatenate follows every concatenated group's order.
+                for part in sorted(set(position.space) - {INPUT}):
+                    groups.setdefault(part, Group([], [], [])).concatenated_channels.append(position.index)
+            elif position.weights is not None:  # a per-channel layer: its units follow the group's order
                 groups.setdefault(position.space, Group([], [], [])).channel_positions.append(position.index)
             continue
         parent = position.parents[0]

@@ -263,10 +263,15 @@ class _TaskRunner(registry.PositionVisitor):
         return _call_each(self.spill, layer, [inputs])
 
     def channel_units(self, task, position, values):
-        channel = self.state.channels[position.index]
-        layer = position.handler.build_layer(position.layers[task], name=f"probe_{position.name}")
+        channel, handler = self.state.channels[position.index], position.handler
+        kernel, bias = channel.kernels[task], channel.biases[task]
+        if channel.input_order is not None:  # after a Concatenate: from the state's order to the natural one
+            natural = _natural_of_original(self.plan, self.state, position.space, task)[channel.input_order[task]]
+            state_of_natural = np.argsort(natural)
+            kernel, bias = kernel[handler.channel_index(state_of_natural)], bias[state_of_natural]
+        layer = handler.build_layer(position.layers[task], name=f"probe_{position.name}")
         layer.build(tuple(values[0][0].shape))
-        layer.set_weights([channel.kernels[task], channel.biases[task]])
+        layer.set_weights(handler.layer_weights(position.layers[task], kernel, bias))
         return _call_each(self.spill, layer, values)
 
     def passthrough(self, task, position, values):
@@ -291,8 +296,16 @@ def input_rows(plan: graph.ZipPlan, state: state_lib.ZipState, slot_index: int, 
         if per_unit == 1:
             return None
         return state_lib.row_order(np.arange(width), slot.shared_inputs, per_unit)
-    # After a Concatenate the state orders rows by the original units of the concatenated inputs; the
-    # natural layout has each input's units in its current column order.
+    natural_of_original = _natural_of_original(plan, state, space, task)
+    rows = state_lib.row_order(slot.input_order[task], slot.shared_inputs, per_unit)
+    position, unit = np.divmod(rows, natural_of_original.size)
+    return position * natural_of_original.size + natural_of_original[unit]
+
+
+def _natural_of_original(plan: graph.ZipPlan, state: state_lib.ZipState, space: tuple, task: str) -> np.ndarray:
+    """Where each original unit of a Concatenate's output (inputs side by side) sits in the natural layout,
+    which has each input's units in its current column order. The state orders the units of layers after a
+    Concatenate by original units (`input_order`)."""
     natural_of_original, offset = [], 0
     for part in space:
         width = graph.space_width(plan, part, task)
@@ -301,7 +314,4 @@ def input_rows(plan: graph.ZipPlan, state: state_lib.ZipState, slot_index: int, 
         inverse[order] = np.arange(width)
         natural_of_original.append(offset + inverse)
         offset += width
-    natural_of_original = np.concatenate(natural_of_original)
-    rows = state_lib.row_order(slot.input_order[task], slot.shared_inputs, per_unit)
-    position, unit = np.divmod(rows, offset)
-    return position * offset + natural_of_original[unit]
+    return np.concatenate(natural_of_original)

@@ -200,13 +200,14 @@ def _channel_layer(position, channel: ChannelState, feature, tasks, names, bindi
             layer = handler.build_layer(position.layers[t], name=names(f"{t}_{position.layers[t].name}"))
             specific_out = layer(x_specific)
             specific = handler.channel_index(slice(s, None))
-            layer.set_weights([channel.kernels[t][specific], channel.biases[t][s:]])
+            layer.set_weights(handler.layer_weights(position.layers[t], channel.kernels[t][specific],
+                                                    channel.biases[t][s:]))
             bindings.append(Binding(layer, channel, [(t, specific, slice(s, None))]))
         out[t] = (shared_out, specific_out)
     if shared_layer is not None:
         t0 = tasks[0]
         shared = handler.channel_index(slice(0, s))
-        shared_layer.set_weights([channel.kernels[t0][shared], channel.biases[t0][:s]])
+        shared_layer.set_weights(handler.layer_weights(ref, channel.kernels[t0][shared], channel.biases[t0][:s]))
         bindings.append(Binding(shared_layer, channel, [(t, shared, slice(0, s)) for t in tasks]))
     return out
 

@@ -388,8 +388,13 @@ class ChannelUnitsHandler(LayerHandler):
         return "linear"
 
     def build_layer(self, template, *, name: str):
-        """A new layer like `template` whose weights are `[kernel, bias]`."""
+        """A new layer like `template` whose weights are `layer_weights(kernel, bias)`."""
         raise NotImplementedError
+
+    def layer_weights(self, template, kernel: np.ndarray, bias: np.ndarray) -> list:
+        """The weights of a layer from `build_layer` holding these per-unit weights (kernel first, bias
+        second: retraining reads them back in that order)."""
+        return [kernel, bias]
 
 
 class DepthwiseHandler(ChannelUnitsHandler):
@@ -449,6 +454,53 @@ class LayerNormalizationHandler(ChannelUnitsHandler):
     def build_layer(self, template, *, name: str):
         return keras.layers.LayerNormalization(axis=-1, epsilon=template.epsilon, center=True, scale=True,
                                                name=name, dtype=template.dtype_policy)
+
+
+def normalises_last_axis(layer) -> bool:
+    """Whether a normalisation layer normalises the channel (last) axis only."""
+    axis = layer.axis if isinstance(layer.axis, int) else tuple(layer.axis)
+    if isinstance(axis, tuple):
+        if len(axis) != 1:
+            return False
+        axis = axis[0]
+    rank = len(layer.input.shape) if _has_input(layer) else None
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def batch_norm_affine(layer) -> tuple[np.ndarray, np.ndarray]:
+    """The per-unit `(scale, shift)` (float64) a BatchNormalization applies at inference:
+    γ/√(σ²+ε) and β − μ·γ/√(σ²+ε)."""
+    units = int(np.shape(keras.ops.convert_to_numpy(layer.moving_mean))[0])
+    gamma = np.asarray(keras.ops.convert_to_numpy(layer.gamma), np.float64) if layer.scale else np.ones(units)
+    beta = np.asarray(keras.ops.convert_to_numpy(layer.beta), np.float64) if layer.center else np.zeros(units)
+    mean = np.asarray(keras.ops.convert_to_numpy(layer.moving_mean), np.float64)
+    variance = np.asarray(keras.ops.convert_to_numpy(layer.moving_variance), np.float64)
+    scale = gamma / np.sqrt(variance + layer.epsilon)
+    return scale, beta - mean * scale
+
+
+class BatchNormalizationHandler(ChannelUnitsHandler):
+    """A BatchNormalization that cannot be folded into the layer before it (pre-activation networks, BN
+    after a merge or a pooling): a per-unit affine map y = a·x + b, a = γ/√(σ²+ε), b = β − μ·a, whose
+    paired units get the average map. The zipped model keeps it as a BatchNormalization with zero mean
+    and unit variance (so it computes exactly a·x + b), frozen: it always runs in inference mode."""
+
+    def check(self, layer, model_name):
+        if not normalises_last_axis(layer):
+            raise ZipError(f"BatchNormalization '{layer.name}' of model '{model_name}' normalises axis "
+                           f"{layer.axis}; tf_mtz supports normalising the channel (last) axis only.")
+
+    def kernel_and_bias(self, layer):
+        scale, shift = batch_norm_affine(layer)
+        return scale.astype(np.float32), shift.astype(np.float32)
+
+    def build_layer(self, template, *, name: str):
+        return keras.layers.BatchNormalization(axis=-1, epsilon=template.epsilon, center=True, scale=True,
+                                               trainable=False, name=name, dtype=template.dtype_policy)
+
+    def layer_weights(self, template, kernel, bias):
+        # Mean 0 and variance 1 - ε make the normalisation divide by √1: the layer is a·x + b exactly.
+        return [kernel, bias, np.zeros_like(kernel), np.full_like(kernel, 1.0 - template.epsilon)]
 
 
 class MergeHandler(LayerHandler):
@@ -616,9 +668,8 @@ def handler_for(layer) -> LayerHandler | None:
 
 
 def supported_layer_names() -> list[str]:
-    # BatchNormalization is folded into the layer before it and SeparableConv2D is read as its depthwise
-    # and pointwise parts, so neither needs a handler of its own.
-    return sorted([cls.__name__ for cls in _REGISTRY] + ["BatchNormalization", "SeparableConv2D"])
+    # SeparableConv2D is read as its depthwise and pointwise parts, so it needs no handler of its own.
+    return sorted([cls.__name__ for cls in _REGISTRY] + ["SeparableConv2D"])
 
 
 _channelwise = ChannelwiseHandler()
@@ -641,6 +692,7 @@ register_layer_handler(keras.layers.Conv2D, Conv2DHandler())
 register_layer_handler(keras.layers.Conv1D, Conv1DHandler())
 register_layer_handler(keras.layers.DepthwiseConv2D, DepthwiseHandler())
 register_layer_handler(keras.layers.LayerNormalization, LayerNormalizationHandler())
+register_layer_handler(keras.layers.BatchNormalization, BatchNormalizationHandler())
 for _cls in (keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average,
              keras.layers.Maximum, keras.layers.Minimum):
     register_layer_handler(_cls, MergeHandler())

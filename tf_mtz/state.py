@@ -45,6 +45,7 @@ class ChannelState:
     kernels: dict  # task -> per-unit weights, units along the handler's channel_axis
     biases: dict
     shared: int = 0
+    input_order: dict = None  # after a Concatenate: task -> original input unit of each current unit
 
 
 @dataclasses.dataclass
@@ -71,10 +72,16 @@ class ZipState:
                                             for t in plan.tasks}
                 reorder_concatenated_rows(plan, state, index)
         for group in plan.groups.values():
-            for position_index in group.channel_positions:
+            for position_index in group.channel_positions + group.concatenated_channels:
+                if position_index in state.channels:
+                    continue
                 weights = plan.body[position_index].weights
                 state.channels[position_index] = ChannelState({t: k.copy() for t, (k, _) in weights.items()},
                                                               {t: b.copy() for t, (_, b) in weights.items()})
+                if position_index in group.concatenated_channels:
+                    state.channels[position_index].input_order = {
+                        t: np.arange(b.shape[0]) for t, (_, b) in weights.items()}
+                    reorder_concatenated_channels(plan, state, position_index)
         return state
 
 
@@ -87,25 +94,59 @@ def row_order(order: np.ndarray, shared: int, rows_per_unit: int) -> np.ndarray:
                            (positions + order[None, shared:]).reshape(-1)])
 
 
+def concatenated_order(plan: ZipPlan, state: "ZipState", space: tuple, task: str) -> tuple[np.ndarray, int]:
+    """The units of a Concatenate's output in the order the zipped model holds them, as original units
+    (inputs side by side): [every input's paired units, every input's other units], from the current
+    pairing of each input; and how many are paired (the model input's units always are)."""
+    paired, rest, offset = [], [], 0
+    for part in space:
+        width = graph.space_width(plan, part, task)
+        if part == INPUT:
+            order, count = np.arange(width), width
+        else:
+            member = state.slots[plan.groups[part].members[0]]
+            order, count = member.column_order[task], member.shared
+        paired.append(offset + order[:count])
+        rest.append(offset + order[count:])
+        offset += width
+    return np.concatenate(paired + rest), sum(len(p) for p in paired)
+
+
+def reorder_concatenated_channels(plan: ZipPlan, state: "ZipState", position_index: int,
+                                  keep_first: bool = False) -> None:
+    """Puts a per-channel layer reading a Concatenate into the zipped model's order of its units and gives
+    the paired ones the average of the tasks' weights (the first task's with `keep_first`)."""
+    channel = state.channels[position_index]
+    handler, space = plan.body[position_index].handler, plan.body[position_index].space
+    for t in plan.tasks:
+        wanted, count = concatenated_order(plan, state, space, t)
+        position_of = np.empty_like(channel.input_order[t])
+        position_of[channel.input_order[t]] = np.arange(position_of.size)
+        channel.kernels[t] = channel.kernels[t][handler.channel_index(position_of[wanted])]
+        channel.biases[t] = channel.biases[t][position_of[wanted]]
+        channel.input_order[t] = wanted
+    _average_paired(plan.tasks, channel, handler, count, keep_first)
+
+
+def _average_paired(tasks: list, channel: "ChannelState", handler, count: int, keep_first: bool) -> None:
+    paired = handler.channel_index(slice(0, count))
+    kernels = [channel.kernels[t][paired] for t in tasks]
+    biases = [channel.biases[t][:count] for t in tasks]
+    kernel = kernels[0] if keep_first else np.mean(kernels, axis=0)
+    bias = biases[0] if keep_first else np.mean(biases, axis=0)
+    for t in tasks:
+        channel.kernels[t][paired] = kernel
+        channel.biases[t][:count] = bias
+    channel.shared = count
+
+
 def reorder_concatenated_rows(plan: ZipPlan, state: "ZipState", index: int) -> None:
     """Puts the rows of a layer reading a Concatenate into the order the zipped model feeds it:
     [every input's paired units, every input's other units], from the current pairing of each input."""
     slot = state.slots[index]
     rows = slot.rows_per_input_unit
     for t in plan.tasks:
-        paired, rest, offset = [], [], 0
-        for part in plan.slots[index].input_space:
-            width = graph.space_width(plan, part, t)
-            if part == INPUT:
-                order, count = np.arange(width), width
-            else:
-                member = state.slots[plan.groups[part].members[0]]
-                order, count = member.column_order[t], member.shared
-            paired.append(offset + order[:count])
-            rest.append(offset + order[count:])
-            offset += width
-        wanted = np.concatenate(paired + rest)
-        shared = sum(len(p) for p in paired)
+        wanted, shared = concatenated_order(plan, state, plan.slots[index].input_space, t)
         current = row_order(slot.input_order[t], slot.shared_inputs, rows)
         position_of = np.empty_like(current)
         position_of[current] = np.arange(current.size)
@@ -155,15 +196,9 @@ def permute_group(plan: ZipPlan, state: ZipState, group, permutations: dict, cou
         for t in tasks:
             channel.kernels[t] = channel.kernels[t][handler.channel_index(permutations[t])]
             channel.biases[t] = channel.biases[t][permutations[t]]
-        paired = handler.channel_index(slice(0, count))
-        kernels = [channel.kernels[t][paired] for t in tasks]
-        biases = [channel.biases[t][:count] for t in tasks]
-        kernel = kernels[0] if keep_first else np.mean(kernels, axis=0)
-        bias = biases[0] if keep_first else np.mean(biases, axis=0)
-        for t in tasks:
-            channel.kernels[t][paired] = kernel
-            channel.biases[t][:count] = bias
-        channel.shared = count
+        _average_paired(tasks, channel, handler, count, keep_first)
+    for position_index in plan.groups[group].concatenated_channels:
+        reorder_concatenated_channels(plan, state, position_index, keep_first)
     for c in plan.groups[group].consumers:
         consumer = state.slots[c]
         if isinstance(plan.slots[c].input_space, tuple):

@@ -1,0 +1,125 @@
+"""Checking that tf_mtz reads a model right: a copy of it with every hidden unit group randomly permuted.
+
+A model zipped with a unit-permuted copy of itself must reproduce its outputs: the pairing has to find
+the permutation, and every layer has to follow it. `permuted_copy` draws the permutation from the unit
+groups tf_mtz itself finds (units tied by residual merges permuted alike, per-channel layers and
+normalisations following their units, Flatten and Concatenate re-indexing the next layer), so the check
+works on any architecture tf_mtz reads, not only on ones whose groups are written down by hand.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from tf_mtz import graph, registry
+from tf_mtz.errors import ZipError
+
+
+def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
+    """A copy of `model` computing the same function with the units of every hidden layer permuted.
+
+    Args:
+        model: a built Functional or Sequential model that `tf_mtz.zip_models` accepts.
+        seed: seed of the permutations.
+
+    Returns:
+        A new model of the same architecture (`keras.models.clone_model`) whose weights are `model`'s with
+        one random permutation per unit group; the output layer's units keep their order.
+
+    Raises:
+        ValueError (`tf_mtz.ZipError`): `model` cannot be zipped, or holds a weighted layer whose units
+            this function cannot permute (the message names it).
+
+    Example:
+
+    ```python
+    copy = tf_mtz.testing.permuted_copy(model)
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x)
+    np.testing.assert_allclose(zipped.predict(x)["b"], model.predict(x), atol=1e-4)
+    ```
+    """
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    plan = graph.read_models({"original": model, "copy": clone})
+    rng = np.random.default_rng(seed)
+    permutations = {group: rng.permutation(graph.group_width(plan, group, "copy")) for group in plan.groups
+                    if plan.groups[group].members}
+    ops = plan.originals["copy"]
+    position_of = {id(position.layers["copy"]): position for position in plan.body}
+    head = plan.slots[-1].position.layers["copy"]
+    spaces = {graph.INPUT: graph.INPUT}
+    for index, op in enumerate(ops):
+        position = position_of.get(id(op.layer))
+        # A folded BatchNormalization (and anything after the head) keeps the units of what feeds it.
+        spaces[index] = position.space if position is not None else spaces[op.parents[0]]
+
+    def order(space) -> np.ndarray | None:
+        """The permutation of a unit space's units (None: the model input's, never permuted)."""
+        if space == graph.INPUT:
+            return None
+        if isinstance(space, tuple):
+            parts, offset = [], 0
+            for part in space:
+                width = graph.space_width(plan, part, "copy")
+                parts.append(offset + (np.arange(width) if part == graph.INPUT else permutations[part]))
+                offset += width
+            return np.concatenate(parts)
+        return permutations[space]
+
+    separable = {}
+    for index, op in enumerate(ops):
+        layer, weights = op.layer, op.layer.get_weights()
+        if not weights:
+            continue
+        inputs = order(spaces[op.parents[0]]) if op.parents[0] != graph.INPUT else None
+        outputs = None if layer is head else order(spaces[index])
+        owner = _separable_owner(clone, layer)
+        if owner is not None:
+            separable.setdefault(owner.name, {})[layer.name] = (inputs, outputs)
+            continue
+        layer.set_weights(_permuted_weights(layer, weights, inputs, outputs, spaces[index]))
+    for name, parts in separable.items():
+        owner = clone.get_layer(name)
+        (inputs, _), (_, outputs) = parts[f"{name}_depthwise"], parts[f"{name}_pointwise"]
+        depthwise, pointwise, *bias = owner.get_weights()
+        if inputs is not None:
+            depthwise, pointwise = depthwise[..., inputs, :], pointwise[..., inputs, :]
+        if outputs is not None:
+            pointwise, bias = pointwise[..., outputs], [b[outputs] for b in bias]
+        owner.set_weights([depthwise, pointwise, *bias])
+    return clone
+
+
+def _permuted_weights(layer, weights: list, inputs, outputs, space) -> list:
+    handler = registry.handler_for(layer)
+    if registry.has_units(handler):
+        kernel, rest = weights[0], weights[1:]
+        if inputs is not None:
+            per_unit = kernel.shape[-2] // inputs.size  # spatial positions a Flatten folded in
+            rows = (np.arange(per_unit)[:, None] * inputs.size + inputs[None, :]).reshape(-1)
+            kernel = kernel[..., rows, :]
+        if outputs is not None:
+            kernel, rest = kernel[..., outputs], [w[outputs] for w in rest]
+        return [kernel, *rest]
+    if space == graph.INPUT:
+        return weights  # preprocessing before the first unit layer: the same for every task
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        return [weights[0][..., outputs, :], *[w[outputs] for w in weights[1:]]]
+    if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
+        return [w[outputs] for w in weights]
+    raise ZipError(f"permuted_copy cannot permute the weights of layer '{layer.name}' "
+                   f"({type(layer).__name__}).")
+
+
+def _separable_owner(clone, layer):
+    """The SeparableConv2D of `clone` that tf_mtz split into `layer` (its depthwise or pointwise part)."""
+    for suffix in ("_depthwise", "_pointwise"):
+        if layer.name.endswith(suffix):
+            try:
+                owner = clone.get_layer(layer.name[:-len(suffix)])
+            except ValueError:
+                continue
+            if isinstance(owner, keras.layers.SeparableConv2D):
+                return owner
+    return None
