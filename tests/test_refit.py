@@ -75,6 +75,9 @@ STRUCTURED = [
     (lambda: keras.layers.Conv2D(3, 5, padding="same"), (2, 16, 16, 2)),
     (lambda: keras.layers.Conv1D(4, 3, padding="same"), (3, 20, 5)),
     (lambda: keras.layers.Conv1D(4, 5, padding="valid"), (2, 23, 3)),
+    (lambda: keras.layers.Conv2D(4, 1), (2, 7, 6, 5)),
+    (lambda: keras.layers.Conv2D(4, 1, strides=2, padding="same"), (2, 9, 8, 5)),
+    (lambda: keras.layers.Dense(4), (12, 5)),
 ]
 
 
@@ -85,11 +88,12 @@ def test_moments_without_patches_equal_the_moments_of_the_patches(make, shape, r
     layer = make()
     layer.build(shape)
     handler = registry.handler_for(layer)
+    mode = "patch" if "patch" in handler.hessian_modes else handler.hessian_modes[0]
     x = tf.constant(rng.normal(size=shape))
-    patches = handler.hessian_samples(layer, x, "patch")
+    patches = tf.cast(handler.hessian_samples(layer, x, mode), tf.float64)
     patches = tf.concat([patches, tf.ones_like(patches[:, :1])], axis=1)  # augmented, kept in float64
     targets = tf.constant(rng.normal(size=(int(patches.shape[0]), 3)))
-    moments = handler.input_moments(layer, x, targets, "patch")
+    moments = handler.input_moments(layer, x, targets, mode)
     assert moments is not None
     gram, cross = moments
     np.testing.assert_allclose(gram.numpy(), (tf.transpose(patches) @ patches).numpy(), atol=1e-10)
@@ -112,11 +116,14 @@ def test_pre_activations_from_blocks_equal_the_layer(make, shape, rng):
                                atol=1e-5)
 
 
-def test_strided_and_dilated_convolutions_form_their_patches(rng):
-    for layer in (keras.layers.Conv2D(4, 3, strides=2, padding="same"),
-                  keras.layers.Conv2D(4, 3, dilation_rate=2, padding="same"), keras.layers.Conv2D(4, 1)):
-        layer.build((2, 9, 9, 3))
-        x = tf.constant(rng.normal(size=(2, 9, 9, 3)).astype("float32"))
+def test_strided_dilated_and_small_grid_convolutions_form_their_patches(rng):
+    """No shortcut for strided or dilated kxk kernels, nor where the core is under half the grid (a 3x3
+    kernel without padding on 6x6: 2x2 of the 4x4 outputs)."""
+    for layer, shape in ((keras.layers.Conv2D(4, 3, strides=2, padding="same"), (2, 9, 9, 3)),
+                         (keras.layers.Conv2D(4, 3, dilation_rate=2, padding="same"), (2, 9, 9, 3)),
+                         (keras.layers.Conv2D(4, 3), (2, 6, 6, 3))):
+        layer.build(shape)
+        x = tf.constant(rng.normal(size=shape).astype("float32"))
         assert registry.handler_for(layer).input_moments(layer, x, tf.zeros((1, 4)), "patch") is None
 
 

@@ -179,6 +179,12 @@ class DenseHandler(UnitLayerHandler):
     def sample_count(self, template, x, mode):
         return prod(x.shape[:-1])
 
+    def pre_activations(self, template, x, block, mode):
+        return tf.matmul(tf.reshape(x, (-1, x.shape[-1])), block[:-1]) + block[-1]
+
+    def input_moments(self, template, x, targets, mode):
+        return statistics.vector_moments(tf.reshape(x, (-1, x.shape[-1])), targets)
+
     def to_blocks(self, kernel, bias, mode):
         return np.concatenate([kernel, bias[None, :]], axis=0)[None]
 
@@ -333,8 +339,12 @@ def _output_grid(size, kernel, strides, rates, padding) -> tuple:
 
 
 def _structured_moments(x, kernel, strides, rates, padding, targets):
-    """`(X̃ᵀX̃, X̃ᵀT)` of a channels-last batch's im2col patches by `statistics.patch_gram` and
-    `patch_cross`, for stride-1 undilated convolutions where that pays; None otherwise."""
+    """`(X̃ᵀX̃, X̃ᵀT)` of a channels-last batch's im2col patches by `statistics.patch_moments`, for stride-1
+    undilated convolutions where that pays; None otherwise."""
+    if tuple(int(k) for k in kernel) == (1, 1):
+        # A 1x1 kernel's patches are the input vectors at the strided positions.
+        pixels = x[:, ::int(strides[0]), ::int(strides[1])]
+        return statistics.vector_moments(tf.reshape(pixels, (-1, int(x.shape[-1]))), targets)
     if any(int(v) != 1 for v in tuple(strides) + tuple(rates)):
         return None
     grid, (top, bottom), (left, right) = _output_grid(x.shape[1:3], kernel, strides, rates, padding)
@@ -342,7 +352,7 @@ def _structured_moments(x, kernel, strides, rates, padding, targets):
         return None
     padded = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
     grid_targets = tf.reshape(targets, (int(x.shape[0]),) + tuple(grid) + (int(targets.shape[-1]),))
-    return statistics.patch_gram(padded, kernel), statistics.patch_cross(padded, kernel, grid_targets)
+    return statistics.patch_moments(padded, kernel, grid_targets)
 
 
 def _patches_at(x, kernel, strides, rates, padding, rows) -> tf.Tensor:

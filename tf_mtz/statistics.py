@@ -226,6 +226,29 @@ def damped(hessian, damping: float):
     return hessian + (damping * scale + 1e-12 * scale) * np.eye(dim)
 
 
+def vector_moments(samples: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(X̃ᵀX̃, X̃ᵀT)` (float64) of samples X `(n, d)` augmented with a constant 1 (bias last), without
+    forming X̃: [[XᵀX, Xᵀ1], [1ᵀX, n]] and [[XᵀT], [1ᵀT]], products in the samples' precision, sums in
+    float64."""
+    targets = tf.cast(targets, samples.dtype)
+    sums = _sum64(samples, axis=0)
+    count = tf.cast(tf.shape(samples)[0], tf.float64)
+    gram = tf.concat([tf.concat([_to64(tf.matmul(samples, samples, transpose_a=True)), sums[:, None]], axis=1),
+                      tf.concat([sums, count[None]], axis=0)[None]], axis=0)
+    cross = tf.concat([_to64(tf.matmul(samples, targets, transpose_a=True)), _sum64(targets, axis=0)[None]], axis=0)
+    return gram, cross
+
+
+def _to64(x):
+    return tf.cast(x, tf.float64)
+
+
+def _sum64(x, axis):
+    """A sum in float64: TensorFlow's float32 reduction of 10⁵–10⁶ values drifts by 1e-4 relative, which
+    moves the bias row of a Gram matrix and, through it, the refit (measured on the residual MNIST pair)."""
+    return tf.reduce_sum(tf.cast(x, tf.float64), axis=axis)
+
+
 def structured_patches_pay(grid: tuple, kernel: tuple) -> bool:
     """Whether `patch_gram` beats the plain im2col Gram for a stride-1 convolution with this output grid and
     kernel: the rows whose patches all lie inside (the *core*) must be most of them."""
@@ -236,81 +259,104 @@ def structured_patches_pay(grid: tuple, kernel: tuple) -> bool:
     return core >= 0.5 * out_h * out_w
 
 
-def patch_gram(padded: tf.Tensor, kernel: tuple) -> tf.Tensor:
-    """X̃ᵀX̃ of the augmented im2col patches (kernel row, kernel column, channel; bias last) of a stride-1,
-    undilated convolution, from its zero-padded input `padded` (N, H, W, C), without forming the patches.
+def patch_moments(padded: tf.Tensor, kernel: tuple, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(X̃ᵀX̃, X̃ᵀT)` of the augmented im2col patches X̃ (kernel row, kernel column, channel; bias last) of a
+    stride-1, undilated convolution, from its zero-padded input `padded` (N, H, W, C) and targets T
+    (N, out_h, out_w, U), without forming the patches.
 
     Two patches' entries at kernel offsets o1 and o2 multiply input pixels q and q + (o2 - o1). Over the
-    *core* (the positions q every offset reaches) the sum depends on the difference only, so one C×C
-    product per difference serves all pairs of offsets with it ((2k-1)² products instead of k⁴, and half
-    of those by symmetry); the frame of kernel-sized width around the core is added from its own patches.
-    Exact: the same matrix as `patches.T @ patches`, summed in a different order.
+    *core* (the pixels the grid shifted by every offset reaches) the sum depends on the difference only, so
+    one C×C product per difference serves all pairs of offsets with it (2k² - 2k + 1 products for the
+    blocks on and above the diagonal, against k⁴ blocks' worth from the patches); the rows whose pixels
+    fall outside the core (the grid's frame) are added from their own patches. X̃ᵀT is k² products of
+    shifted inputs with T. Exact: the same matrices as from the patches, summed in a different order
+    (products in the input's precision, the bias row and column's sums in float64; float64 results).
+    One traced function per input shape (`_moments_function`).
     """
+    return _moments_function(tuple(int(k) for k in kernel), tuple(int(s) for s in padded.shape),
+                             tuple(int(s) for s in targets.shape), padded.dtype)(padded, targets)
+
+
+_MOMENT_FUNCTIONS: dict = {}
+
+
+def _moments_function(kernel: tuple, shape: tuple, target_shape: tuple, dtype):
+    """The traced `patch_moments` for one geometry, kept (a few per layer shape: full and last batch)."""
+    key = (kernel, shape, target_shape, dtype)
+    if key not in _MOMENT_FUNCTIONS:
+        if len(_MOMENT_FUNCTIONS) >= 64:
+            _MOMENT_FUNCTIONS.pop(next(iter(_MOMENT_FUNCTIONS)))
+        frame = _frame(kernel, shape)
+        _MOMENT_FUNCTIONS[key] = tf.function(
+            lambda padded, targets: (_patch_gram(padded, kernel, frame), _patch_cross(padded, kernel, targets)),
+            autograph=False)
+    return _MOMENT_FUNCTIONS[key]
+
+
+def _frame(kernel: tuple, shape: tuple) -> tuple:
+    """For an input of `shape` (N, H, W, C) padded for a stride-1 convolution: the flat pixel indices of
+    the im2col patch entries at every output position of the frame (outside the interior, whose patches
+    lie in the core), images major, and per kernel offset o1 a 0/1 weight saying which frame rows have
+    their pixel p + o1 outside the core."""
+    (kh, kw), (n, height, width, _) = kernel, shape
+    out_h, out_w = height - kh + 1, width - kw + 1
+    rows, columns = np.meshgrid(np.arange(out_h), np.arange(out_w), indexing="ij")
+    inner = (rows >= kh - 1) & (rows < out_h - kh + 1) & (columns >= kw - 1) & (columns < out_w - kw + 1)
+    frame_rows, frame_columns = rows[~inner], columns[~inner]
+    origin = (np.arange(n)[:, None] * height * width + frame_rows[None] * width + frame_columns[None]).reshape(-1)
+    pixels = np.stack([origin + i * width + j for i in range(kh) for j in range(kw)], axis=1)
+    outside = np.stack([np.tile(~((frame_rows >= kh - 1 - i) & (frame_rows < out_h - i)
+                                  & (frame_columns >= kw - 1 - j) & (frame_columns < out_w - j)), n)
+                        for i in range(kh) for j in range(kw)], axis=1)
+    return pixels, outside
+
+
+def _patch_gram(padded, kernel: tuple, frame: tuple):
     kh, kw = kernel
     n, height, width, channels = (int(s) for s in padded.shape)
     out_h, out_w = height - kh + 1, width - kw + 1
     offsets = [(i, j) for i in range(kh) for j in range(kw)]
-    # Only the blocks on and above the diagonal are summed (the Gram matrix is symmetric): pairs of offsets
-    # o1 <= o2 in the patch order, whose differences are (dy > 0, any dx) or (0, dx >= 0).
-    core_h, core_w = out_h - kh + 1, out_w - kw + 1
     by_difference = {}
-    core = tf.reshape(padded[:, kh - 1:out_h, kw - 1:out_w], (-1, channels)) if core_h > 0 and core_w > 0 else None
+    has_core = out_h - kh + 1 > 0 and out_w - kw + 1 > 0
+    core = tf.reshape(padded[:, kh - 1:out_h, kw - 1:out_w], (-1, channels)) if has_core else None
     for dy in range(0, kh):
         for dx in range(-(kw - 1), kw):
             if dy == 0 and dx < 0:
-                continue
+                continue  # below the diagonal: the transpose of a block above it
             if core is None:
                 by_difference[dy, dx] = tf.zeros((channels, channels), padded.dtype)
                 continue
             shifted = padded[:, kh - 1 + dy:out_h + dy, kw - 1 + dx:out_w + dx]
             by_difference[dy, dx] = tf.matmul(core, tf.reshape(shifted, (-1, channels)), transpose_a=True)
 
-    frame_rows, frame_patches = _frame_patches(padded, kernel)
+    pixels, outside = frame
+    frame_patches = tf.reshape(tf.gather(tf.reshape(padded, (-1, channels)), pixels.reshape(-1)),
+                               (pixels.shape[0], len(offsets) * channels))
     blocks = {}
     for first, (i, j) in enumerate(offsets):
-        # Rows p whose pixel p + o1 lies outside the core: the core sums above miss them.
-        outside = ~((frame_rows[:, 0] >= kh - 1 - i) & (frame_rows[:, 0] < out_h - i)
-                    & (frame_rows[:, 1] >= kw - 1 - j) & (frame_rows[:, 1] < out_w - j))
-        missed = tf.boolean_mask(frame_patches, np.tile(outside, n))
-        correction = tf.matmul(missed[:, first * channels:(first + 1) * channels], missed[:, first * channels:],
-                               transpose_a=True)
+        # The frame rows whose pixel p + o1 lies outside the core: the core sums above miss them.
+        missed = frame_patches[:, first * channels:(first + 1) * channels] * tf.constant(
+            outside[:, first, None], padded.dtype)
+        correction = tf.matmul(missed, frame_patches[:, first * channels:], transpose_a=True)
         for second in range(first, len(offsets)):
             k, l = offsets[second]
             blocks[first, second] = (by_difference[k - i, l - j]
                                      + correction[:, (second - first) * channels:(second - first + 1) * channels])
-    sums = [tf.reduce_sum(padded[:, i:i + out_h, j:j + out_w], axis=(0, 1, 2)) for i, j in offsets]
+    sums = [_sum64(padded[:, i:i + out_h, j:j + out_w], axis=(0, 1, 2)) for i, j in offsets]
     rows = []
     for first in range(len(offsets)):
         row = [blocks[first, second] if second >= first else tf.transpose(blocks[second, first])
                for second in range(len(offsets))]
-        rows.append(tf.concat(row + [sums[first][:, None]], axis=1))
-    last = tf.concat(sums + [tf.constant([float(n * out_h * out_w)], padded.dtype)], axis=0)
+        rows.append(tf.concat([_to64(tf.concat(row, axis=1)), sums[first][:, None]], axis=1))
+    last = tf.concat(sums + [tf.constant([float(n * out_h * out_w)], tf.float64)], axis=0)
     return tf.concat(rows + [last[None]], axis=0)
 
 
-def _frame_patches(padded: tf.Tensor, kernel: tuple) -> tuple:
-    """The output positions (row, column) of one image within kernel-sized reach of the grid's border,
-    and the im2col patches of every image there (images major)."""
-    kh, kw = kernel
-    n, height, width, channels = (int(s) for s in padded.shape)
-    out_h, out_w = height - kh + 1, width - kw + 1
-    rows, columns = np.meshgrid(np.arange(out_h), np.arange(out_w), indexing="ij")
-    inner = ((rows >= kh - 1) & (rows < out_h - kh + 1) & (columns >= kw - 1) & (columns < out_w - kw + 1))
-    positions = np.stack([rows[~inner], columns[~inner]], axis=1)
-    origin = (np.arange(n)[:, None] * height * width + positions[None, :, 0] * width
-              + positions[None, :, 1]).reshape(-1)
-    pixels = tf.reshape(padded, (-1, channels))
-    patches = tf.concat([tf.gather(pixels, origin + i * width + j) for i in range(kh) for j in range(kw)], axis=1)
-    return positions, patches
-
-
-def patch_cross(padded: tf.Tensor, kernel: tuple, targets: tf.Tensor) -> tf.Tensor:
-    """X̃ᵀT of the augmented im2col patches of a stride-1, undilated convolution (as in `patch_gram`) and
-    targets T (N, out_h, out_w, U), one product per kernel offset instead of forming the patches."""
+def _patch_cross(padded, kernel: tuple, targets):
     kh, kw = kernel
     channels = int(padded.shape[-1])
     out_h, out_w = int(targets.shape[1]), int(targets.shape[2])
     flat_targets = tf.reshape(targets, (-1, int(targets.shape[-1])))
     blocks = [tf.matmul(tf.reshape(padded[:, i:i + out_h, j:j + out_w], (-1, channels)), flat_targets,
                         transpose_a=True) for i in range(kh) for j in range(kw)]
-    return tf.concat(blocks + [tf.reduce_sum(flat_targets, axis=0, keepdims=True)], axis=0)
+    return tf.concat([_to64(tf.concat(blocks, axis=0)), _sum64(flat_targets, axis=0)[None]], axis=0)

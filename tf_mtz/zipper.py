@@ -655,7 +655,8 @@ def _refit_statistics(plan, probe, slot_index, t, mode, config, original_weights
             target = tf.matmul(original, original_weights)
             residual = target - tf.matmul(zipped, current_weights)
             accumulated.add(zipped, residual)
-        target_sum += tf.reduce_sum(target, axis=0).numpy().astype(np.float64)
+        target, residual = tf.cast(target, tf.float64), tf.cast(residual, tf.float64)
+        target_sum += tf.reduce_sum(target, axis=0).numpy()
         target_square += float(tf.reduce_sum(tf.square(target)))
         residual_square += float(tf.reduce_sum(tf.square(residual)))
         del zipped, original, target, residual, moments  # conv patches: up to a GB a batch
