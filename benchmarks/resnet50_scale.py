@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import tf_mtz  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import describe, stage_summary  # noqa: E402
 from mnist_data import load_mnist, rgb_frames  # noqa: E402
 
 SIZE = flags.DEFINE_integer("size", 224, "Input height and width.")
@@ -64,7 +64,7 @@ def main(_):
              f"- peak resident memory of the process: {peak_gib:.1f} GiB (target < 12)",
              f"- unit layers: {len(report.layers)}; parameters: {report.params_original:,} -> "
              f"{report.params_zipped:,} ({report.params_zipped / report.params_original:.3f}x); outputs finite: "
-             f"{finite}", "", "Slowest layers:", "", "| layer | units | seconds |", "|---|---|---|"]
+             f"{finite}", f"- time by stage, summed over the layers: {stage_summary(report)}", "", "Slowest layers:", "", "| layer | units | seconds |", "|---|---|---|"]
     lines += [f"| {layer.name} | {layer.units['a']} | {layer.seconds:.1f} |" for layer in slowest]
     text = "\n".join(lines) + "\n"
     print(text)

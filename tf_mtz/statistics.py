@@ -105,14 +105,14 @@ class StreamedGram:
         """Adds an already formed XᵀX and XᵀT of `count` rows (once the rows outnumber the columns)."""
         if self._rows:
             raise AssertionError("Internal error: moments added to a Gram that still keeps its rows.")
-        gram, cross = np.asarray(gram, np.float64), np.asarray(cross, np.float64)
+        gram, cross = np.array(gram, np.float64), np.array(cross, np.float64)  # writable copies
         self.gram = gram if self.gram is None else self.gram + gram
         self.cross = cross if self.cross is None else self.cross + cross
         self.count += count
 
     def add_gram(self, gram, count: int) -> None:
         """Adds an already reduced XᵀX of `count` rows (from several replicas)."""
-        gram = np.asarray(gram, np.float64)
+        gram = np.array(gram, np.float64)  # a writable copy
         self.gram = gram if self.gram is None else self.gram + gram
         self.count += count
 

@@ -555,9 +555,9 @@ def _refit(plan, state, slot_index, probe, config, ridge: float = 1e-3) -> float
     """Refits one unit layer, per task, by ridge least squares so that its pre-activations in the zipped
     network match the original model's on the calibration data (compensating the merges before it).
 
-    With `config.refit_rows_per_input`, a convolution's statistics use a random subset of its patches
-    (at most that many rows per kernel input): the Gram matrix of every patch costs many times the
-    layer's forward pass, and a least-squares fit with tens of rows per unknown is as good.
+    The statistics come from every row: stride-1 convolutions and Dense layers sum them without forming
+    their patches (`UnitLayerHandler.input_moments`). With `config.refit_rows_per_input`, a convolution's
+    statistics use a random subset of its patches instead (at most that many rows per kernel input).
 
     Returns the mismatch that is left, summed over tasks, each task's relative to the variance of its
     original pre-activations (on the rows used).
@@ -594,11 +594,12 @@ def _refit(plan, state, slot_index, probe, config, ridge: float = 1e-3) -> float
         else:
             gram = accumulated.gram
             dim = gram.shape[0]
-            damped_gram = gram + ridge * max(np.trace(gram) / dim, 1e-12) * np.eye(dim)
-            step = _solve_positive_definite(damped_gram, accumulated.cross)
-            # ‖R − XΔ‖² from the statistics alone: ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, XᵀXΔ⟩.
-            gram_step = tf.matmul(tf.constant(gram), tf.constant(step)).numpy()
-            left = residual_square - 2.0 * float(np.sum(step * accumulated.cross)) + float(np.sum(step * gram_step))
+            shrink = ridge * max(np.trace(gram) / dim, 1e-12)
+            gram[np.diag_indices(dim)] += shrink  # in place: the accumulator is not used again
+            step = _solve_positive_definite(gram, accumulated.cross)
+            # ‖R − XΔ‖² from the statistics alone: ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, XᵀXΔ⟩, where (XᵀX + ρI)Δ = XᵀR
+            # gives XᵀXΔ = XᵀR − ρΔ (no d×d product).
+            left = residual_square - float(np.sum(step * accumulated.cross)) - shrink * float(np.sum(step * step))
         mismatch += max(left, 0.0) / variance
         solution = current + step
         del step
