@@ -215,6 +215,11 @@ def _fold_batch_norms(ops: list, model_name: str) -> tuple[list, dict]:
 
 
 def _handler(layer, model_name: str) -> registry.LayerHandler:
+    if not isinstance(layer, keras.layers.Layer):
+        raise ZipError(
+            f"Operation '{layer.name}' ({type(layer).__name__}) of model '{model_name}' is a keras.ops call in "
+            "the graph (such as `x + 3.0` or `x * gate` written on tensors, as in hard-swish), not a layer; "
+            "tf_mtz zips Keras layers only: write it with layers (keras.layers.Add, Activation, Rescaling).")
     handler = registry.handler_for(layer)
     if handler is None:
         raise ZipError(
