@@ -1,0 +1,157 @@
+"""The keras.applications zoo: which families zip, how long it takes, and what the phone gets.
+
+Per family, two instances with different seeds (weights=None, reduced input size, 5-class heads,
+non-trivial BatchNormalization statistics) are zipped with every hidden layer shared (default recipe, 32
+random calibration images, no retraining), each family in a subprocess with a time limit. Printed and
+written to docs/zoo.md: zip time, parameters and float `.tflite` bytes of the zipped model against the two
+separate models, and the single-thread LiteRT latency of one frame through the zipped model (both tasks)
+against the two separate models, all measured in one run. Families tf_mtz refuses are listed with the
+error it gives.
+
+    python benchmarks/zoo.py [--families ResNet50V2,DenseNet121] [--timeout 600] [--out docs]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags  # noqa: E402
+
+FAMILIES = {  # name: (input size, keyword arguments)
+    "VGG16": (32, {}),
+    "ResNet50": (32, {}),
+    "ResNet50V2": (32, {}),
+    "MobileNet": (32, {"alpha": 0.25}),
+    "MobileNetV2": (32, {"alpha": 0.35}),
+    "MobileNetV3Small": (32, {}),
+    "MobileNetV3Large": (32, {}),
+    "EfficientNetB0": (32, {}),
+    "EfficientNetV2B0": (32, {}),
+    "DenseNet121": (32, {}),
+    "Xception": (71, {}),
+    "InceptionV3": (75, {}),
+    "NASNetMobile": (32, {}),
+    "ConvNeXtTiny": (32, {}),
+}
+
+NAMES = flags.DEFINE_list("families", list(FAMILIES), "keras.applications families to zip.")
+TIMEOUT = flags.DEFINE_integer("timeout", 600, "Seconds per family before it counts as not finished.")
+IMAGES = flags.DEFINE_integer("images", 32, "Calibration images per task.")
+OUT = flags.DEFINE_string("out", "docs", "Where to write zoo.md ('' to skip).")
+ONE = flags.DEFINE_string("one", "", "Internal: measure this family in this process and print JSON.")
+
+
+def measure(name: str) -> dict:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import tf_mtz
+
+    size, kwargs = FAMILIES[name]
+    builder = getattr(keras.applications, name)
+
+    def instance(seed):
+        keras.utils.set_random_seed(seed)
+        model = builder(weights=None, input_shape=(size, size, 3), classes=5, name=f"{name.lower()}_{seed}",
+                        **kwargs)
+        rng = np.random.default_rng(seed)
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                n = layer.get_weights()[0].shape[0]
+                layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n),
+                                   rng.uniform(0.5, 1.5, n)][:len(layer.get_weights())])
+        return model
+
+    models = {"a": instance(1), "b": instance(2)}
+    x = np.random.default_rng(0).uniform(0, 255, (IMAGES.value, size, size, 3)).astype("float32")
+    started = time.perf_counter()
+    zipped = tf_mtz.zip_models(models, x, verbose=0)
+    seconds = time.perf_counter() - started
+    separate = [tf_mtz.tflite_bytes(m) for m in models.values()]
+    together = tf_mtz.tflite_bytes(zipped)
+    frame = x[:1]
+
+    def latency(content, repeats=30):
+        interpreter = tf.lite.Interpreter(model_content=content, num_threads=1)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], frame)
+        interpreter.invoke()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            interpreter.invoke()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    return {"family": name, "size": size, "zip_seconds": seconds,
+            "params_separate": int(sum(m.count_params() for m in models.values())),
+            "params_zipped": int(zipped.count_params()),
+            "bytes_separate": int(sum(len(b) for b in separate)), "bytes_zipped": len(together),
+            "latency_separate": sum(latency(b) for b in separate), "latency_zipped": latency(together)}
+
+
+def run_family(name: str) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), f"--one={name}", f"--images={IMAGES.value}"]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT.value)
+    except subprocess.TimeoutExpired:
+        return {"family": name, "error": f"did not finish in {TIMEOUT.value} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith("ZOO "):
+            return json.loads(line[4:])
+    error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"family": name, "error": error[:300], "seconds": time.perf_counter() - started}
+
+
+def main(argv):
+    del argv
+    if ONE.value:
+        try:
+            print("ZOO " + json.dumps(measure(ONE.value)), flush=True)
+        except Exception as exc:  # reported as the family's row
+            print("ZOO " + json.dumps({"family": ONE.value, "error": f"{type(exc).__name__}: {exc}"[:300]}))
+        return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import describe
+
+    rows = []
+    for name in NAMES.value:
+        row = run_family(name)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lines = ["# The keras.applications zoo", "",
+             f"`python benchmarks/zoo.py`: per family two instances (weights=None, seeds 1 and 2, 5-class heads, "
+             f"random BatchNormalization statistics) zipped with every hidden layer shared, default recipe, "
+             f"{IMAGES.value} random calibration images, no retraining; measured in one run on a {describe()}. "
+             "Latency: one frame, single-thread LiteRT (both tasks: the zipped model once, the separate models "
+             "one after the other).", "",
+             "| family | input | zip (s) | parameters zipped / separate | .tflite bytes zipped / separate | "
+             "latency zipped / separate (ms) |", "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['family']} | {FAMILIES[row['family']][0]} | not zipped: {row['error']} | | | |")
+            continue
+        lines.append(
+            f"| {row['family']} | {row['size']} | {row['zip_seconds']:.0f} | "
+            f"{row['params_zipped'] / row['params_separate']:.3f} ({row['params_zipped']:,}) | "
+            f"{row['bytes_zipped'] / row['bytes_separate']:.3f} | "
+            f"{1e3 * row['latency_zipped']:.2f} / {1e3 * row['latency_separate']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if OUT.value:
+        os.makedirs(OUT.value, exist_ok=True)
+        with open(os.path.join(OUT.value, "zoo.md"), "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    app.run(main)
