@@ -84,23 +84,6 @@ class _Spill:
         items.clear()
 
 
-class Batches(collections.abc.Sequence):
-    """One probe value (a layer's output or input) as a sequence of calibration batches, each in memory or
-    spilled to disk by the probe's budget; memory and files are given back when the value is dropped."""
-
-    def __init__(self, spill: _Spill, tensors):
-        self._items = [spill.store(tensor) for tensor in tensors]
-        weakref.finalize(self, spill.release, self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [_Spill.load(item) for item in self._items[index]]
-        return _Spill.load(self._items[index])
-
-
 class _Mapped(collections.abc.Sequence):
     """A sequence of batches with `function` applied to each when it is read (nothing is stored)."""
 
@@ -114,6 +97,16 @@ class _Mapped(collections.abc.Sequence):
         if isinstance(index, slice):
             return [self._function(batch) for batch in self._batches[index]]
         return self._function(self._batches[index])
+
+
+class Batches(_Mapped):
+    """One probe value (a layer's output or input) as a sequence of calibration batches, each in memory or
+    spilled to disk by the probe's budget; memory and files are given back when the value is dropped."""
+
+    def __init__(self, spill: _Spill, tensors):
+        items = [spill.store(tensor) for tensor in tensors]
+        super().__init__(items, _Spill.load)
+        weakref.finalize(self, spill.release, items)
 
 
 class _Values:

@@ -444,9 +444,8 @@ class LayerNormalizationHandler(ChannelUnitsHandler):
     partial_sharing = False
 
     def check(self, layer, model_name):
-        axis = layer.axis if isinstance(layer.axis, int) else tuple(layer.axis)
-        rank = len(layer.input.shape) if _has_input(layer) else None
-        if axis not in (-1, (-1,)) and (rank is None or axis not in (rank - 1, (rank - 1,))):
+        if not normalises_last_axis(layer):
+            axis = layer.axis if isinstance(layer.axis, int) else tuple(layer.axis)
             raise ZipError(f"LayerNormalization '{layer.name}' of model '{model_name}' normalises axis {axis}; "
                            "tf_mtz supports normalising the last axis only.")
         if getattr(layer, "rms_scaling", False):

@@ -474,23 +474,14 @@ def _exact_mode(handler) -> str:
     return "patch" if "patch" in handler.hessian_modes else handler.hessian_modes[0]
 
 
-def _layer_samples(plan, probe, index, t, mode, share=lambda rows: 1.0, key=()):
+def _layer_samples(plan, probe, index, t, mode):
     """Pairs of batches (zipped, original) of slot `index`'s augmented inputs (bias column last) for task `t`,
-    as rows for that layer's blocks: in the zipped network and in the original model.
-
-    `share(rows)` gives the share of rows to keep (a random subset, the same in both; `key` seeds it).
-    """
+    as rows for that layer's blocks: in the zipped network and in the original model."""
     position = plan.slots[index].position
     handler, template = position.handler, position.layers[t]
-    for batch, (zipped, original) in enumerate(zip(probe.zipped_inputs(index, t), probe.original_inputs(index, t))):
-        rows = handler.sample_count(template, zipped, mode)
-        keep = share(rows / int(zipped.shape[0]))
-        if keep < 1.0:
-            chosen = _subsample(rows, keep, key + (batch,))
-            zipped, original = (handler.hessian_rows(template, x, mode, chosen) for x in (zipped, original))
-        else:
-            zipped, original = (handler.hessian_samples(template, x, mode) for x in (zipped, original))
-        yield statistics.augment(zipped), statistics.augment(original)
+    for zipped, original in zip(probe.zipped_inputs(index, t), probe.original_inputs(index, t)):
+        yield (statistics.augment(handler.hessian_samples(template, zipped, mode)),
+               statistics.augment(handler.hessian_samples(template, original, mode)))
 
 
 def _original_blocks(plan, state, index, t, mode) -> np.ndarray:
