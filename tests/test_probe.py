@@ -81,3 +81,40 @@ def test_a_handler_that_names_no_kind_is_refused():
 
     with pytest.raises(TypeError, match="UnitLayerHandler or PassThroughHandler"):
         tf_mtz.register_layer_handler(keras.layers.Dropout, Kindless())
+
+
+def _runs_per_position(models, x, sharing, monkeypatch):
+    """How often the probe ran each position of a zipped network, per position name."""
+    from tf_mtz import probe as probe_lib
+
+    runs = {}
+    run = probe_lib._TaskRunner.units
+
+    def counted(self, task, position, values):
+        runs[position.name] = runs.get(position.name, 0) + 1
+        return run(self, task, position, values)
+
+    monkeypatch.setattr(probe_lib._TaskRunner, "units", counted)
+    zipped = tf_mtz.zip_models(models, x, sharing=sharing, config=tf_mtz.ZipConfig(batch_size=32), verbose=0)
+    monkeypatch.undo()
+    return runs, zipped
+
+
+def test_a_fully_shared_trunk_is_computed_once_for_all_tasks(rng, monkeypatch):
+    """One calibration set and full sharing: after a layer's merge both tasks' networks compute the same
+    values there, and the probe computes them once; with half sharing every task runs its own."""
+    models = {"a": _residual_cnn("a", seed=0), "b": _residual_cnn("b", seed=1)}
+    x = rng.normal(size=(64, 10, 10, 1)).astype("float32")
+    shared, _ = _runs_per_position(models, x, 1.0, monkeypatch)
+    apart, _ = _runs_per_position(models, x, 0.5, monkeypatch)
+    convolutions = [layer.name for layer in models["a"].layers if isinstance(layer, keras.layers.Conv2D)]
+    assert shared == {name: 1 for name in convolutions}  # one run serves both tasks
+    assert apart == {name: 2 for name in convolutions}
+
+
+def test_tasks_with_different_calibration_data_are_never_shared(rng):
+    from tf_mtz import probe as probe_lib
+
+    first = rng.normal(size=(8, 3)).astype("float32")
+    same = probe_lib._shared_batches(["a", "b", "c"], {"a": [first], "b": [first.copy()], "c": [first + 1]})
+    assert same["a"] is same["b"] and same["c"] is not same["a"]

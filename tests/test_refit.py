@@ -150,8 +150,48 @@ def test_refit_from_moments_equals_the_refit_from_patches(rng, monkeypatch):
 
     monkeypatch.setattr(registry, "_structured_moments", counted)
     fast = tf_mtz.zip_models({"a": a, "b": b}, x, config=tf_mtz.ZipConfig(batch_size=32), verbose=0)
-    assert len(used) == 2 * 2 * 2 and all(used)  # two refit layers x two tasks x two batches
+    # Two refit layers x two batches: fully shared, both tasks read one input, so their residuals go side by
+    # side through one call.
+    assert len(used) == 2 * 2 and all(used)
     monkeypatch.setattr(registry, "_structured_moments", lambda *args: None)
     plain = tf_mtz.zip_models({"a": a, "b": b}, x, config=tf_mtz.ZipConfig(batch_size=32), verbose=0)
     for u, v in zip(fast.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(v).max())))
+
+
+def test_tasks_reading_one_input_share_the_refit_and_get_what_separate_refits_give(rng, monkeypatch):
+    """With full sharing both tasks' zipped inputs are one value: one Gram and one factorisation serve both
+    tasks, and the weights equal those of refitting each task on its own."""
+    from tf_mtz import probe as probe_lib
+
+    a, b = _same_padded_cnn("a", seed=0), _same_padded_cnn("b", seed=1)
+    x = rng.normal(size=(64, 12, 12, 2)).astype("float32")
+    groups = []
+    grouped = probe_lib.Probe.input_groups
+
+    def recorded(self, slot_index):
+        groups.append(grouped(self, slot_index))
+        return groups[-1]
+
+    monkeypatch.setattr(probe_lib.Probe, "input_groups", recorded)
+    together = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0)
+    assert groups and all(g == [["a", "b"]] for g in groups)
+    monkeypatch.setattr(probe_lib.Probe, "input_groups", lambda self, slot_index: [[t] for t in self.plan.tasks])
+    apart = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0)
+    # Equal up to rounding: the trunk to float32 ulps; the heads' refit (5 pooled inputs) amplifies those
+    # ulps about 50 times.
+    for u, v in zip(together.get_weights(), apart.get_weights()):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=5e-5 * max(1.0, float(np.abs(v).max())))
+
+
+def test_half_shared_tasks_are_refit_apart(rng, monkeypatch):
+    from tf_mtz import probe as probe_lib
+
+    a, b = _same_padded_cnn("a", seed=0), _same_padded_cnn("b", seed=1)
+    x = rng.normal(size=(64, 12, 12, 2)).astype("float32")
+    groups = []
+    grouped = probe_lib.Probe.input_groups
+    monkeypatch.setattr(probe_lib.Probe, "input_groups",
+                        lambda self, i: groups.append(grouped(self, i)) or groups[-1])
+    tf_mtz.zip_models({"a": a, "b": b}, x, sharing=0.5, verbose=0)
+    assert groups and all(g == [["a"], ["b"]] for g in groups)

@@ -14,6 +14,12 @@ there are computed once and kept while a position at or beyond the frontier stil
 the frontier (a tied layer's input, needed early to pair a group) are computed on demand and not kept.
 The original models are run the same way over their own operations (BatchNormalization unfolded).
 
+Tasks whose zipped networks compute the same thing share its values: where two tasks read the same
+calibration batches and a position's inputs are one value for both, the position is computed once if the
+two tasks' weights and layer settings there are equal (fully shared layers after their merge). With full
+sharing and one calibration set the whole trunk is computed once, not once per task, and consumers can
+tell (`input_groups`) that its statistics are the same for those tasks.
+
 Memory is bounded: every value the probe computes is a `Batches` sequence whose batches stay in memory
 while the probe's budget (`ZipConfig.activation_memory_gib`) allows and are written to a temporary
 directory beyond it, then read back one batch at a time. Consumers iterate batch by batch, so at most the
@@ -169,7 +175,9 @@ class Probe:
         self.plan, self.state = plan, state
         self.spill = _Spill(memory_budget_bytes)
         self.strategy = strategy  # a tf.distribute.Strategy for the statistics, or None
-        self.batches = {t: [tf.cast(x, tf.float32) for x in calibration[t]] for t in plan.tasks}
+        self.batches = _shared_batches(plan.tasks, calibration)
+        self._recent = {}  # (body index, ids of its input values) -> [(task, inputs, value)], while advancing
+        self._agreement = _Agreement(plan, state)
         children = plan.children
         body_parents = [position.parents for position in plan.body]
         self._runner = _TaskRunner(plan, state, self.spill)
@@ -199,16 +207,35 @@ class Probe:
     def advance(self, slot_index: int) -> None:
         """Slots before `slot_index` are final; their values are kept only while later layers read them."""
         position = self.plan.slots[slot_index].position
-        for t in self.plan.tasks:
-            self.zipped[t].advance(position.index)
-            layer = position.layers[t]
-            self.original[t].advance(self._original_index[t][id(layer)])
+        try:
+            for t in self.plan.tasks:
+                self.zipped[t].advance(position.index)
+                layer = position.layers[t]
+                self.original[t].advance(self._original_index[t][id(layer)])
+        finally:
+            self._recent.clear()
 
     def weights_changed(self) -> None:
         """Retraining moved every weight: values of the zipped network are computed afresh (from the input,
         once, at the next `advance`)."""
         for values in self.zipped.values():
             values.forget()
+
+    def input_groups(self, slot_index: int) -> list:
+        """The tasks grouped by the zipped input of a unit layer: tasks in one group read the same values
+        (one `Batches` and the same row layout), so statistics of that input are the same for all of them."""
+        position = self.plan.slots[slot_index].position
+        (parent,) = position.parents
+        groups = []
+        for t in self.plan.tasks:
+            natural, rows = self.zipped[t].get(parent), input_rows(self.plan, self.state, slot_index, t)
+            for group in groups:
+                if group[1] is natural and _equal_or_none(group[2], rows):
+                    group[0].append(t)
+                    break
+            else:
+                groups.append(([t], natural, rows))
+        return [tasks for tasks, _, _ in groups]
 
     def zipped_inputs(self, slot_index: int, task: str) -> list:
         """The full input of a unit layer in the zipped network, rows in the state's layout (shared first)."""
@@ -233,7 +260,79 @@ class Probe:
         return self.original[task].get(parent)
 
     def _zipped_position(self, task: str, index: int, values: list) -> list:
-        return self.plan.body[index].handler.visit(self._runner, task, self.plan.body[index], values)
+        position = self.plan.body[index]
+        recent = self._recent.setdefault((index, tuple(id(v) for v in values)), [])
+        for other, _, value in recent:
+            if position.handler.visit(self._agreement, position, other, task):
+                return value
+        value = position.handler.visit(self._runner, task, position, values)
+        recent.append((task, values, value))  # holding `values` keeps their ids from being reused
+        return value
+
+
+def _shared_batches(tasks: list, calibration: dict) -> dict:
+    """Each task's calibration batches as float32 tensors; tasks given equal data get the same list, which
+    lets the probe compute their shared trunk once."""
+    batches = {}
+    for t in tasks:
+        same = next((s for s in batches if _same_batches(calibration[s], calibration[t])), None)
+        batches[t] = batches[same] if same is not None else [tf.cast(x, tf.float32) for x in calibration[t]]
+    return batches
+
+
+def _same_batches(first: list, second: list) -> bool:
+    if len(first) != len(second):
+        return False
+    return all(a is b or (a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b)))
+               for a, b in zip(first, second))
+
+
+def _equal_or_none(first, second) -> bool:
+    if first is None or second is None:
+        return first is None and second is None
+    return first.shape == second.shape and np.array_equal(first, second)
+
+
+def _same_settings(first, second) -> bool:
+    """Whether two layers compute the same function of their inputs: equal configurations (names aside)
+    and equal weights."""
+    if not _same_config(first, second):
+        return False
+    weights_a, weights_b = first.get_weights(), second.get_weights()
+    return len(weights_a) == len(weights_b) and all(
+        a.shape == b.shape and np.array_equal(a, b) for a, b in zip(weights_a, weights_b))
+
+
+class _Agreement(registry.PositionVisitor):
+    """Whether two tasks' zipped networks compute the same thing at one position, given the same inputs:
+    the same weights in the zip state and the same layer settings."""
+
+    def __init__(self, plan: graph.ZipPlan, state: state_lib.ZipState):
+        self.plan, self.state = plan, state
+
+    def units(self, position, first, second):
+        slot_index = self.plan.slot_indices[position.index]
+        slot = self.state.slots[slot_index]
+        return (_equal_or_none(slot.kernels[first], slot.kernels[second])
+                and _equal_or_none(slot.biases[first], slot.biases[second])
+                and _equal_or_none(input_rows(self.plan, self.state, slot_index, first),
+                                   input_rows(self.plan, self.state, slot_index, second))
+                and _same_config(position.layers[first], position.layers[second]))
+
+    def channel_units(self, position, first, second):
+        weights = [_natural_channel_weights(self.plan, self.state, position, t) for t in (first, second)]
+        return (all(_equal_or_none(a, b) for a, b in zip(*weights))
+                and _same_config(position.layers[first], position.layers[second]))
+
+    def passthrough(self, position, first, second):
+        return _same_settings(position.layers[first], position.layers[second])
+
+
+def _same_config(first, second) -> bool:
+    """Equal layer configurations, names aside (the zip state holds the weights)."""
+    config_a, config_b = dict(first.get_config()), dict(second.get_config())
+    config_a.pop("name", None), config_b.pop("name", None)
+    return type(first) is type(second) and config_a == config_b
 
 
 class _TaskRunner(registry.PositionVisitor):
@@ -256,12 +355,8 @@ class _TaskRunner(registry.PositionVisitor):
         return _call_each(self.spill, layer, [inputs])
 
     def channel_units(self, task, position, values):
-        channel, handler = self.state.channels[position.index], position.handler
-        kernel, bias = channel.kernels[task], channel.biases[task]
-        if channel.input_order is not None:  # after a Concatenate: from the state's order to the natural one
-            natural = _natural_of_original(self.plan, self.state, position.space, task)[channel.input_order[task]]
-            state_of_natural = np.argsort(natural)
-            kernel, bias = kernel[handler.channel_index(state_of_natural)], bias[state_of_natural]
+        handler = position.handler
+        kernel, bias = _natural_channel_weights(self.plan, self.state, position, task)
         layer = handler.build_layer(position.layers[task], name=f"probe_{position.name}")
         layer.build(tuple(values[0][0].shape))
         layer.set_weights(handler.layer_weights(position.layers[task], kernel, bias))
@@ -269,6 +364,17 @@ class _TaskRunner(registry.PositionVisitor):
 
     def passthrough(self, task, position, values):
         return _call_each(self.spill, position.layers[task], values)
+
+
+def _natural_channel_weights(plan: graph.ZipPlan, state: state_lib.ZipState, position, task: str) -> tuple:
+    """A per-channel layer's `(kernel, bias)` for the task in the natural layout of its input."""
+    channel = state.channels[position.index]
+    kernel, bias = channel.kernels[task], channel.biases[task]
+    if channel.input_order is not None:  # after a Concatenate: from the state's order to the natural one
+        natural = _natural_of_original(plan, state, position.space, task)[channel.input_order[task]]
+        state_of_natural = np.argsort(natural)
+        kernel, bias = kernel[position.handler.channel_index(state_of_natural)], bias[state_of_natural]
+    return kernel, bias
 
 
 def _call_each(spill: _Spill, layer, values: list) -> Batches:

@@ -549,54 +549,60 @@ def _refit(plan, state, slot_index, probe, config, ridge: float = 1e-3) -> float
     The statistics come from every row: stride-1 convolutions and Dense layers sum them without forming
     their patches (`UnitLayerHandler.input_moments`). With `config.refit_rows_per_input`, a convolution's
     statistics use a random subset of its patches instead (at most that many rows per kernel input).
+    Tasks that read the same zipped input (`Probe.input_groups`: a fully shared trunk) share its Gram
+    matrix and its factorisation; only their targets differ.
 
     Returns the mismatch that is left, summed over tasks, each task's relative to the variance of its
     original pre-activations (on the rows used).
     """
     slot = state.slots[slot_index]
-    position = plan.slots[slot_index].position
-    handler = position.handler
+    handler = plan.slots[slot_index].position.handler
     mode = _exact_mode(handler)
     mismatch = 0.0
-    for t in plan.tasks:
-        original = _original_blocks(plan, state, slot_index, t, mode)
+    for tasks in probe.input_groups(slot_index):
         # Ridge towards the current weights, not towards zero: where the zipped inputs already reproduce
         # the original pre-activations, the refit changes nothing.
-        current = handler.to_blocks(slot.kernels[t], slot.biases[t], mode)[0]
-        original_weights, current_weights = tf.constant(original, tf.float32), tf.constant(current, tf.float32)
-        del original
-
-        accumulated, (target_sum, target_square, residual_square) = _refit_statistics(
-            plan, probe, slot_index, t, mode, config, original_weights, current_weights)
-        variance = max(target_square - float(np.sum(target_sum ** 2)) / max(accumulated.count, 1), 1e-12)
-        # Wide layers' weights are large (VGG-16 fc6: 0.4 GB per copy in float32): drop the TF copies before
-        # the solve; the low-rank step (those layers') is formed in float32, the weights' precision, rather
-        # than in float64.
-        del original_weights, current_weights
-        if accumulated.low_rank:
-            # Fewer samples than inputs (fc6 of VGG-16 from 64 images): (XᵀX + ρI)⁻¹ XᵀT = Xᵀ (XXᵀ + ρI)⁻¹ T,
-            # an n×n system instead of d×d.
-            rows, targets = accumulated.rows(), accumulated.targets()
-            kernel_matrix = rows @ rows.T
-            shrink = ridge * max(float(np.trace(kernel_matrix)) / rows.shape[1], 1e-12)
-            coefficients = np.linalg.solve(kernel_matrix + shrink * np.eye(len(rows)), targets)
-            step = rows.T.astype(np.float32) @ coefficients.astype(np.float32)
-            left = float(np.sum((targets - kernel_matrix @ coefficients) ** 2))
-        else:
-            gram = accumulated.gram
-            dim = gram.shape[0]
-            shrink = ridge * max(np.trace(gram) / dim, 1e-12)
-            gram[np.diag_indices(dim)] += shrink  # in place: the accumulator is not used again
-            step = _solve_positive_definite(gram, accumulated.cross)
-            # ‖R − XΔ‖² from the statistics alone: ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, XᵀXΔ⟩, where (XᵀX + ρI)Δ = XᵀR
-            # gives XᵀXΔ = XᵀR − ρΔ (no d×d product).
-            left = residual_square - float(np.sum(step * accumulated.cross)) - shrink * float(np.sum(step * step))
-        mismatch += max(left, 0.0) / variance
-        solution = current + step
-        del step
-        kernel, bias = handler.from_blocks(solution[None].astype(np.float32, copy=False), slot.kernels[t].shape, mode)
-        state_lib.replace_task_weights(state, slot_index, t, kernel, bias)
+        currents = [handler.to_blocks(slot.kernels[t], slot.biases[t], mode)[0] for t in tasks]
+        accumulated, task_sums = _refit_statistics(plan, state, probe, slot_index, tasks, mode, config, currents)
+        steps, shrink, residuals = _ridge_steps(accumulated, ridge)
+        columns = np.cumsum([0] + [int(c.shape[1]) for c in currents])
+        for t, current, (start, stop), (target_sum, target_square, residual_square) in zip(
+                tasks, currents, zip(columns[:-1], columns[1:]), task_sums):
+            step = steps[:, start:stop]
+            if residuals is not None:
+                left = float(np.sum(residuals[:, start:stop]))
+            else:
+                # ‖R − XΔ‖² from the statistics alone: ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, XᵀXΔ⟩, where (XᵀX + ρI)Δ = XᵀR
+                # gives XᵀXΔ = XᵀR − ρΔ (no d×d product).
+                left = (residual_square - float(np.sum(step * accumulated.cross[:, start:stop]))
+                        - shrink * float(np.sum(step * step)))
+            variance = max(target_square - float(np.sum(target_sum ** 2)) / max(accumulated.count, 1), 1e-12)
+            mismatch += max(left, 0.0) / variance
+            solution = (current + step).astype(np.float32, copy=False)
+            kernel, bias = handler.from_blocks(solution[None], slot.kernels[t].shape, mode)
+            state_lib.replace_task_weights(state, slot_index, t, kernel, bias)
     return mismatch
+
+
+def _ridge_steps(accumulated, ridge: float) -> tuple:
+    """The ridge solution Δ = (XᵀX + ρI)⁻¹ XᵀR for every target column at once, ρ = ridge · mean diagonal.
+
+    Returns `(Δ, ρ, None)` from a Gram matrix, or, from kept rows (fewer samples than inputs: fc6 of
+    VGG-16 from 64 images), `(Δ, ρ, squared residuals R − XΔ per entry)` by Δ = Xᵀ (XXᵀ + ρI)⁻¹ R, an n×n
+    system instead of d×d, with Δ formed in float32 (the weights' precision; those layers are large).
+    """
+    if accumulated.low_rank:
+        rows, targets = accumulated.rows(), accumulated.targets()
+        kernel_matrix = rows @ rows.T
+        shrink = ridge * max(float(np.trace(kernel_matrix)) / rows.shape[1], 1e-12)
+        coefficients = np.linalg.solve(kernel_matrix + shrink * np.eye(len(rows)), targets)
+        step = rows.T.astype(np.float32) @ coefficients.astype(np.float32)
+        return step, shrink, (targets - kernel_matrix @ coefficients) ** 2
+    gram = accumulated.gram
+    dim = gram.shape[0]
+    shrink = ridge * max(np.trace(gram) / dim, 1e-12)
+    gram[np.diag_indices(dim)] += shrink  # in place: the accumulator is not used again
+    return _solve_positive_definite(gram, accumulated.cross), shrink, None
 
 
 def _solve_positive_definite(matrix: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -610,49 +616,57 @@ def _solve_positive_definite(matrix: np.ndarray, right: np.ndarray) -> np.ndarra
         return tf.linalg.solve(matrix, right).numpy()
 
 
-def _refit_statistics(plan, probe, slot_index, t, mode, config, original_weights, current_weights) -> tuple:
-    """What task `t`'s refit of slot `slot_index` needs, streamed over its calibration batches: Σ X̃ᵀX̃ and
-    Σ X̃ᵀR of the zipped inputs X̃ and the residual R = T − X̃W (T the original pre-activations, W the
-    current weights), and `(Σ T per unit, Σ T², Σ R²)` for the mismatch.
+def _refit_statistics(plan, state, probe, slot_index, tasks, mode, config, currents) -> tuple:
+    """What the refit of slot `slot_index` needs for `tasks`, which read one zipped input X̃, streamed over
+    the calibration batches: Σ X̃ᵀX̃ and Σ X̃ᵀR with the tasks' residuals R = T − X̃W side by side (T a
+    task's original pre-activations, W its current weights), and per task `(Σ T per unit, Σ T², Σ R²)`
+    for the mismatch.
 
     Layers with a shortcut for these moments (stride-1 convolutions: `input_moments`) never form their
     patches; the others, a patch subset (`refit_rows_per_input`) and fewer rows than features (a low-rank
     Gram that keeps its rows) stream the rows.
     """
     position = plan.slots[slot_index].position
-    handler, template = position.handler, position.layers[t]
-    features = int(current_weights.shape[0])
+    handler, template = position.handler, position.layers[tasks[0]]
+    features = int(currents[0].shape[0])
+    # Wide layers' weights are large (VGG-16 fc6: 0.4 GB per copy in float32): one TF copy each, dropped
+    # with this function's frame before the solve.
+    originals = [tf.constant(_original_blocks(plan, state, slot_index, t, mode), tf.float32) for t in tasks]
+    currents = [tf.constant(c, tf.float32) for c in currents]
     accumulated = statistics.StreamedGram()
-    target_sum, target_square, residual_square = 0.0, 0.0, 0.0
-    samples = probe.samples(t)
-    key = (config.seed, slot_index, plan.tasks.index(t))
-    for batch, (zipped, original) in enumerate(zip(probe.zipped_inputs(slot_index, t),
-                                                   probe.original_inputs(slot_index, t))):
+    sums = [[0.0, 0.0, 0.0] for _ in tasks]
+    samples = probe.samples(tasks[0])
+    key = (config.seed, slot_index, plan.tasks.index(tasks[0]))
+    original_batches = [probe.original_inputs(slot_index, t) for t in tasks]
+    for batch, zipped in enumerate(probe.zipped_inputs(slot_index, tasks[0])):
+        originals_now = [batches[batch] for batches in original_batches]
         rows = handler.sample_count(template, zipped, mode)
         keep = _refit_share(config, features, rows / int(zipped.shape[0]) * samples)
         moments = None
         if keep >= 1.0 and rows / int(zipped.shape[0]) * samples >= features:
-            target = handler.pre_activations(template, original, original_weights, mode)
-            residual = target - handler.pre_activations(template, zipped, current_weights, mode)
-            moments = handler.input_moments(template, zipped, residual, mode)
+            targets = [handler.pre_activations(position.layers[t], x, w, mode)
+                       for t, x, w in zip(tasks, originals_now, originals)]
+            residuals = [target - handler.pre_activations(template, zipped, w, mode)
+                         for target, w in zip(targets, currents)]
+            moments = handler.input_moments(template, zipped, tf.concat(residuals, axis=-1), mode)
         if moments is not None:
             accumulated.add_moments(*moments, rows)
         else:
-            if keep < 1.0:
-                chosen = _subsample(rows, keep, key + (batch,))
-                zipped, original = (handler.hessian_rows(template, x, mode, chosen) for x in (zipped, original))
-            else:
-                zipped, original = (handler.hessian_samples(template, x, mode) for x in (zipped, original))
-            zipped, original = statistics.augment(zipped), statistics.augment(original)
-            target = tf.matmul(original, original_weights)
-            residual = target - tf.matmul(zipped, current_weights)
-            accumulated.add(zipped, residual)
-        target, residual = tf.cast(target, tf.float64), tf.cast(residual, tf.float64)
-        target_sum += tf.reduce_sum(target, axis=0).numpy()
-        target_square += float(tf.reduce_sum(tf.square(target)))
-        residual_square += float(tf.reduce_sum(tf.square(residual)))
-        del zipped, original, target, residual, moments  # conv patches: up to a GB a batch
-    return accumulated, (target_sum, target_square, residual_square)
+            chosen = _subsample(rows, keep, key + (batch,)) if keep < 1.0 else None
+            samples_of = (lambda layer, x: handler.hessian_rows(layer, x, mode, chosen)) if chosen is not None \
+                else (lambda layer, x: handler.hessian_samples(layer, x, mode))
+            zipped = statistics.augment(samples_of(template, zipped))
+            targets = [tf.matmul(statistics.augment(samples_of(position.layers[t], x)), w)
+                       for t, x, w in zip(tasks, originals_now, originals)]
+            residuals = [target - tf.matmul(zipped, w) for target, w in zip(targets, currents)]
+            accumulated.add(zipped, tf.concat(residuals, axis=-1))
+        for task_sums, target, residual in zip(sums, targets, residuals):
+            target, residual = tf.cast(target, tf.float64), tf.cast(residual, tf.float64)
+            task_sums[0] += tf.reduce_sum(target, axis=0).numpy()
+            task_sums[1] += float(tf.reduce_sum(tf.square(target)))
+            task_sums[2] += float(tf.reduce_sum(tf.square(residual)))
+        del zipped, originals_now, targets, residuals, moments  # conv patches: up to a GB a batch
+    return accumulated, [tuple(task_sums) for task_sums in sums]
 
 
 def _refit_share(config, features: int, rows: float) -> float:
