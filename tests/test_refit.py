@@ -189,9 +189,10 @@ def test_half_shared_tasks_are_refit_apart(rng, monkeypatch):
 
     a, b = _same_padded_cnn("a", seed=0), _same_padded_cnn("b", seed=1)
     x = rng.normal(size=(64, 12, 12, 2)).astype("float32")
-    groups = []
+    groups = {}
     grouped = probe_lib.Probe.input_groups
     monkeypatch.setattr(probe_lib.Probe, "input_groups",
-                        lambda self, i: groups.append(grouped(self, i)) or groups[-1])
+                        lambda self, i: groups.setdefault(i, grouped(self, i)))
     tf_mtz.zip_models({"a": a, "b": b}, x, sharing=0.5, verbose=0)
-    assert groups and all(g == [["a"], ["b"]] for g in groups)
+    assert groups.pop(0) == [["a", "b"]]  # the first layer reads the model input, common to all tasks
+    assert groups and all(g == [["a"], ["b"]] for g in groups.values())

@@ -328,12 +328,14 @@ def _hessians(plan, indices, probe, config) -> dict:
         handler = position.handler
         mode = _mode(handler, config)
         result[index] = {}
-        for t in plan.tasks:
-            template = position.layers[t]
-            result[index][t] = statistics.hessian_of_inputs(
-                probe.shared_inputs(index, t), lambda x, template=template: handler.hessian_samples(template, x, mode),
-                task=t, layer_name=position.name, is_first_layer=plan.slots[index].input_space == graph.INPUT,
+        for tasks in probe.input_groups(index):  # tasks reading one input have one Hessian
+            template = position.layers[tasks[0]]
+            hessian = statistics.hessian_of_inputs(
+                probe.shared_inputs(index, tasks[0]),
+                lambda x, template=template: handler.hessian_samples(template, x, mode), task=tasks[0],
+                layer_name=position.name, is_first_layer=plan.slots[index].input_space == graph.INPUT,
                 strategy=probe.strategy)
+            result[index].update({t: hessian for t in tasks})
     return result
 
 
@@ -661,10 +663,12 @@ def _refit_statistics(plan, state, probe, slot_index, tasks, mode, config, curre
             residuals = [target - tf.matmul(zipped, w) for target, w in zip(targets, currents)]
             accumulated.add(zipped, tf.concat(residuals, axis=-1))
         for task_sums, target, residual in zip(sums, targets, residuals):
-            target, residual = tf.cast(target, tf.float64), tf.cast(residual, tf.float64)
-            task_sums[0] += tf.reduce_sum(target, axis=0).numpy()
-            task_sums[1] += float(tf.reduce_sum(tf.square(target)))
-            task_sums[2] += float(tf.reduce_sum(tf.square(residual)))
+            # Per-unit sums in float32 (TensorFlow reduces in blocks), totals in float64: these only scale
+            # the reported mismatch, and a float64 copy of a 224x224 layer's targets costs as much as its
+            # moments.
+            task_sums[0] += tf.reduce_sum(target, axis=0).numpy().astype(np.float64)
+            task_sums[1] += float(np.sum(tf.reduce_sum(tf.square(target), axis=0).numpy(), dtype=np.float64))
+            task_sums[2] += float(np.sum(tf.reduce_sum(tf.square(residual), axis=0).numpy(), dtype=np.float64))
         del zipped, originals_now, targets, residuals, moments  # conv patches: up to a GB a batch
     return accumulated, [tuple(task_sums) for task_sums in sums]
 
