@@ -218,16 +218,3 @@ def test_merge_after_concatenate_is_refused(x):
         return keras.Model(inp, keras.layers.Dense(3, name="head")(h), name=name)
 
     zip_raises(r"'add' \(Add\) of model 'm1' reads the output of a Concatenate", {"a": model("m1"), "b": model("m2")}, x)
-
-
-def test_keras_ops_nodes_in_the_graph_are_named_as_operations():
-    def hard_swish_net(name):
-        keras.utils.set_random_seed(0)
-        x = inputs = keras.Input((6,))
-        h = keras.layers.Dense(4)(x)
-        h = h * (keras.layers.ReLU(6.0)(h + 3.0) / 6.0)
-        return keras.Model(inputs, keras.layers.Dense(2)(h), name=name)
-
-    with pytest.raises(ValueError, match=r"Operation '.*' \(.*\) of model 'hs' is a keras.ops call"):
-        tf_mtz.zip_models({"a": hard_swish_net("hs"), "b": hard_swish_net("hs2")}, np.zeros((4, 6), "float32"),
-                          verbose=0)

@@ -140,6 +140,9 @@ def _read_ops(model, task: str, ops: list, input_index: int, top_name: str) -> i
             index = _read_ops(op, task, ops, parents[0], top_name)
         elif isinstance(op, keras.layers.SeparableConv2D):
             index = _split_separable(op, parents[0], ops, top_name)
+        elif not isinstance(op, keras.layers.Layer):  # a keras.ops call written on tensors
+            ops.append(Op(keras_graph.OperationCall.of_node(op, node_index), parents))
+            index = len(ops) - 1
         else:
             if any(o.layer is op for o in ops):
                 raise ZipError(
@@ -215,11 +218,6 @@ def _fold_batch_norms(ops: list, model_name: str) -> tuple[list, dict]:
 
 
 def _handler(layer, model_name: str) -> registry.LayerHandler:
-    if not isinstance(layer, keras.layers.Layer):
-        raise ZipError(
-            f"Operation '{layer.name}' ({type(layer).__name__}) of model '{model_name}' is a keras.ops call in "
-            "the graph (such as `x + 3.0` or `x * gate` written on tensors, as in hard-swish), not a layer; "
-            "tf_mtz zips Keras layers only: write it with layers (keras.layers.Add, Activation, Rescaling).")
     handler = registry.handler_for(layer)
     if handler is None:
         raise ZipError(

@@ -9,8 +9,10 @@ this one. A Sequential model loaded from a file has `inputs` and `outputs` but n
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from keras.src.utils import io_utils  # Keras internals
+from keras.src import tree  # Keras internals
 
 from tf_mtz.errors import ZipError
 
@@ -85,3 +87,74 @@ def producer(tensor):
 def call_inputs(layer, node_index: int) -> list:
     """The input tensors of call `node_index` of `layer`."""
     return list(layer._inbound_nodes[node_index].input_tensors)  # Keras internals
+
+
+class OperationCall:
+    """A keras.ops call written on tensors in a Functional graph (`x + 3.0`, `keras.ops.relu6(x)`, `x * g`),
+    held as its operation and its arguments so that it can be replayed on other tensors like a layer.
+
+    Keras records such a call as a node of an `Operation` that is not a Layer: it has a name but no
+    layer API. This class gives it the little tf_mtz needs: `__call__` on a tensor (or a list, one per tensor
+    argument, in the node's order), `get_config` to compare models, `copy` (a fresh operation, so that
+    rebuilding never adds calls to the original model's operations), no weights.
+    """
+
+    def __init__(self, operation, arguments):
+        self.operation, self.arguments = operation, arguments
+        self.name = operation.name
+        self.weights = []
+
+    @classmethod
+    def of_node(cls, operation, node_index: int) -> "OperationCall":
+        return cls(operation, operation._inbound_nodes[node_index].arguments)  # Keras internals
+
+    @property
+    def operation_name(self) -> str:
+        return type(self.operation).__name__
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self.arguments.keras_tensors)
+
+    def tensor_shapes(self) -> list:
+        return [tuple(t.shape) for t in self.arguments.keras_tensors]
+
+    def constants(self) -> list:
+        """The call's arguments that are not tensors (numbers, arrays, settings), flattened."""
+        flat = tree.flatten((self.arguments.args, self.arguments.kwargs))
+        return [value for value in flat if not isinstance(value, keras.KerasTensor)]
+
+    def __call__(self, inputs, training=None):
+        del training  # keras.ops take no training flag
+        values = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if len(values) != self.tensor_count:
+            raise AssertionError(f"Internal error: operation '{self.name}' takes {self.tensor_count} tensors.")
+        args, kwargs = self.arguments.fill_in({id(t): v for t, v in zip(self.arguments.keras_tensors, values)})
+        return self.operation(*args, **kwargs)
+
+    def get_config(self) -> dict:
+        """What decides the call's result besides its tensors: the operation, its settings and constants
+        (compared across models)."""
+        return {"name": self.name, "operation": self.operation_name,
+                "settings": _describe(self.operation.get_config()), "constants": _describe(self.constants())}
+
+    def copy(self, name: str) -> "OperationCall":
+        """The same call on a fresh operation named `name` (the original model's operation gets no new
+        calls)."""
+        fresh = type(self.operation).from_config({**self.operation.get_config(), "name": name})
+        return OperationCall(fresh, self.arguments)
+
+    def get_weights(self) -> list:
+        return []
+
+
+def _describe(value):
+    """A comparable description of operation settings and constants (arrays by their values)."""
+    if isinstance(value, dict):
+        return {k: _describe(v) for k, v in value.items() if k != "name"}
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        array = np.asarray(value)
+        return ("array", array.shape, array.tolist())
+    return value

@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_mtz import statistics
+from tf_mtz import keras_graph, statistics
 from tf_mtz.errors import ZipError
 
 
@@ -156,6 +156,8 @@ def copy_layer(layer, name: str):
     Random layers (Dropout, noise) left unseeded get a seed derived from the name, so that zipping and
     retraining give bit-identical results run after run.
     """
+    if isinstance(layer, keras_graph.OperationCall):
+        return layer.copy(name)
     config = dict(layer.get_config())
     config["name"] = name
     if "seed" in config and config["seed"] is None:
@@ -557,6 +559,56 @@ class ChannelwiseHandler(PassThroughHandler):
     """Pooling, dropout and element-wise activations: safe on any subset of units."""
 
 
+# keras.ops whose output unit depends on the same input unit alone (and on scalar constants), by the names
+# of their Operation classes; softmax-like and reducing ops are not among them.
+UNIT_WISE_OPERATIONS = frozenset({
+    "Relu", "Relu6", "Sigmoid", "Softplus", "Softsign", "SoftShrink", "SparsePlus", "Silu", "Squareplus",
+    "LogSigmoid", "LeakyRelu", "HardSigmoid", "HardSilu", "Elu", "Selu", "Gelu", "Celu", "TanhShrink",
+    "HardTanh", "HardShrink", "Threshold", "Absolute", "Fabs", "Negative", "Square", "Sqrt", "Cbrt", "Exp",
+    "Exp2", "Expm1", "Log", "Log1p", "Log2", "Log10", "Sign", "Clip", "Round", "Floor", "Ceil", "Trunc",
+    "Tanh", "Sinh", "Cosh", "Sin", "Cos", "Arctan", "Reciprocal", "Copy", "NanToNum",
+    "Add", "Subtract", "Multiply", "Divide", "TrueDivide", "DivideNoNan", "Power", "Maximum", "Minimum",
+    "Fmax", "Fmin", "Mod", "FloorDivide"})
+
+
+class OperationHandler(ChannelwiseHandler):
+    """A keras.ops call on one tensor written in the graph (`x + 3.0`, `keras.ops.relu6(x)`, the pieces of
+    hard-swish): applied unit by unit like an activation when the operation is unit-wise and its other
+    arguments are scalars."""
+
+    def check(self, layer, model_name):
+        _check_unit_wise(layer, model_name)
+
+
+class OperationMergeHandler(MergeHandler):
+    """A keras.ops call combining several tensors element-wise (`x * gate`, `a + b`): their units are tied,
+    like a Multiply or Add layer's inputs; a gate of shape (1, 1, C) broadcasts over the feature map."""
+
+    def check(self, layer, model_name):
+        _check_unit_wise(layer, model_name)
+        channels = {shape[-1] if shape else None for shape in layer.tensor_shapes()}
+        if len(channels) != 1:
+            raise ZipError(
+                f"Operation '{layer.name}' ({layer.operation_name}) of model '{model_name}' combines tensors "
+                f"with {sorted(map(str, channels))} channels; tf_mtz ties units of element-wise operations "
+                "only where every tensor has the same last axis (broadcasting over the other axes).")
+
+
+def _check_unit_wise(layer, model_name: str) -> None:
+    if layer.operation_name not in UNIT_WISE_OPERATIONS:
+        raise ZipError(
+            f"Operation '{layer.name}' ({layer.operation_name}) of model '{model_name}' is a keras.ops call in the "
+            "graph that tf_mtz cannot apply unit by unit; supported operations act on each unit alone "
+            f"({', '.join(sorted(UNIT_WISE_OPERATIONS))}). Write the computation with Keras layers, or "
+            "register a handler for a custom layer that performs it.")
+    for value in layer.constants():
+        if hasattr(value, "shape") and int(np.prod(np.shape(value))) > 1:
+            raise ZipError(
+                f"Operation '{layer.name}' ({layer.operation_name}) of model '{model_name}' uses a constant of "
+                f"shape {tuple(np.shape(value))}; tf_mtz applies operations unit by unit with scalar constants "
+                "only (a per-unit constant would need permuting): use a layer with weights instead.")
+
+
 class InputOnlyHandler(PassThroughHandler):
     """Preprocessing (Rescaling, Normalization): allowed before the first Dense/Conv2D layer only, where
     every task sees the same input and the layer is replayed as it is, weights included."""
@@ -669,7 +721,10 @@ def unregister_layer_handler(layer_class: type) -> LayerHandler:
 
 
 def handler_for(layer) -> LayerHandler | None:
-    """Returns the handler registered for `layer`'s class or its nearest registered base class."""
+    """Returns the handler registered for `layer`'s class or its nearest registered base class (for a
+    keras.ops call in the graph, the handler of element-wise operations on one tensor or several)."""
+    if isinstance(layer, keras_graph.OperationCall):
+        return _OPERATION_MERGE if layer.tensor_count > 1 else _OPERATION
     for cls in type(layer).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls]
@@ -681,6 +736,7 @@ def supported_layer_names() -> list[str]:
     return sorted([cls.__name__ for cls in _REGISTRY] + ["SeparableConv2D"])
 
 
+_OPERATION, _OPERATION_MERGE = OperationHandler(), OperationMergeHandler()
 _channelwise = ChannelwiseHandler()
 for _cls in (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Dropout,
              keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.SpatialDropout2D,
