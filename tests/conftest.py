@@ -146,8 +146,10 @@ def randomize_batch_norms(model, seed=0):
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             n = layer.get_weights()[0].shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n),
-                               rng.uniform(0.5, 1.5, n)])
+            draws = {"gamma": rng.uniform(0.5, 1.5, n), "beta": rng.normal(0, 0.1, n),
+                     "moving_mean": rng.normal(0, 0.1, n), "moving_variance": rng.uniform(0.5, 1.5, n)}
+            # scale=False or center=False layers (InceptionV3) lack gamma or beta.
+            layer.set_weights([draws[w.path.split("/")[-1]] for w in layer.weights])
     return model
 
 

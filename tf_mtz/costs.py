@@ -42,6 +42,7 @@ import numpy as np
 import scipy.linalg
 import tensorflow as tf
 
+from tf_mtz import tracing
 from tf_mtz.statistics import LowRankHessian
 
 # Side of the diagonal blocks the recursion stops at: TensorFlow's own factorisation and triangular inverse
@@ -211,7 +212,7 @@ def _cross(u: tf.Tensor, v: tf.Tensor, blocks: int) -> tf.Tensor:
     return tf.matmul(u, v, transpose_a=True)
 
 
-_traced: dict = {}
+_traced = tracing.PerGeometry()
 
 
 def _run(function, *tensors, **static):
@@ -219,9 +220,7 @@ def _run(function, *tensors, **static):
     if tensors[0].shape[0] < _TRACE_FROM:
         return function(*tensors, **static)
     key = (function.__name__, tuple(tuple(t.shape) for t in tensors), tensors[0].dtype, tuple(static.items()))
-    if key not in _traced:
-        _traced[key] = tf.function(lambda *args: function(*args, **static), autograph=False)
-    return _traced[key](*tensors)
+    return _traced.run(key, lambda: lambda *args: function(*args, **static), *tensors)
 
 
 def _flatten_blocks(blocks: tf.Tensor) -> tf.Tensor:

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_mtz import tracing
 from tf_mtz.errors import ZipError
 
 
@@ -271,26 +272,19 @@ def patch_moments(padded: tf.Tensor, kernel: tuple, targets: tf.Tensor) -> tuple
     fall outside the core (the grid's frame) are added from their own patches. X̃ᵀT is the kernel gradient
     of a convolution of the input with output gradient T. Exact: the same matrices as from the patches, summed in a different order
     (products in the input's precision, the bias row and column's sums in float64; float64 results).
-    One traced function per input shape (`_moments_function`).
+    One traced function per input geometry (`tracing.PerGeometry`).
     """
-    return _moments_function(tuple(int(k) for k in kernel), tuple(int(s) for s in padded.shape),
-                             tuple(int(s) for s in targets.shape), padded.dtype)(padded, targets)
+    kernel = tuple(int(k) for k in kernel)
+    key = (kernel, tuple(int(s) for s in padded.shape), tuple(int(s) for s in targets.shape), padded.dtype)
+
+    def make():
+        frame = _frame(kernel, key[1])
+        return lambda padded, targets: (_patch_gram(padded, kernel, frame), _patch_cross(padded, kernel, targets))
+
+    return _MOMENT_FUNCTIONS.run(key, make, padded, targets)
 
 
-_MOMENT_FUNCTIONS: dict = {}
-
-
-def _moments_function(kernel: tuple, shape: tuple, target_shape: tuple, dtype):
-    """The traced `patch_moments` for one geometry, kept (a few per layer shape: full and last batch)."""
-    key = (kernel, shape, target_shape, dtype)
-    if key not in _MOMENT_FUNCTIONS:
-        if len(_MOMENT_FUNCTIONS) >= 64:
-            _MOMENT_FUNCTIONS.pop(next(iter(_MOMENT_FUNCTIONS)))
-        frame = _frame(kernel, shape)
-        _MOMENT_FUNCTIONS[key] = tf.function(
-            lambda padded, targets: (_patch_gram(padded, kernel, frame), _patch_cross(padded, kernel, targets)),
-            autograph=False)
-    return _MOMENT_FUNCTIONS[key]
+_MOMENT_FUNCTIONS = tracing.PerGeometry()  # a few per layer shape: full and last batch
 
 
 def _frame(kernel: tuple, shape: tuple) -> list:
