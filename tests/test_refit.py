@@ -18,6 +18,14 @@ LAYERS = [
     (lambda: keras.layers.Conv1D(4, 5, dilation_rate=2, padding="valid"), (2, 17, 3)),
     (lambda: keras.layers.Dense(4), (6, 5)),
 ]
+TRANSPOSED = [  # decoders: the stride-1 convolution of the dilated input with the flipped kernel
+    (lambda: keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same"), (2, 5, 6, 3)),
+    (lambda: keras.layers.Conv2DTranspose(4, 2, strides=2, padding="valid"), (2, 4, 5, 3)),
+    (lambda: keras.layers.Conv2DTranspose(3, (3, 4), strides=(1, 2), padding="same"), (2, 6, 5, 2)),
+    (lambda: keras.layers.Conv2DTranspose(3, 5, strides=3, padding="valid"), (1, 3, 4, 2)),
+    (lambda: keras.layers.Conv2DTranspose(3, 4, strides=2, padding="same"), (2, 5, 5, 2)),
+]
+LAYERS += TRANSPOSED
 
 
 @pytest.mark.parametrize("make,shape", LAYERS)
@@ -78,6 +86,8 @@ STRUCTURED = [
     (lambda: keras.layers.Conv2D(4, 1), (2, 7, 6, 5)),
     (lambda: keras.layers.Conv2D(4, 1, strides=2, padding="same"), (2, 9, 8, 5)),
     (lambda: keras.layers.Dense(4), (12, 5)),
+    (lambda: keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same"), (2, 8, 8, 3)),
+    (lambda: keras.layers.Conv2DTranspose(3, 3, strides=1, padding="same"), (2, 9, 8, 3)),
 ]
 
 

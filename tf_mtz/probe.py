@@ -351,7 +351,7 @@ class _TaskRunner(registry.PositionVisitor):
         rows = input_rows(self.plan, self.state, slot_index, task)
         inputs = values[0] if rows is None else _Mapped(values[0], lambda x: tf.gather(x, rows, axis=-1))
         layer.build(tuple(inputs[0].shape))
-        layer.set_weights([slot.kernels[task], slot.biases[task]])
+        layer.set_weights(handler.layer_weights(slot.kernels[task], slot.biases[task]))
         return _call_each(self.spill, layer, [inputs])
 
     def channel_units(self, task, position, values):

@@ -31,6 +31,10 @@ class Binding:
     layer: keras.layers.Layer
     target: object  # the SlotState or ChannelState holding the weights
     targets: list  # (task, kernel index, bias index or None)
+    handler: object = None  # a unit layer's handler: its kernel back in tf_mtz's layout
+
+    def state_kernel(self, weights: list):
+        return weights[0] if self.handler is None else self.handler.layout_kernel(weights[0])
 
 
 @dataclasses.dataclass
@@ -147,8 +151,8 @@ def _heads(position, slot, feature, tasks, names, bindings, logits):
         dense = position.handler.build_layer(layer, slot.units(t), use_bias=True, activation=None,
                                              name=names(f"{t}_{layer.name}"))
         out = dense(x)
-        dense.set_weights([slot.kernels[t], slot.biases[t]])
-        bindings.append(Binding(dense, slot, [(t, (...,), (...,))]))
+        dense.set_weights(position.handler.layer_weights(slot.kernels[t], slot.biases[t]))
+        bindings.append(Binding(dense, slot, [(t, (...,), (...,))], position.handler))
         logits[t] = out
         if act != "linear":
             out = keras.layers.Activation(act, name=names(f"{t}_{layer.name}_{act}"))(out)
@@ -235,8 +239,8 @@ def _zipped_layer(position, slot: SlotState, features, tasks, names, bindings):
             x = _join(features[t], names(f"{t}_{layer.name}_input"))
             paired = handler.build_layer(layer, s, use_bias=True, activation=act, name=names(f"{t}_{layer.name}_paired"))
             paired_out = paired(x)
-            paired.set_weights([slot.kernels[t][..., :s], slot.biases[t][:s]])
-            bindings.append(Binding(paired, slot, [(t, (..., slice(0, s)), slice(0, s))]))
+            paired.set_weights(handler.layer_weights(slot.kernels[t][..., :s], slot.biases[t][:s]))
+            bindings.append(Binding(paired, slot, [(t, (..., slice(0, s)), slice(0, s))], handler))
             out[t] = (paired_out, _specific(position, slot, t, features, names, bindings, act))
         return out
     has_inter = any(features[t][1] is not None for t in tasks) and s > 0
@@ -246,7 +250,7 @@ def _zipped_layer(position, slot: SlotState, features, tasks, names, bindings):
                                            activation=None if has_inter else act,
                                            name=names(f"{ref_layer.name}_shared"))
         shared_binding = Binding(shared_layer, slot,
-                                 [(t, (..., slice(0, rows), slice(0, s)), slice(0, s)) for t in tasks])
+                                 [(t, (..., slice(0, rows), slice(0, s)), slice(0, s)) for t in tasks], handler)
     shared_calls = {}
     out = {}
     for t in tasks:
@@ -264,8 +268,8 @@ def _zipped_layer(position, slot: SlotState, features, tasks, names, bindings):
                 inter = handler.build_layer(layer, s, use_bias=False, activation=None,
                                             name=names(f"{t}_{layer.name}_into_shared"))
                 contribution = inter(x_specific)
-                inter.set_weights([slot.kernels[t][..., rows:, :s]])
-                bindings.append(Binding(inter, slot, [(t, (..., slice(rows, None), slice(0, s)), None)]))
+                inter.set_weights(handler.layer_weights(slot.kernels[t][..., rows:, :s]))
+                bindings.append(Binding(inter, slot, [(t, (..., slice(rows, None), slice(0, s)), None)], handler))
                 shared_out = keras.layers.Add(name=names(f"{t}_{layer.name}_shared_sum"))([shared_out,
                                                                                            contribution])
             if has_inter and act != "linear":
@@ -276,7 +280,7 @@ def _zipped_layer(position, slot: SlotState, features, tasks, names, bindings):
         out[t] = (shared_out, _specific(position, slot, t, features, names, bindings, act))
     if shared_layer is not None:
         t0 = tasks[0]
-        shared_layer.set_weights([slot.kernels[t0][..., :rows, :s], slot.biases[t0][:s]])
+        shared_layer.set_weights(handler.layer_weights(slot.kernels[t0][..., :rows, :s], slot.biases[t0][:s]))
         bindings.append(shared_binding)
     return out
 
@@ -290,7 +294,7 @@ def _specific(position, slot, t, features, names, bindings, act):
     specific = position.handler.build_layer(layer, slot.units(t) - s, use_bias=True, activation=act,
                                             name=names(f"{t}_{layer.name}"))
     specific_out = specific(_join(features[t], names(f"{t}_{layer.name}_input")))
-    specific.set_weights([slot.kernels[t][..., s:], slot.biases[t][s:]])
-    bindings.append(Binding(specific, slot, [(t, (..., slice(s, None)), slice(s, None))]))
+    specific.set_weights(position.handler.layer_weights(slot.kernels[t][..., s:], slot.biases[t][s:]))
+    bindings.append(Binding(specific, slot, [(t, (..., slice(s, None)), slice(s, None))], position.handler))
     return specific_out
 

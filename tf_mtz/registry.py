@@ -91,6 +91,15 @@ class UnitLayerHandler(LayerHandler):
     def units(self, layer) -> int:
         return int(self.kernel_and_bias(layer)[0].shape[-1])
 
+    def layer_weights(self, kernel: np.ndarray, bias: np.ndarray | None = None) -> list:
+        """The `set_weights` list of a layer from `build_layer`, given a kernel in tf_mtz's layout (input
+        units on axis -2, output units last) and a bias (None for a layer built without one)."""
+        return [kernel] if bias is None else [kernel, bias]
+
+    def layout_kernel(self, kernel: np.ndarray) -> np.ndarray:
+        """A built layer's kernel in tf_mtz's layout (the inverse of `layer_weights` on the kernel)."""
+        return kernel
+
     def activation(self, layer) -> str | dict:
         return keras.activations.serialize(layer.activation)
 
@@ -322,6 +331,106 @@ class Conv1DHandler(Conv2DHandler):
     def from_blocks(self, blocks, kernel_shape, mode):
         kernel, bias = super().from_blocks(blocks, (1,) + tuple(kernel_shape), mode)
         return kernel[0], bias
+
+
+class Conv2DTransposeHandler(Conv2DHandler):
+    """Conv2DTranspose (decoders, U-Nets), channels last, no dilation or output padding.
+
+    A transposed convolution is the stride-1 convolution, with the kernel flipped in space, of its input
+    with (stride - 1) zeros inserted between pixels and the borders padded: its Hessians, moments and
+    refit are Conv2D's on that dilated input. Keras keeps its kernel as (kh, kw, filters, inputs); tf_mtz's
+    layout is (kh, kw, inputs, filters), converted at the layer boundary.
+    """
+
+    layer_class = keras.layers.Conv2DTranspose
+
+    def check(self, layer, model_name):
+        super().check(layer, model_name)
+        if tuple(layer.dilation_rate) != (1, 1) or getattr(layer, "output_padding", None) is not None:
+            raise ZipError(f"Conv2DTranspose '{layer.name}' of model '{model_name}' uses dilation or "
+                           "output_padding; tf_mtz supports neither on transposed convolutions yet.")
+
+    def kernel_and_bias(self, layer):
+        kernel, bias = super().kernel_and_bias(layer)
+        return self.layout_kernel(kernel), bias
+
+    def units(self, layer) -> int:
+        return int(layer.filters)
+
+    def layer_weights(self, kernel, bias=None):
+        return super().layer_weights(np.swapaxes(kernel, -1, -2), bias)
+
+    def layout_kernel(self, kernel):
+        return np.swapaxes(kernel, -1, -2)
+
+    def build_layer(self, template, units, *, use_bias, activation, name):
+        return keras.layers.Conv2DTranspose(units, template.kernel_size, strides=template.strides,
+                                            padding=template.padding, use_bias=use_bias, activation=activation,
+                                            name=name, dtype=template.dtype_policy)
+
+    def _equivalent(self, template, x):
+        """`(dilated and padded input, stride-1 VALID Conv2D template)` computing the same outputs."""
+        (sh, sw), (kh, kw) = template.strides, template.kernel_size
+        n, height, width, channels = (int(v) for v in x.shape)
+        out_h, out_w = template.compute_output_shape((n, height, width, channels))[1:3]
+        dilated = x
+        if (sh, sw) != (1, 1):
+            spread = tf.pad(x[:, :, None, :, None, :],
+                            [[0, 0], [0, 0], [0, sh - 1], [0, 0], [0, sw - 1], [0, 0]])
+            dilated = tf.reshape(spread, (n, height * sh, width * sw, channels))[
+                :, :(height - 1) * sh + 1, :(width - 1) * sw + 1]
+        pads = []
+        for size, out, stride, k in ((height, out_h, sh, kh), (width, out_w, sw, kw)):
+            # The forward convolution this one transposes pads its input (of size `out`) at the front by
+            # `front`; the dilated input is shifted by k - 1 - front to meet the flipped kernel.
+            front = max((-(-out // stride) - 1) * stride + k - out, 0) // 2 if template.padding == "same" else 0
+            before = k - 1 - front
+            pads.append((before, out + k - 1 - before - ((size - 1) * stride + 1)))
+        padded = tf.pad(dilated, [[0, 0], list(pads[0]), list(pads[1]), [0, 0]])
+        forward = keras.layers.Conv2D(int(template.filters), template.kernel_size, padding="valid")
+        return padded, forward
+
+    @staticmethod
+    def _flip(kernel: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(kernel[::-1, ::-1])
+
+    def hessian_samples(self, template, x, mode):
+        if mode == "channel":
+            return super().hessian_samples(template, x, mode)
+        padded, forward = self._equivalent(template, x)
+        return super().hessian_samples(forward, padded, mode)
+
+    def sample_count(self, template, x, mode):
+        if mode == "channel":
+            return super().sample_count(template, x, mode)
+        return int(x.shape[0]) * prod(template.compute_output_shape(tuple(x.shape))[1:3])
+
+    def hessian_rows(self, template, x, mode, rows):
+        if mode == "channel":
+            return super().hessian_rows(template, x, mode, rows)
+        padded, forward = self._equivalent(template, x)
+        return super().hessian_rows(forward, padded, mode, rows)
+
+    def pre_activations(self, template, x, block, mode):
+        if mode == "channel":
+            return super().pre_activations(template, x, block, mode)
+        padded, forward = self._equivalent(template, x)
+        return super().pre_activations(forward, padded, block, mode)
+
+    def input_moments(self, template, x, targets, mode):
+        if mode == "channel":
+            return None
+        padded, forward = self._equivalent(template, x)
+        return super().input_moments(forward, padded, targets, mode)
+
+    def to_blocks(self, kernel, bias, mode):
+        # Patch rows follow the equivalent convolution's flipped kernel; the channel mode has one block per
+        # offset, in any order alike for all tasks.
+        return super().to_blocks(self._flip(kernel) if mode == "patch" else kernel, bias, mode)
+
+    def from_blocks(self, blocks, kernel_shape, mode):
+        kernel, bias = super().from_blocks(blocks, kernel_shape, mode)
+        return (self._flip(kernel) if mode == "patch" else kernel), bias
 
 
 def _output_grid(size, kernel, strides, rates, padding) -> tuple:
@@ -754,6 +863,7 @@ register_layer_handler(keras.layers.Flatten, FlattenHandler())
 register_layer_handler(keras.layers.Reshape, ReshapeHandler())
 register_layer_handler(keras.layers.Dense, DenseHandler())
 register_layer_handler(keras.layers.Conv2D, Conv2DHandler())
+register_layer_handler(keras.layers.Conv2DTranspose, Conv2DTransposeHandler())
 register_layer_handler(keras.layers.Conv1D, Conv1DHandler())
 register_layer_handler(keras.layers.DepthwiseConv2D, DepthwiseHandler())
 register_layer_handler(keras.layers.LayerNormalization, LayerNormalizationHandler())

@@ -125,7 +125,7 @@ def _linear_copy(handler, layer, kernel, bias, name: str):
     """A built copy of a unit layer with the given weights and no activation: its pre-activation."""
     linear = handler.build_layer(layer, kernel.shape[-1], use_bias=True, activation=None, name=name)
     linear.build(tuple(layer.input.shape))
-    linear.set_weights([kernel, bias])
+    linear.set_weights(handler.layer_weights(kernel, bias))
     return linear
 
 

@@ -243,7 +243,8 @@ def absorb_trained(state: ZipState, bindings: list) -> None:
     each names its layer, the slot or channel state, and the task slices it holds)."""
     for binding in bindings:
         weights = binding.layer.get_weights()
+        kernel = binding.state_kernel(weights)
         for task, kernel_index, bias_index in binding.targets:
-            binding.target.kernels[task][kernel_index] = weights[0]
+            binding.target.kernels[task][kernel_index] = kernel
             if bias_index is not None:
                 binding.target.biases[task][bias_index] = weights[1]

@@ -94,14 +94,14 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
 def _permuted_weights(layer, weights: list, inputs, outputs, space) -> list:
     handler = registry.handler_for(layer)
     if registry.has_units(handler):
-        kernel, rest = weights[0], weights[1:]
+        kernel, rest = handler.layout_kernel(weights[0]), weights[1:]
         if inputs is not None:
             per_unit = kernel.shape[-2] // inputs.size  # spatial positions a Flatten folded in
             rows = (np.arange(per_unit)[:, None] * inputs.size + inputs[None, :]).reshape(-1)
             kernel = kernel[..., rows, :]
         if outputs is not None:
             kernel, rest = kernel[..., outputs], [w[outputs] for w in rest]
-        return [kernel, *rest]
+        return handler.layer_weights(kernel, *rest)
     if space == graph.INPUT:
         return weights  # preprocessing before the first unit layer: the same for every task
     if isinstance(layer, keras.layers.DepthwiseConv2D):
