@@ -176,3 +176,29 @@ def test_a_weighted_layer_registered_as_weightless_is_refused():
             tf_mtz.zip_models({"a": model, "b": other}, np.zeros((8, 5), "float32"), verbose=0)
     finally:
         tf_mtz.unregister_layer_handler(_Scale)
+
+
+def test_a_depthwise_grouped_convolution_is_zipped_as_a_depthwise_convolution(rng):
+    """Conv2D(groups=C) with C filters on C channels (ConvNeXt) is a DepthwiseConv2D: per-channel weights
+    following the units before it; other groupings are refused by name."""
+    def grouped(name, groups):
+        keras.utils.set_random_seed(0)
+        x = inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(6, 3, padding="same", activation="relu")(x)
+        x = keras.layers.Conv2D(6, 3, padding="same", groups=groups, name="grouped")(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+        return randomize_batch_norms(keras.Model(inputs, keras.layers.Dense(3)(x), name=name))
+
+    model = grouped("depthwise", groups=6)
+    copy = tf_mtz.testing.permuted_copy(model, seed=2)
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    for sharing in (1.0, 0.5):
+        zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=sharing, verbose=0)
+        for out in zipped.predict(x, verbose=0).values():
+            np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+        assert any(isinstance(layer, keras.layers.DepthwiseConv2D) for layer in zipped.layers)
+    other = grouped("pairs", groups=3)
+    with pytest.raises(ValueError, match=r"'grouped' of model 'pairs' is a grouped convolution \(groups=3\)"):
+        tf_mtz.zip_models({"a": other, "b": keras.models.clone_model(other)}, x, verbose=0)

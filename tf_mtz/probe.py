@@ -38,7 +38,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from tf_mtz import graph, registry, state as state_lib
+from tf_mtz import graph, registry, state as state_lib, tracing
 from tf_mtz.graph import INPUT
 
 
@@ -379,8 +379,9 @@ def _natural_channel_weights(plan: graph.ZipPlan, state: state_lib.ZipState, pos
 
 def _call_each(spill: _Spill, layer, values: list) -> Batches:
     """`layer` applied batch by batch to its inputs' values (one sequence of batches per input)."""
-    return Batches(spill, (layer(batch[0] if len(batch) == 1 else list(batch), training=False)
-                           for batch in zip(*values)))
+    with tracing.quiet_retracing():
+        return Batches(spill, (layer(batch[0] if len(batch) == 1 else list(batch), training=False)
+                               for batch in zip(*values)))
 
 
 def input_rows(plan: graph.ZipPlan, state: state_lib.ZipState, slot_index: int, task: str):

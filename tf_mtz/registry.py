@@ -219,7 +219,8 @@ class Conv2DHandler(UnitLayerHandler):
                            f"'{layer.data_format}'; tf_mtz supports channels_last convolutions only.")
         if getattr(layer, "groups", 1) != 1:
             raise ZipError(f"Layer '{layer.name}' of model '{model_name}' is a grouped convolution "
-                           f"(groups={layer.groups}); grouped convolutions are not supported.")
+                           f"(groups={layer.groups}); tf_mtz supports groups=1 and depthwise groups (one input "
+                           "channel and one filter per group), not groups of several channels yet.")
 
     layer_class = keras.layers.Conv2D
 
@@ -548,6 +549,32 @@ class DepthwiseHandler(ChannelUnitsHandler):
             dtype=template.dtype_policy)
 
 
+class GroupedDepthwiseHandler(DepthwiseHandler):
+    """Conv2D(groups=C) on C channels with C filters (ConvNeXt's depthwise convolutions): one kernel per
+    channel, exactly a DepthwiseConv2D, which the zipped model uses (a native TFLite operation).
+
+    Keras keeps its kernel as (kh, kw, 1, C); as a depthwise kernel it is (kh, kw, C, 1)."""
+
+    def check(self, layer, model_name):
+        if layer.data_format != "channels_last":
+            raise ZipError(f"Layer '{layer.name}' of model '{model_name}' uses data_format="
+                           f"'{layer.data_format}'; tf_mtz supports channels_last convolutions only.")
+
+    def kernel_and_bias(self, layer):
+        kernel = np.swapaxes(np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float32), -1, -2)
+        bias = (np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32) if layer.use_bias
+                else np.zeros(kernel.shape[-2], np.float32))
+        return kernel, bias
+
+
+def is_depthwise_grouped(layer) -> bool:
+    """A Conv2D whose groups each hold one input channel and one filter: a depthwise convolution."""
+    if not isinstance(layer, keras.layers.Conv2D) or getattr(layer, "groups", 1) == 1:
+        return False
+    kernel_inputs = int(layer.kernel.shape[-2]) if getattr(layer, "kernel", None) is not None else None
+    return kernel_inputs == 1 and int(layer.filters) == int(layer.groups)
+
+
 class LayerNormalizationHandler(ChannelUnitsHandler):
     """LayerNormalization over the last axis: γ and β per unit, but the statistics mix all units, so a
     layer's units must be shared all or none."""
@@ -834,6 +861,8 @@ def handler_for(layer) -> LayerHandler | None:
     keras.ops call in the graph, the handler of element-wise operations on one tensor or several)."""
     if isinstance(layer, keras_graph.OperationCall):
         return _OPERATION_MERGE if layer.tensor_count > 1 else _OPERATION
+    if is_depthwise_grouped(layer) and _REGISTRY.get(type(layer)) is _REGISTRY.get(keras.layers.Conv2D):
+        return _GROUPED_DEPTHWISE
     for cls in type(layer).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls]
@@ -846,6 +875,7 @@ def supported_layer_names() -> list[str]:
 
 
 _OPERATION, _OPERATION_MERGE = OperationHandler(), OperationMergeHandler()
+_GROUPED_DEPTHWISE = GroupedDepthwiseHandler()
 _channelwise = ChannelwiseHandler()
 for _cls in (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Dropout,
              keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.SpatialDropout2D,

@@ -106,8 +106,13 @@ def _permuted_weights(layer, weights: list, inputs, outputs, space) -> list:
         return weights  # preprocessing before the first unit layer: the same for every task
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         return [weights[0][..., outputs, :], *[w[outputs] for w in weights[1:]]]
+    if registry.is_depthwise_grouped(layer):  # Conv2D(groups=C): kernel (kh, kw, 1, C)
+        return [weights[0][..., outputs], *[w[outputs] for w in weights[1:]]]
     if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
         return [w[outputs] for w in weights]
+    if isinstance(handler, registry.ChannelUnitsHandler) and all(
+            w.ndim == 1 and w.shape[0] == outputs.size for w in weights):
+        return [w[outputs] for w in weights]  # a custom per-channel layer: one value per unit (LayerScale)
     raise ZipError(f"permuted_copy cannot permute the weights of layer '{layer.name}' "
                    f"({type(layer).__name__}).")
 

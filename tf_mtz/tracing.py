@@ -26,16 +26,23 @@ class PerGeometry:
             if len(self._functions) >= self.limit:
                 self._functions.pop(next(iter(self._functions)))
             self._functions[key] = tf.function(make(), autograph=False)
-        with _quiet_tensorflow_warnings():
+        with quiet_retracing():
             return self._functions[key](*tensors)
 
 
+class _NoRetracingWarning(logging.Filter):
+    def filter(self, record) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
 @contextlib.contextmanager
-def _quiet_tensorflow_warnings():
-    logger = logging.getLogger("tensorflow")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def quiet_retracing():
+    """Drops TensorFlow's frequent-retracing warning (only that one) while the block runs: functions kept
+    per geometry here, and Keras's own per-call functions (grouped convolutions) when the probe runs a
+    model layer by layer, trip it without retracing anything that could be kept."""
+    logger, drop = logging.getLogger("tensorflow"), _NoRetracingWarning()
+    logger.addFilter(drop)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(drop)
