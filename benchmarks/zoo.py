@@ -66,8 +66,9 @@ def measure(name: str) -> dict:
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 n = layer.get_weights()[0].shape[0]
-                layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n),
-                                   rng.uniform(0.5, 1.5, n)][:len(layer.get_weights())])
+                draws = {"gamma": rng.uniform(0.5, 1.5, n), "beta": rng.normal(0, 0.1, n),
+                         "moving_mean": rng.normal(0, 0.1, n), "moving_variance": rng.uniform(0.5, 1.5, n)}
+                layer.set_weights([draws[w.path.split("/")[-1]] for w in layer.weights])  # scale=False too
         return model
 
     models = {"a": instance(1), "b": instance(2)}

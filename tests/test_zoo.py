@@ -66,54 +66,27 @@ def test_family_zipped_with_its_permuted_copy_reproduces_it(name):
     assert _relative_error(out, outputs["b"][:2]) < 1e-4
 
 
-class LayerScaleHandler(tf_mtz.registry.ChannelUnitsHandler):
-    """ConvNeXt's LayerScale (y = γ·x per channel) for tf_mtz: the README's example of a handler for a layer
-    tf_mtz does not know. The zipped model holds it as a 1x1 DepthwiseConv2D, a standard layer."""
-
-    channel_axis = -2  # the depthwise kernel's channel axis: (1, 1, C, 1)
-
-    def kernel_and_bias(self, layer):
-        gamma = keras.ops.convert_to_numpy(layer.gamma).astype("float32")
-        return gamma.reshape(1, 1, -1, 1), np.zeros_like(gamma)
-
-    def build_layer(self, template, *, name):
-        return keras.layers.DepthwiseConv2D(1, use_bias=True, name=name)
-
-
-class InferenceIdentityHandler(tf_mtz.PassThroughHandler):
-    """Stochastic depth is the identity at inference: the zipped model leaves it out."""
-
-    def apply_to_part(self, layer, x, name):
-        return x
-
-
 @SLOW
-def test_convnext_zips_with_handlers_for_its_custom_layers():
+def test_convnext_zips_with_its_custom_layers_handled():
+    """ConvNeXt's LayerScale and StochasticDepth (Keras-internal layers) have built-in handlers: a 1x1
+    DepthwiseConv2D and the identity at inference; its grouped convolutions are depthwise."""
     import tensorflow as tf
-    from keras.src.applications import convnext
 
-    tf_mtz.register_layer_handler(convnext.LayerScale, LayerScaleHandler())
-    tf_mtz.register_layer_handler(convnext.StochasticDepth, InferenceIdentityHandler())
-    try:
-        keras.utils.set_random_seed(0)
-        model = keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3), classes=5,
-                                                classifier_activation=None)
-        copy = tf_mtz.testing.permuted_copy(model, seed=1)
-        x = np.random.default_rng(0).uniform(0, 255, size=(32, 32, 32, 3)).astype("float32")
-        expected = model.predict(x, verbose=0)
-        zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, verbose=0)
-        outputs = zipped.predict(x, verbose=0)
-        assert all(_relative_error(outputs[t], expected) < 1e-4 for t in ("a", "b"))
-        # Grouped (depthwise) convolutions become DepthwiseConv2D; no ConvNeXt class is left.
-        kinds = {type(layer).__name__ for layer in zipped.layers}
-        assert "DepthwiseConv2D" in kinds and not kinds & {"LayerScale", "StochasticDepth"}
-        interpreter = tf.lite.Interpreter(model_content=tf_mtz.tflite_bytes(zipped))
-        runner = interpreter.get_signature_runner("a")
-        input_name = next(iter(interpreter.get_signature_list()["a"]["inputs"]))
-        assert _relative_error(next(iter(runner(**{input_name: x[:2]}).values())), outputs["a"][:2]) < 1e-4
-        # LayerNormalization mixes every channel of its input: its groups are shared all or none.
-        with pytest.raises(ValueError, match="LayerNormalization"):
-            tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=0.5, verbose=0)
-    finally:
-        tf_mtz.unregister_layer_handler(convnext.LayerScale)
-        tf_mtz.unregister_layer_handler(convnext.StochasticDepth)
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3), classes=5,
+                                            classifier_activation=None)
+    copy = tf_mtz.testing.permuted_copy(model, seed=1)
+    x = np.random.default_rng(0).uniform(0, 255, size=(32, 32, 32, 3)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, verbose=0)
+    outputs = zipped.predict(x, verbose=0)
+    assert all(_relative_error(outputs[t], expected) < 1e-4 for t in ("a", "b"))
+    kinds = {type(layer).__name__ for layer in zipped.layers}
+    assert "DepthwiseConv2D" in kinds and not kinds & {"LayerScale", "StochasticDepth"}
+    interpreter = tf.lite.Interpreter(model_content=tf_mtz.tflite_bytes(zipped))
+    runner = interpreter.get_signature_runner("a")
+    input_name = next(iter(interpreter.get_signature_list()["a"]["inputs"]))
+    assert _relative_error(next(iter(runner(**{input_name: x[:2]}).values())), outputs["a"][:2]) < 1e-4
+    # LayerNormalization mixes every channel of its input: its groups are shared all or none.
+    with pytest.raises(ValueError, match="LayerNormalization"):
+        tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=0.5, verbose=0)

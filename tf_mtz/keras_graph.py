@@ -17,6 +17,16 @@ from keras.src import tree  # Keras internals
 from tf_mtz.errors import ZipError
 
 
+def convnext_layers() -> tuple:
+    """`(LayerScale, StochasticDepth)`: the custom layers of keras.applications' ConvNeXt, which Keras does
+    not export (None each where this Keras version lacks them)."""
+    try:
+        from keras.src.applications import convnext  # Keras internals
+    except ImportError:
+        return None, None
+    return getattr(convnext, "LayerScale", None), getattr(convnext, "StochasticDepth", None)
+
+
 def print_message(text: str) -> None:
     """Prints a progress line the way Keras does (absl logging when interactive logging is off)."""
     io_utils.print_msg(text)

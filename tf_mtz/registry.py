@@ -603,6 +603,28 @@ class LayerNormalizationHandler(ChannelUnitsHandler):
                                                name=name, dtype=template.dtype_policy)
 
 
+class LayerScaleHandler(ChannelUnitsHandler):
+    """ConvNeXt's LayerScale, y = γ·x per channel: a 1x1 DepthwiseConv2D (a standard layer) in the zipped
+    model. The README shows it as the example of a handler for a layer tf_mtz does not know."""
+
+    channel_axis = -2  # the depthwise kernel's channel axis: (1, 1, C, 1)
+
+    def kernel_and_bias(self, layer):
+        gamma = np.asarray(keras.ops.convert_to_numpy(layer.gamma), np.float32)
+        return gamma.reshape(1, 1, -1, 1), np.zeros_like(gamma)
+
+    def build_layer(self, template, *, name: str):
+        return keras.layers.DepthwiseConv2D(1, use_bias=True, name=name, dtype=template.dtype_policy)
+
+
+class InferenceIdentityHandler(PassThroughHandler):
+    """Layers that are the identity at inference (ConvNeXt's stochastic depth): left out of the zipped
+    model, which therefore trains without them."""
+
+    def apply_to_part(self, layer, x, name):
+        return x
+
+
 def normalises_last_axis(layer) -> bool:
     """Whether a normalisation layer normalises the channel (last) axis only."""
     axis = layer.axis if isinstance(layer.axis, int) else tuple(layer.axis)
@@ -876,6 +898,11 @@ def supported_layer_names() -> list[str]:
 
 _OPERATION, _OPERATION_MERGE = OperationHandler(), OperationMergeHandler()
 _GROUPED_DEPTHWISE = GroupedDepthwiseHandler()
+_LAYER_SCALE, _STOCHASTIC_DEPTH = keras_graph.convnext_layers()
+if _LAYER_SCALE is not None:
+    register_layer_handler(_LAYER_SCALE, LayerScaleHandler())
+if _STOCHASTIC_DEPTH is not None:
+    register_layer_handler(_STOCHASTIC_DEPTH, InferenceIdentityHandler())
 _channelwise = ChannelwiseHandler()
 for _cls in (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Dropout,
              keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.SpatialDropout2D,
