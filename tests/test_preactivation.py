@@ -150,17 +150,43 @@ class _ScaleHandler(tf_mtz.registry.ChannelUnitsHandler):
         return w, np.zeros_like(w)
 
 
-def test_permuted_copy_names_a_layer_it_cannot_permute():
+class _ScaleShift(keras.layers.Layer):
+    """A custom per-channel layer keeping both its weights in one (2, C) array: y = w[0]·x + w[1]."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(2, shape[-1]), initializer="ones")
+
+    def call(self, x):
+        return x * self.w[0] + self.w[1]
+
+
+class _ScaleShiftHandler(tf_mtz.registry.ChannelUnitsHandler):
+    def kernel_and_bias(self, layer):
+        w = keras.ops.convert_to_numpy(layer.w)
+        return w[0], w[1]
+
+
+def test_permuted_copy_permutes_custom_per_unit_weights_and_names_a_layer_it_cannot_permute(rng):
     tf_mtz.register_layer_handler(_Scale, _ScaleHandler())
+    tf_mtz.register_layer_handler(_ScaleShift, _ScaleShiftHandler())
     try:
         keras.utils.set_random_seed(0)
         x = inputs = keras.Input((5,))
-        x = _Scale(name="scale")(keras.layers.Dense(4)(x))
+        scale = _Scale(name="scale")
+        x = scale(keras.layers.Dense(4)(x))
+        scale.w.assign(rng.uniform(0.5, 1.5, 4).astype("float32"))
         model = keras.Model(inputs, keras.layers.Dense(2)(x))
-        with pytest.raises(ValueError, match=r"cannot permute the weights of layer 'scale' \(_Scale\)"):
-            tf_mtz.testing.permuted_copy(model)
+        copy = tf_mtz.testing.permuted_copy(model, seed=1)  # one weight per unit: permuted with its units
+        data = rng.normal(size=(8, 5)).astype("float32")
+        np.testing.assert_allclose(copy.predict(data, verbose=0), model.predict(data, verbose=0), rtol=1e-5)
+        x = inputs = keras.Input((5,))
+        x = _ScaleShift(name="scale_shift")(keras.layers.Dense(4)(x))
+        other = keras.Model(inputs, keras.layers.Dense(2)(x))
+        with pytest.raises(ValueError, match=r"cannot permute the weights of layer 'scale_shift' \(_ScaleShift\)"):
+            tf_mtz.testing.permuted_copy(other)
     finally:
         tf_mtz.unregister_layer_handler(_Scale)
+        tf_mtz.unregister_layer_handler(_ScaleShift)
 
 
 def test_a_weighted_layer_registered_as_weightless_is_refused():
