@@ -59,7 +59,8 @@ def _exportable(model) -> None:
 
 
 def _signatures(model: keras.Model) -> dict:
-    """`{signature name: tf.function}`: all tasks, plus one per task computing only that task's path."""
+    """`{signature name: tf.function}`: all tasks, plus one per task computing only that task's path (with
+    every output of that task when the models had several: keys "task/output")."""
     inputs = keras_graph.model_inputs(model)
     signature = [tf.TensorSpec((None,) + tuple(x.shape[1:]), x.dtype, name=name)
                  for x, name in zip(inputs, input_names(model))]
@@ -76,14 +77,18 @@ def _signatures(model: keras.Model) -> dict:
         @tf.function(input_signature=signature)
         def serve(*xs):
             values = submodel(list(xs) if len(xs) > 1 else xs[0], training=False)
-            return {name: tf.identity(values[name], name=name) for name in named}
+            return {name: tf.identity(values[name], name=keras_graph.clean_name(name)) for name in named}
 
         return serve
 
     functions = {DEFAULT_SIGNATURE: make(outputs)}
-    if len(outputs) > 1:
-        for task, tensor in outputs.items():
-            functions[task] = make({task: tensor})  # the task's own path only
+    # Zipped multi-output models key their outputs "task/output": a task's signature holds all of them.
+    by_task = {}
+    for key, tensor in outputs.items():
+        by_task.setdefault(key.split("/")[0], {})[key] = tensor
+    if len(by_task) > 1:
+        for task, named in by_task.items():
+            functions[task] = make(named)  # the task's own path only
     return functions
 
 

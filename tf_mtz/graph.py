@@ -77,20 +77,46 @@ class Group:
 
 
 @dataclasses.dataclass
+class Output:
+    """One output of the models: the head slot producing it and, per task, the weightless layers after
+    that head (softmax, reshapes)."""
+
+    name: str
+    slot: int
+    suffixes: dict  # task -> list of layers after the head
+
+
+@dataclasses.dataclass
 class ZipPlan:
     tasks: list
     input_shape: tuple
     input_dtype: str
     input_name: str
-    body: list  # Positions from the input up to and including the heads
-    suffixes: dict  # task -> list of layers after that task's head
-    slots: list  # Slots of the unit positions in `body`, topological order; the last is the heads
+    body: list  # Positions from the input up to and including the heads, the heads last
+    outputs: list  # Outputs, in the models' output order
+    slots: list  # Slots of the unit positions in `body`, topological order; the heads last
     groups: dict  # group id -> Group
     originals: dict  # task -> list of Ops of the model as read (BatchNormalization not folded)
 
     @property
+    def head_count(self) -> int:
+        return len(self.outputs)
+
+    @property
     def hidden_slots(self) -> list:
-        return self.slots[:-1]
+        return self.slots[:-self.head_count]
+
+    def is_head(self, slot_index: int) -> bool:
+        return slot_index >= len(self.slots) - self.head_count
+
+    @property
+    def single_output(self) -> bool:
+        return self.head_count == 1
+
+    def output_key(self, task: str, output: "Output") -> str:
+        """The zipped model's key for one task's output: the task's name, or "task/output" when the
+        models have several outputs."""
+        return task if self.single_output else f"{task}/{output.name}"
 
     @functools.cached_property
     def slot_indices(self) -> dict:
@@ -107,20 +133,23 @@ class ZipPlan:
         return children
 
 
-def _check_model(model, task: str):
+def _check_model(model, task: str, nested: bool = False):
     keras_graph.check_graph_model(model, f"Model '{getattr(model, 'name', model)}' (task '{task}')")
     inputs, outputs = model.inputs, model.outputs
-    if len(inputs) != 1 or len(outputs) != 1:
+    if len(inputs) != 1:
         raise ZipError(
-            f"Model '{model.name}' (task '{task}') has {len(inputs)} inputs and {len(outputs)} outputs; "
-            "tf_mtz zips single-input, single-output models.")
-    return inputs[0], outputs[0]
+            f"Model '{model.name}' (task '{task}') has {len(inputs)} inputs; tf_mtz zips single-input models.")
+    if nested and len(outputs) != 1:
+        raise ZipError(f"Nested model '{model.name}' (task '{task}') has {len(outputs)} outputs; nested "
+                       "models must have one.")
+    return inputs[0], list(keras_graph.named_outputs(model).values()) if not nested else outputs
 
 
-def _read_ops(model, task: str, ops: list, input_index: int, top_name: str) -> int:
+def _read_ops(model, task: str, ops: list, input_index: int, top_name: str, nested: bool = False) -> list:
     """Appends the operations of `model` to `ops` (its input being operation `input_index`) and returns
-    the index of the operation producing its output. Nested models are inlined."""
-    model_input, model_output = _check_model(model, task)
+    the indices of the operations producing its outputs, in the model's output order. Nested models are
+    inlined."""
+    model_input, model_outputs = _check_model(model, task, nested)
     memo = {}
 
     def visit(tensor) -> int:
@@ -137,7 +166,7 @@ def _read_ops(model, task: str, ops: list, input_index: int, top_name: str) -> i
             if len(parents) != 1:
                 raise ZipError(f"Nested model '{op.name}' of model '{top_name}' (task '{task}') takes "
                                f"{len(parents)} inputs; nested models must take one.")
-            index = _read_ops(op, task, ops, parents[0], top_name)
+            (index,) = _read_ops(op, task, ops, parents[0], top_name, nested=True)
         elif isinstance(op, keras.layers.SeparableConv2D):
             index = _split_separable(op, parents[0], ops, top_name)
         elif not isinstance(op, keras.layers.Layer):  # a keras.ops call written on tensors
@@ -153,7 +182,7 @@ def _read_ops(model, task: str, ops: list, input_index: int, top_name: str) -> i
         memo[id(tensor)] = index
         return index
 
-    return visit(model_output)
+    return [visit(output) for output in model_outputs]
 
 
 def _split_separable(layer, parent: int, ops: list, model_name: str) -> int:
@@ -179,13 +208,14 @@ def _split_separable(layer, parent: int, ops: list, model_name: str) -> int:
     return len(ops) - 1
 
 
-def _fold_batch_norms(ops: list, model_name: str) -> tuple[list, dict]:
+def _fold_batch_norms(ops: list, model_name: str, output_ops: list) -> tuple[list, dict, list]:
     """Folds each BatchNormalization into the Dense/Conv/DepthwiseConv2D feeding it (inference statistics)
     where it is that layer's only consumer and the layer has no activation; the others stay operations of
     their own (a per-unit affine map, `registry.BatchNormalizationHandler`).
 
-    Returns the operations without the folded ones (parents re-indexed) and
-    `{id(layer): (kernel, bias)}` with the folded weights: kernel·γ/√(σ²+ε) and (bias − μ)·γ/√(σ²+ε) + β.
+    Returns the operations without the folded ones (parents re-indexed),
+    `{id(layer): (kernel, bias)}` with the folded weights: kernel·γ/√(σ²+ε) and (bias − μ)·γ/√(σ²+ε) + β,
+    and the new indices of the output operations `output_ops`.
     """
     consumers = {}
     for i, op in enumerate(ops):
@@ -214,7 +244,7 @@ def _fold_batch_norms(ops: list, model_name: str) -> tuple[list, dict]:
         folded[id(previous)] = ((kernel * kernel_scale).astype(np.float32),
                                 (bias * scale + shift).astype(np.float32))
         new_index[i] = new_index[parent]
-    return keep, folded
+    return keep, folded, [new_index[i] for i in output_ops]
 
 
 def _handler(layer, model_name: str) -> registry.LayerHandler:
@@ -353,12 +383,19 @@ def read_models(models: dict) -> ZipPlan:
         raise ZipError("The same model object is given for two tasks; pass separate models (a clone is fine).")
     tasks = list(models)
     names = {task: models[task].name for task in tasks}
-    originals, ops, folded = {}, {}, {}
+    originals, ops, folded, output_ops = {}, {}, {}, {}
     for task, model in models.items():
         originals[task] = []
-        _read_ops(model, task, originals[task], INPUT, names[task])
-        ops[task], folded[task] = _fold_batch_norms(originals[task], names[task])
+        read = _read_ops(model, task, originals[task], INPUT, names[task])
+        ops[task], folded[task], output_ops[task] = _fold_batch_norms(originals[task], names[task], read)
     first = tasks[0]
+    output_names = list(keras_graph.named_outputs(models[first]))
+    for task in tasks[1:]:
+        if len(output_ops[task]) != len(output_ops[first]):
+            raise ZipError(
+                f"Model '{names[task]}' (task '{task}') has {len(output_ops[task])} outputs but model "
+                f"'{names[first]}' (task '{first}') has {len(output_ops[first])}; the models must have the same "
+                "outputs.")
 
     shapes = {t: tuple(models[t].inputs[0].shape[1:]) for t in tasks}
     dtypes = {t: str(models[t].inputs[0].dtype) for t in tasks}
@@ -381,20 +418,12 @@ def read_models(models: dict) -> ZipPlan:
                 f"'{names[first]}' (task '{first}') has {unit_counts[first]}; zipped models must have the "
                 "same depth.")
 
-    head_index = {t: max(i for i, h in enumerate(handlers[t]) if registry.has_units(h)) for t in tasks}
+    suffixes, heads = {}, {}
     for task in tasks:
-        for i in range(head_index[task] + 1, len(ops[task])):
-            layer = ops[task][i].layer
-            # The layers after a head are copied from their configuration, so they must hold no weights.
-            if (ops[task][i].parents != [i - 1] or not isinstance(handlers[task][i], registry.PassThroughHandler)
-                    or layer.weights):
-                raise ZipError(
-                    f"Layer '{layer.name}' of model '{names[task]}' (task '{task}') follows the output "
-                    f"layer '{ops[task][head_index[task]].layer.name}' but does not just transform its output; "
-                    "the model's output must come from one Dense/Conv layer through weightless layers.")
+        ops[task], handlers[task], heads[task], suffixes[task] = _split_heads(
+            ops[task], handlers[task], output_ops[task], names[task], task)
     for task in tasks[1:]:
-        for i in range(min(head_index[task], head_index[first]) + 1):
-            ref, other = ops[first][i], ops[task][i]
+        for ref, other in zip(ops[first], ops[task]):
             if type(other.layer) is not type(ref.layer):
                 raise ZipError(
                     f"Layer '{other.layer.name}' ({type(other.layer).__name__}) of model '{names[task]}' (task "
@@ -405,24 +434,30 @@ def read_models(models: dict) -> ZipPlan:
                     f"Layer '{other.layer.name}' of model '{names[task]}' (task '{task}') is wired to different "
                     f"inputs than '{ref.layer.name}' of model '{names[first]}' (task '{first}'); the models must "
                     "have the same graph.")
-        if head_index[task] != head_index[first]:
+        if len(ops[task]) != len(ops[first]):
             raise ZipError(
-                f"Model '{names[task]}' (task '{task}') has {head_index[task] + 1} layers up to its output "
-                f"layer but model '{names[first]}' (task '{first}') has {head_index[first] + 1}; the models "
-                "must have the same layers in the same order.")
+                f"Model '{names[task]}' (task '{task}') has {len(ops[task])} layers up to its output layers but "
+                f"model '{names[first]}' (task '{first}') has {len(ops[first])}; the models must have the same "
+                "layers in the same order.")
+        if heads[task] != heads[first]:
+            raise ZipError(f"The outputs of model '{names[task]}' (task '{task}') come from other layers than "
+                           f"those of model '{names[first]}' (task '{first}'); the models must have the same graph.")
 
     reader = _BodyReader(tasks, names, folded)
+    head_positions = set(heads[first])
     body = [reader.read(i, {t: ops[t][i].layer for t in tasks}, handlers[first][i], ops[first][i].parents,
-                        {t: handlers[t][i] for t in tasks}, is_head=i == head_index[first])
-            for i in range(head_index[first] + 1)]
+                        {t: handlers[t][i] for t in tasks}, is_head=i in head_positions)
+            for i in range(len(ops[first]))]
     for position in body:
         position.space = _find(reader.spaces, position.space)
-    suffixes = {t: [op.layer for op in ops[t][head_index[t] + 1:]] for t in tasks}
 
-    slots, groups = _slots_and_groups(body, names[first])
+    slots, groups = _slots_and_groups(body, names[first], head_positions)
+    slot_of = {slot.position.index: i for i, slot in enumerate(slots)}
+    outputs = [Output(output_names[k], slot_of[heads[first][k]], {t: suffixes[t][k] for t in tasks})
+               for k in range(len(output_names))]
     input_name = models[first].inputs[0].name or "input"
     plan = ZipPlan(tasks=tasks, input_shape=shapes[first], input_dtype=dtypes[first],
-                   input_name=keras_graph.clean_name(input_name), body=body, suffixes=suffixes, slots=slots,
+                   input_name=keras_graph.clean_name(input_name), body=body, outputs=outputs, slots=slots,
                    groups=groups, originals=originals)
     for slot in slots:
         if slot.input_space != INPUT:
@@ -430,9 +465,46 @@ def read_models(models: dict) -> ZipPlan:
     return plan
 
 
-def _slots_and_groups(body: list, first_name: str) -> tuple[list, dict]:
-    """The unit positions as slots (the last is the heads) and the unit groups: each group's member
-    slots, the per-channel layers that follow its units, and the slots reading it."""
+def _split_heads(ops: list, handlers: list, output_ops: list, model_name: str, task: str) -> tuple:
+    """Separates each output's head (the Dense/Conv layer it comes from) and the weightless layers after it
+    (its suffix) from the body, and moves the heads to the end (nothing in the body reads a head, so the
+    order stays topological).
+
+    Returns `(body ops, their handlers, body index of each output's head, each output's suffix layers)`.
+    """
+    consumers = {}
+    for i, op in enumerate(ops):
+        for p in op.parents:
+            consumers.setdefault(p, []).append(i)
+    heads, suffixes, removed = [], [], set()
+    for output in output_ops:
+        chain, i = [], output
+        while i != INPUT and not registry.has_units(handlers[i]):
+            chain.append(i)
+            i = ops[i].parents[0] if len(ops[i].parents) == 1 else INPUT
+        # The head and the layers after it feed only the next of them, and the output feeds nothing.
+        feeding_one = [i] + chain[1:] if chain else []
+        problem = (i == INPUT or any(len(ops[c].parents) != 1 or ops[c].layer.weights
+                                     or not isinstance(handlers[c], registry.PassThroughHandler) for c in chain)
+                   or any(len(consumers.get(j, [])) != 1 for j in feeding_one) or consumers.get(output))
+        if problem:
+            head = ops[i].layer.name if i != INPUT else "the input"
+            raise ZipError(
+                f"Output '{ops[output].layer.name}' of model '{model_name}' (task '{task}') does not come from "
+                f"its own output layer ('{head}') through weightless layers: the model's output must come from "
+                "one Dense/Conv layer through weightless layers that nothing else reads.")
+        heads.append(i)
+        suffixes.append([ops[c].layer for c in reversed(chain)])
+        removed.update(chain)
+    order = [i for i in range(len(ops)) if i not in removed and i not in heads] + heads
+    new_index = {INPUT: INPUT, **{old: new for new, old in enumerate(order)}}
+    body = [Op(ops[i].layer, [new_index[p] for p in ops[i].parents]) for i in order]
+    return body, [handlers[i] for i in order], [new_index[h] for h in heads], suffixes
+
+
+def _slots_and_groups(body: list, first_name: str, head_positions: set) -> tuple[list, dict]:
+    """The unit positions as slots (the heads last) and the unit groups: each group's member slots, the
+    per-channel layers that follow its units, and the slots reading it."""
     slots, groups = [], {}
     for position in body:
         if not position.is_units:
@@ -445,7 +517,7 @@ def _slots_and_groups(body: list, first_name: str) -> tuple[list, dict]:
             continue
         parent = position.parents[0]
         input_space = body[parent].space if parent != INPUT else INPUT
-        is_head = position.index == body[-1].index
+        is_head = position.index in head_positions
         group = None if is_head else position.space
         slot_index = len(slots)
         if group is not None:
@@ -454,10 +526,11 @@ def _slots_and_groups(body: list, first_name: str) -> tuple[list, dict]:
             if part != INPUT:
                 groups.setdefault(part, Group([], [], [])).consumers.append(slot_index)
         slots.append(Slot(position, 1, input_space, group))
-    if slots[-1].position.space in groups and slots[-1].position.space != INPUT:
-        head_space = slots[-1].position.space
-        if groups[head_space].members or groups[head_space].channel_positions:
-            raise ZipError(f"The output layer '{slots[-1].position.name}' of model '{first_name}' is tied to "
+    for slot in slots[len(slots) - len(head_positions):]:
+        head_space = slot.position.space
+        if head_space in groups and head_space != INPUT and (groups[head_space].members
+                                                              or groups[head_space].channel_positions):
+            raise ZipError(f"The output layer '{slot.position.name}' of model '{first_name}' is tied to "
                            "other layers by a merge; output layers are never shared.")
     return slots, groups
 

@@ -42,7 +42,7 @@ class BuiltModel:
     model: keras.Model
     taps: list  # per unit layer: task -> shared part of that layer's input (None where nothing is shared)
     parts: list  # per unit layer: task -> (shared part, task-specific part) of that layer's input
-    logits: dict  # task -> pre-activation of the head
+    logits: dict  # output key ("task" or "task/output") -> pre-activation of its head
     bindings: list
 
 
@@ -74,12 +74,12 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
             features[position.index] = position.handler.visit(builder, position, parents)
 
     outputs = {}
-    last = features[plan.slots[-1].position.index]
     for t in plan.tasks:
-        out = last[t][0]
-        for layer in plan.suffixes[t]:
-            out = registry.copy_layer(layer, builder.names(f"{t}_{layer.name}"))(out)
-        outputs[t] = out
+        for output in plan.outputs:
+            out = features[plan.slots[output.slot].position.index][t][0]
+            for layer in output.suffixes[t]:
+                out = registry.copy_layer(layer, builder.names(f"{t}_{layer.name}"))(out)
+            outputs[plan.output_key(t, output)] = out
     model = keras.Model(inputs, outputs, name=name)
     return BuiltModel(model, builder.taps, builder.parts, builder.logits, builder.bindings)
 
@@ -113,8 +113,12 @@ class _Builder(registry.PositionVisitor):
         (feature,) = parents
         self.taps[index] = {t: feature[t][0] if slot.shared_inputs else None for t in self.tasks}
         self.parts[index] = dict(feature)
-        if index == len(self.plan.slots) - 1:
-            return _heads(position, slot, feature, self.tasks, self.names, self.bindings, self.logits)
+        if self.plan.is_head(index):
+            output = next(o for o in self.plan.outputs if o.slot == index)
+            logits = {}
+            heads = _heads(position, slot, feature, self.tasks, self.names, self.bindings, logits)
+            self.logits.update({self.plan.output_key(t, output): logits[t] for t in self.tasks})
+            return heads
         return _zipped_layer(position, slot, feature, self.tasks, self.names, self.bindings)
 
     def channel_units(self, position, parents):

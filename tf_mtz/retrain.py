@@ -132,25 +132,26 @@ def _linear_copy(handler, layer, kernel, bias, name: str):
 class _ChainTeacher:
     """Original model's logits, computed by calling its own layers (no new graph nodes on them)."""
 
-    def __init__(self, plan, task, linear_head):
-        self.plan, self.task, self.linear_head = plan, task, linear_head
-        self.head = plan.slots[-1].position.layers[task]
+    def __init__(self, plan, task, head, linear_head):
+        self.plan, self.task, self.head, self.linear_head = plan, task, head, linear_head
 
     def __call__(self, x, training=False):
         return self.linear_head(graph.run_prefix(self.plan, self.task, self.head, x))
 
 
-def chain_teacher(plan, task) -> tuple:
-    """`(teacher, activation)` for distillation: the original head's pre-activation (BatchNormalization
-    after it folded in) and the activation that turns it into the output (softmax, sigmoid or linear)."""
-    position = plan.slots[-1].position
+def chain_teacher(plan, task, output=None) -> tuple:
+    """`(teacher, activation)` for distillation of one output (the first if None): the original head's
+    pre-activation (BatchNormalization after it folded in) and the activation that turns it into the
+    output (softmax, sigmoid or linear)."""
+    output = output or plan.outputs[0]
+    position = plan.slots[output.slot].position
     head, handler = position.layers[task], position.handler
     linear = _linear_copy(handler, head, *position.weights[task], name=f"{head.name}_teacher_logits")
     activation = handler.activation(head)
     if activation == "linear":
-        for layer in plan.suffixes[task]:
+        for layer in output.suffixes[task]:
             activation = _squashing(layer) or activation
-    return _ChainTeacher(plan, task, linear), activation
+    return _ChainTeacher(plan, task, head, linear), activation
 
 
 def _loss_fn(kind: str, activation: str, temperature: float, labels_spec):

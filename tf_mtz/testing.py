@@ -47,7 +47,7 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
                     if plan.groups[group].members}
     ops = plan.originals["copy"]
     position_of = {id(position.layers["copy"]): position for position in plan.body}
-    head = plan.slots[-1].position.layers["copy"]
+    heads = {id(plan.slots[output.slot].position.layers["copy"]) for output in plan.outputs}
     spaces = {graph.INPUT: graph.INPUT}
     for index, op in enumerate(ops):
         position = position_of.get(id(op.layer))
@@ -73,7 +73,7 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
         if not weights:
             continue
         inputs = order(spaces[op.parents[0]]) if op.parents[0] != graph.INPUT else None
-        outputs = None if layer is head else order(spaces[index])
+        outputs = None if id(layer) in heads else order(spaces[index])
         owner = _separable_owner(clone, layer)
         if owner is not None:
             separable.setdefault(owner.name, {})[layer.name] = (inputs, outputs)

@@ -60,7 +60,8 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
         verbose: 0 silent, 1 per-layer log lines and progress bars.
 
     Returns:
-        A plain Keras functional model with one input and outputs `{task: tensor}`. Its `zip_report`
+        A plain Keras functional model with one input and outputs `{task: tensor}` (`{"task/output":
+        tensor}` when the models have several outputs). Its `zip_report`
         attribute holds a `tf_mtz.ZipReport`.
 
     Raises:
@@ -92,6 +93,9 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
                    for t, d in data_lib.per_task(calibration_data, tasks, "Calibration data").items()}
     fingerprints = {t: _fingerprint(m) for t, m in models.items()}
     evaluation = None
+    if evaluation_data is not None and not plan.single_output:
+        raise ZipError(f"evaluation_data measures one accuracy per task, but the models have {plan.head_count} "
+                       "outputs; evaluate the zipped model's outputs yourself.")
     if evaluation_data is not None:
         evaluation = {t: data_lib.as_dataset(d, t, plan.input_shape, "Evaluation data", config.batch_size,
                                              with_labels=True)
@@ -153,12 +157,17 @@ def _checked_config(config) -> config_lib.ZipConfig:
 def _trainer_inputs(plan, retrain, calibration_data, strategy) -> tuple:
     """What joint retraining needs: teachers (the originals' logits, for distillation), each head's output
     activation (it picks the loss), the training datasets, and the strategy."""
-    logits = {t: retrain_lib.chain_teacher(plan, t) for t in plan.tasks}
-    teachers = {t: logits[t][0] for t in plan.tasks} if retrain.loss == "distill" else None
-    activations = {t: logits[t][1] for t in plan.tasks}
+    if retrain.loss != "distill" and not plan.single_output:
+        raise ZipError(f"Retrain(loss='{retrain.loss}') trains on one label per task, but the models have "
+                       f"{plan.head_count} outputs; use loss='distill' (label-free, every output).")
+    # One trainer entry per task output ("task" or "task/output"), each with its task's data.
+    keys = {plan.output_key(t, output): (t, output) for t in plan.tasks for output in plan.outputs}
+    logits = {key: retrain_lib.chain_teacher(plan, t, output) for key, (t, output) in keys.items()}
+    teachers = {key: logits[key][0] for key in keys} if retrain.loss == "distill" else None
+    activations = {key: logits[key][1] for key in keys}
     fallback = calibration_data if retrain.loss == "distill" else None
-    return (teachers, activations, retrain_lib.training_datasets(retrain, plan.tasks, plan.input_shape, fallback),
-            strategy)
+    datasets = retrain_lib.training_datasets(retrain, plan.tasks, plan.input_shape, fallback)
+    return teachers, activations, {key: datasets[t] for key, (t, _) in keys.items()}, strategy
 
 
 def _zip_report(models, zipped, state, layer_reports, sharing, config, retrain, started) -> report_lib.ZipReport:
@@ -189,7 +198,7 @@ class _LayerSteps:
         started = time.perf_counter()
         stages = _Stages()
         position = plan.slots[index].position
-        is_head = index == len(plan.slots) - 1
+        is_head = plan.is_head(index)
         with stages("inputs"):
             probe.advance(index)
         count, pair_now = (0, False) if is_head else self._count(index)
@@ -204,9 +213,9 @@ class _LayerSteps:
                     _repair(plan, state, index, probe)
             _warn_rank_deficient(position.name, hessians)
         hessians = hessians or {}
-        if config.refit and not is_head:
+        if config.refit and index + 1 < len(plan.slots):
             # The next layer's inputs are final now: refit it before any retraining, which then starts from
-            # the refit weights.
+            # the refit weights. (After the first head come only heads, whose inputs are final too.)
             with stages("inputs"):
                 probe.advance(index + 1)
             if _zipped_producers(plan, state, index + 1):
@@ -294,7 +303,7 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
     for i, slot in enumerate(hidden):
         for layer in slot.position.layers.values():
             names.setdefault(layer.name, i)
-    heads = {layer.name for layer in plan.slots[-1].position.layers.values()}
+    heads = {layer.name for output in plan.outputs for layer in plan.slots[output.slot].position.layers.values()}
     counts = [0] * len(hidden)
     named = {}
     for name, value in sharing.items():
@@ -690,7 +699,7 @@ def _retrain(plan, state, retrain, trainer_inputs, steps, label, verbose):
     teachers, activations, datasets, strategy = trainer_inputs
     with (strategy.scope() if strategy is not None else contextlib.nullcontext()):
         built = rebuild.build_model(plan, state, name="retrain")
-        students = {t: keras.Model(built.model.inputs, built.logits[t]) for t in plan.tasks}
+        students = {key: keras.Model(built.model.inputs, logits) for key, logits in built.logits.items()}
     trainer = retrain_lib.JointTrainer(students, activations, retrain, datasets, teachers, strategy)
     loss = trainer.run(steps, label, verbose)
     state_lib.absorb_trained(state, built.bindings)
