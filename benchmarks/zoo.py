@@ -8,6 +8,9 @@ separate models, and the single-thread LiteRT latency of one frame through the z
 against the two separate models, all measured in one run. Families tf_mtz refuses are listed with the
 error it gives.
 
+Rows are kept in docs/zoo.json with the commit that measured them; a run with `--families` remeasures those
+families only and the page is rebuilt from every stored row (the page says which commit measured which).
+
     python benchmarks/zoo.py [--families ResNet50V2,DenseNet121] [--timeout 600] [--out docs]
 """
 
@@ -60,8 +63,8 @@ def measure(name: str) -> dict:
 
     def instance(seed):
         keras.utils.set_random_seed(seed)
-        model = builder(weights=None, input_shape=(size, size, 3), classes=5, name=f"{name.lower()}_{seed}",
-                        **kwargs)
+        # No name=: some builders look their configuration up by the model's name (EfficientNetV2).
+        model = builder(weights=None, input_shape=(size, size, 3), classes=5, **kwargs)
         rng = np.random.default_rng(seed)
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -124,34 +127,51 @@ def main(argv):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from machine import describe
 
-    rows = []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    stored_path = os.path.join(OUT.value, "zoo.json") if OUT.value else None
+    stored = {}
+    if stored_path and os.path.exists(stored_path):
+        with open(stored_path) as f:
+            stored = json.load(f)
     for name in NAMES.value:
         row = run_family(name)
-        rows.append(row)
+        row["commit"] = commit
+        stored[name] = row
         print(json.dumps(row), flush=True)
+    text = render([stored[name] for name in FAMILIES if name in stored], describe())
+    print(text)
+    if OUT.value:
+        os.makedirs(OUT.value, exist_ok=True)
+        with open(stored_path, "w") as f:
+            json.dump(stored, f, indent=1)
+        with open(os.path.join(OUT.value, "zoo.md"), "w") as f:
+            f.write(text)
+
+
+def render(rows: list, machine: str) -> str:
+    """The page: one table row per family, from the stored measurements."""
+    commits = sorted({row.get("commit", "unknown") for row in rows})
     lines = ["# The keras.applications zoo", "",
-             f"`python benchmarks/zoo.py`: per family two instances (weights=None, seeds 1 and 2, 5-class heads, "
-             f"random BatchNormalization statistics) zipped with every hidden layer shared, default recipe, "
-             f"{IMAGES.value} random calibration images, no retraining; measured in one run on a {describe()}. "
-             "Latency: one frame, single-thread LiteRT (both tasks: the zipped model once, the separate models "
-             "one after the other).", "",
+             f"`python benchmarks/zoo.py`: per family two instances (weights=None, 5-class heads, random "
+             f"BatchNormalization statistics) zipped with every hidden layer shared, default recipe, "
+             f"{IMAGES.value} random calibration images, no retraining, on a {machine}; each family in a "
+             f"subprocess, families one after another (commit{'s' if len(commits) > 1 else ''} "
+             f"{', '.join(commits)}: the last column). Latency: one frame, single-thread LiteRT (both tasks: "
+             "the zipped model once, the separate models one after the other).", "",
              "| family | input | zip (s) | parameters zipped / separate | .tflite bytes zipped / separate | "
-             "latency zipped / separate (ms) |", "|---|---:|---:|---:|---:|---:|"]
+             "latency zipped / separate (ms) | commit |", "|---|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['family']} | {FAMILIES[row['family']][0]} | not zipped: {row['error']} | | | |")
+            lines.append(f"| {row['family']} | {FAMILIES[row['family']][0]} | not zipped: {row['error']} | | | | "
+                         f"{row.get('commit', '')} |")
             continue
         lines.append(
             f"| {row['family']} | {row['size']} | {row['zip_seconds']:.0f} | "
             f"{row['params_zipped'] / row['params_separate']:.3f} ({row['params_zipped']:,}) | "
             f"{row['bytes_zipped'] / row['bytes_separate']:.3f} | "
-            f"{1e3 * row['latency_zipped']:.2f} / {1e3 * row['latency_separate']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if OUT.value:
-        os.makedirs(OUT.value, exist_ok=True)
-        with open(os.path.join(OUT.value, "zoo.md"), "w") as f:
-            f.write(text)
+            f"{1e3 * row['latency_zipped']:.2f} / {1e3 * row['latency_separate']:.2f} | {row.get('commit', '')} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
