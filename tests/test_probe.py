@@ -118,3 +118,18 @@ def test_tasks_with_different_calibration_data_are_never_shared(rng):
     first = rng.normal(size=(8, 3)).astype("float32")
     same = probe_lib._shared_batches(["a", "b", "c"], {"a": [first], "b": [first.copy()], "c": [first + 1]})
     assert same["a"] is same["b"] and same["c"] is not same["a"]
+
+
+def test_calibration_datasets_of_unknown_length_are_read_once_and_compared(rng):
+    """A generator dataset has no length: its batches are read once per task and the tasks' trunks are
+    still shared when the batches are equal."""
+    import tensorflow as tf
+
+    x = rng.normal(size=(64, 10, 10, 1)).astype("float32")
+    dataset = tf.data.Dataset.from_generator(lambda: iter(x), output_signature=tf.TensorSpec((10, 10, 1)))
+    assert dataset.cardinality() == tf.data.UNKNOWN_CARDINALITY
+    models = {"a": _residual_cnn("a", seed=0), "b": _residual_cnn("b", seed=1)}
+    from_generator = tf_mtz.zip_models(models, dataset, config=tf_mtz.ZipConfig(batch_size=32), verbose=0)
+    from_array = tf_mtz.zip_models(models, x, config=tf_mtz.ZipConfig(batch_size=32), verbose=0)
+    for u, v in zip(from_generator.get_weights(), from_array.get_weights()):
+        np.testing.assert_array_equal(u, v)

@@ -275,8 +275,9 @@ def _shared_batches(tasks: list, calibration: dict) -> dict:
     lets the probe compute their shared trunk once."""
     batches = {}
     for t in tasks:
-        same = next((s for s in batches if _same_batches(calibration[s], calibration[t])), None)
-        batches[t] = batches[same] if same is not None else [tf.cast(x, tf.float32) for x in calibration[t]]
+        own = [tf.cast(x, tf.float32) for x in calibration[t]]  # a dataset is read once
+        same = next((s for s in batches if _same_batches(batches[s], own)), None)
+        batches[t] = batches[same] if same is not None else own
     return batches
 
 
