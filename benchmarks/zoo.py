@@ -65,14 +65,7 @@ def measure(name: str) -> dict:
         keras.utils.set_random_seed(seed)
         # No name=: some builders look their configuration up by the model's name (EfficientNetV2).
         model = builder(weights=None, input_shape=(size, size, 3), classes=5, **kwargs)
-        rng = np.random.default_rng(seed)
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                n = layer.get_weights()[0].shape[0]
-                draws = {"gamma": rng.uniform(0.5, 1.5, n), "beta": rng.normal(0, 0.1, n),
-                         "moving_mean": rng.normal(0, 0.1, n), "moving_variance": rng.uniform(0.5, 1.5, n)}
-                layer.set_weights([draws[w.path.split("/")[-1]] for w in layer.weights])  # scale=False too
-        return model
+        return tf_mtz.testing.randomize_batch_norms(model, seed)
 
     models = {"a": instance(1), "b": instance(2)}
     x = np.random.default_rng(0).uniform(0, 255, (IMAGES.value, size, size, 3)).astype("float32")

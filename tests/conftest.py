@@ -6,6 +6,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from tf_mtz import testing  # noqa: E402
+
 
 def unit_layers(model):
     return [l for l in model.layers if isinstance(l, (keras.layers.Dense, keras.layers.Conv2D))]
@@ -142,15 +144,7 @@ def permuted_graph_copy(model, seed=0):
 
 def randomize_batch_norms(model, seed=0):
     """Non-trivial BatchNormalization statistics, so that folding them is tested."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.get_weights()[0].shape[0]
-            draws = {"gamma": rng.uniform(0.5, 1.5, n), "beta": rng.normal(0, 0.1, n),
-                     "moving_mean": rng.normal(0, 0.1, n), "moving_variance": rng.uniform(0.5, 1.5, n)}
-            # scale=False or center=False layers (InceptionV3) lack gamma or beta.
-            layer.set_weights([draws[w.path.split("/")[-1]] for w in layer.weights])
-    return model
+    return testing.randomize_batch_norms(model, seed)
 
 
 def resnet(name, depth=20, width=16, input_shape=(32, 32, 3), classes=10, seed=0):

@@ -91,6 +91,35 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
     return clone
 
 
+def randomize_batch_norms(model: keras.Model, seed: int = 0) -> keras.Model:
+    """Gives every BatchNormalization of `model` (in place) random, non-trivial statistics and affine
+    weights, so that a `permuted_copy` check exercises their folding and merging (fresh layers hold
+    mean 0, variance 1, γ 1, β 0, which hide mistakes).
+
+    Args:
+        model: a Keras model; its BatchNormalization layers are changed, nothing else.
+        seed: seeds the draws (γ and variance uniform in [0.5, 1.5], β and mean normal with sd 0.1).
+
+    Returns:
+        `model`.
+
+    Example:
+
+    ```python
+    model = tf_mtz.testing.randomize_batch_norms(keras.applications.ResNet50V2(weights=None))
+    ```
+    """
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.get_weights()[0].shape[0]
+            draws = {"gamma": rng.uniform(0.5, 1.5, n), "beta": rng.normal(0, 0.1, n),
+                     "moving_mean": rng.normal(0, 0.1, n), "moving_variance": rng.uniform(0.5, 1.5, n)}
+            # scale=False or center=False layers (InceptionV3) lack gamma or beta.
+            layer.set_weights([draws[w.path.split("/")[-1]] for w in layer.weights])
+    return model
+
+
 def _permuted_weights(layer, weights: list, inputs, outputs, space) -> list:
     handler = registry.handler_for(layer)
     if registry.has_units(handler):
