@@ -110,8 +110,13 @@ def test_layer_normalization_on_a_dense_stack(rng):
     # fc2 may be shared partly; fc1's units are normalised together, so they are shared all or none.
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing={"fc1": 1.0, "fc2": 0.5}, verbose=0)
     assert_reproduces(model, zipped, x, atol=1e-5)
+    # A uniform fraction shares such a group whole; the other layers as asked.
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=0.3, verbose=0)
+    assert_reproduces(model, zipped, x, atol=1e-5)
+    assert {layer.name: layer.shared for layer in zipped.zip_report.layers if not layer.head} == {"fc1": 16, "fc2": 3}
+    # A count asked for by name is not rounded.
     with pytest.raises(ValueError, match=r"'ln1' \(LayerNormalization\) mixes all units of 'fc1'.*all or none"):
-        tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=0.5, verbose=0)
+        tf_mtz.zip_models({"a": model, "b": copy}, x, sharing={"fc1": 0.5, "fc2": 0.5}, verbose=0)
 
 
 def _dense_net(name, seed=0):

@@ -87,6 +87,10 @@ def test_convnext_zips_with_its_custom_layers_handled():
     runner = interpreter.get_signature_runner("a")
     input_name = next(iter(interpreter.get_signature_list()["a"]["inputs"]))
     assert _relative_error(next(iter(runner(**{input_name: x[:2]}).values())), outputs["a"][:2]) < 1e-4
-    # LayerNormalization mixes every channel of its input: its groups are shared all or none.
-    with pytest.raises(ValueError, match="LayerNormalization"):
-        tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=0.5, verbose=0)
+    # LayerNormalization mixes every channel of its input: at half sharing the residual stream (which every
+    # block normalises) is shared whole, the blocks' inner layers half.
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=0.5, verbose=0)
+    outputs = zipped.predict(x, verbose=0)
+    assert all(_relative_error(outputs[t], expected) < 1e-4 for t in ("a", "b"))
+    shares = {layer.shared / layer.units["a"] for layer in zipped.zip_report.layers if not layer.head}
+    assert shares == {0.5, 1.0}

@@ -14,6 +14,7 @@ import warnings
 import zlib
 
 import keras
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -297,7 +298,7 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
         if not isinstance(sharing, (float, np.floating)):
             raise ZipError(f"sharing must be a fraction in [0, 1] or a dict {{layer_name: fraction | count}}, "
                            f"got {sharing!r}.")
-        return [to_count(sharing, w, "") for w in widths]
+        return _whole_where_mixed([to_count(sharing, w, "") for w in widths], plan, float(sharing))
 
     names = {}
     for i, slot in enumerate(hidden):
@@ -326,6 +327,33 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
         value = next(iter(given), 0)
         for m in members:
             counts[m] = value
+    return counts
+
+
+def _whole_where_mixed(counts: list, plan: graph.ZipPlan, fraction: float) -> list:
+    """A uniform sharing fraction, applied to unit groups that a layer mixing all their units reads
+    (LayerNormalization over channels): those can be shared only all or none, so any fraction above 0
+    shares them whole (rounding down would leave the layers after them without shared inputs), with a log
+    line naming them. An explicit count per layer (a dict) for such a group is not rounded: it is refused
+    when the layers are zipped."""
+    counts = list(counts)
+    for group_id, group in plan.groups.items():
+        mixers = [plan.body[p] for p in group.channel_positions if not plan.body[p].handler.partial_sharing]
+        members = [m for m in group.members if m < len(counts)]
+        if not mixers or not members:
+            continue
+        widths = {graph.group_width(plan, group_id, t) for t in plan.tasks}
+        if len(widths) > 1:
+            continue  # unequal widths cannot be shared whole: `_pair_group` names the layer
+        width = widths.pop()
+        whole = width if counts[members[0]] > 0 else 0
+        if whole != counts[members[0]]:
+            logging.info("tf_mtz: sharing all units of '%s' instead of %g of them: '%s' (%s) mixes all its units, "
+                         "so they are shared all or none.", plan.slots[members[0]].position.name, fraction,
+                         mixers[0].name,
+                         type(mixers[0].layers[plan.tasks[0]]).__name__)
+        for m in members:
+            counts[m] = whole
     return counts
 
 
