@@ -27,6 +27,7 @@ FAMILIES = {
     "DenseNet121": ({}, 32),
     "Xception": ({}, 71),
     "InceptionV3": ({}, 75),
+    "NASNetMobile": ({}, 32),
 }
 QUICK = ("MobileNetV3Small",)
 

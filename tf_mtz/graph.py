@@ -97,6 +97,9 @@ class ZipPlan:
     slots: list  # Slots of the unit positions in `body`, topological order; the heads last
     groups: dict  # group id -> Group
     originals: dict  # task -> list of Ops of the model as read (BatchNormalization not folded)
+    # id(layer) -> the model's layer it was cut from, for unit layers cut into column blocks (a merge ties
+    # their blocks to different layers' units)
+    split_layers: dict = dataclasses.field(default_factory=dict)
 
     @property
     def head_count(self) -> int:
@@ -301,6 +304,7 @@ class _BodyReader(registry.PositionVisitor):
         self.tasks, self.names, self.folded = tasks, names, folded
         self.spaces = _UnionFind()
         self.space_of = {INPUT: INPUT}
+        self.unit_layers = {}  # body index of each unit layer read so far -> {task: layer}
 
     def read(self, index: int, layers: dict, handler, parents: list, handlers: dict, is_head: bool) -> Position:
         ref = layers[self.tasks[0]]
@@ -325,6 +329,8 @@ class _BodyReader(registry.PositionVisitor):
         if weighted:
             weights = {t: self.folded[t].get(id(layers[t])) or handlers[t].kernel_and_bias(layers[t])
                        for t in self.tasks}
+        if space == index:
+            self.unit_layers[index] = dict(layers)
         return Position(index, layers, handler, list(parents), weights, space)
 
     @property
@@ -343,14 +349,53 @@ class _BodyReader(registry.PositionVisitor):
         return parent_spaces[0], True
 
     def merge(self, index, ref, parent_spaces):
-        self._refuse_after_concatenate(ref, parent_spaces)
-        if INPUT in parent_spaces and any(s != INPUT for s in parent_spaces):
+        parts = [sp if isinstance(sp, tuple) else (sp,) for sp in parent_spaces]
+        if any(INPUT in p for p in parts) and any(part != INPUT for p in parts for part in p):
             raise ZipError(
                 f"Layer '{ref.name}' of model '{self._first_name}' merges the model input with the output of "
                 "a Dense/Conv layer; such residual connections from the raw input cannot be zipped.")
-        for other in parent_spaces[1:]:
-            self.spaces.union(parent_spaces[0], other)  # element-wise: one unit order for all inputs
-        return parent_spaces[0], False
+        if all(p == (INPUT,) for p in parts):
+            return INPUT, False
+        # Element-wise: unit k of every input is one unit. Inputs that are Concatenates must be cut alike, the
+        # i-th block of one tied to the i-th block of the others.
+        cuts = [self._cuts(p) for p in parts]
+        every_cut = sorted(set().union(*cuts))
+        for p, p_cuts in zip(parts, cuts):
+            if p_cuts != every_cut:
+                self._cut_space(ref, p, p_cuts, every_cut)
+        for other in parts[1:]:
+            for a, b in zip(parts[0], other):
+                self.spaces.union(a, b)
+        merged = tuple(self.spaces.find(part) for part in parts[0])
+        return (merged if len(merged) > 1 else merged[0]), False
+
+    def _width(self, part) -> dict:
+        """Units of a unit space per task (the width of its unit layers)."""
+        index = next(i for i in self.unit_layers if self.spaces.find(i) == self.spaces.find(part))
+        return {t: int(self.folded[t][id(layer)][0].shape[-1]) if id(layer) in self.folded[t]
+                else int(registry.handler_for(layer).kernel_and_bias(layer)[0].shape[-1])
+                for t, layer in self.unit_layers[index].items()}
+
+    def _cuts(self, parts: tuple) -> set:
+        """The unit offsets at which a space's blocks end (the same in every task, or refused)."""
+        widths = [self._width(part) for part in parts]
+        offsets = {t: np.cumsum([w[t] for w in widths]).tolist() for t in self.tasks}
+        if any(offsets[t] != offsets[self.tasks[0]] for t in self.tasks):
+            raise ZipError(f"A Concatenate merged element-wise in model '{self._first_name}' joins layers of "
+                           f"different widths in different models ({offsets}); the models must agree there.")
+        return set(offsets[self.tasks[0]])
+
+    def _cut_space(self, ref, parts: tuple, cuts: set, every_cut: list):
+        """Raises `_CutNeeded` for the first block of `parts` that the other inputs of merge `ref` cut."""
+        start = 0
+        for part, end in zip(parts, sorted(cuts)):
+            inside = [c - start for c in every_cut if start < c < end]
+            if inside:
+                members = [i for i in self.unit_layers if self.spaces.find(i) == self.spaces.find(part)]
+                widths = [b - a for a, b in zip([0] + inside, inside + [end - start])]
+                raise _CutNeeded({t: [self.unit_layers[i][t] for i in members] for t in self.tasks}, widths,
+                                 ref.name)
+            start = end
 
     def concatenate(self, index, ref, parent_spaces):
         # A composite space: the inputs' spaces side by side (nested concatenations flattened).
@@ -365,6 +410,50 @@ class _BodyReader(registry.PositionVisitor):
             raise ZipError(
                 f"Layer '{ref.name}' ({type(ref).__name__}) of model '{self._first_name}' reads the output of a "
                 "Concatenate; tf_mtz supports only Dense/Conv and weightless layers after a Concatenate.")
+
+
+class _CutNeeded(Exception):
+    """Unit layers (per task) whose units a merge ties, in blocks of `widths`, to different layers' units."""
+
+    def __init__(self, layers: dict, widths: list, merge_name: str):
+        super().__init__(merge_name)
+        self.layers, self.widths = layers, widths
+
+
+def _cut_unit_layers(ops: list, output_ops: list, folded: dict, layers: list, widths: list,
+                     split_layers: dict) -> tuple[list, list]:
+    """Replaces each of `layers` in `ops` by unit layers computing its column blocks of `widths` and a
+    Concatenate of them (the same function; standard layers). Folded weights are cut alike.
+
+    Returns the new operations and the new indices of the output operations."""
+    targets = {id(layer) for layer in layers}
+    result, new_index = [], {INPUT: INPUT}
+    for i, op in enumerate(ops):
+        parents = [new_index[p] for p in op.parents]
+        if id(op.layer) not in targets:
+            new_index[i] = len(result)
+            result.append(Op(op.layer, parents))
+            continue
+        layer, handler = op.layer, registry.handler_for(op.layer)
+        kernel, bias = handler.kernel_and_bias(layer)
+        cut_folded = folded.get(id(layer))
+        owner = split_layers.get(id(layer), layer)
+        block_indices, start = [], 0
+        for k, width in enumerate(widths):
+            block = handler.build_layer(layer, width, use_bias=True, activation=handler.activation(layer),
+                                        name=f"{layer.name}_block{k}")
+            # From the kernel, not `layer.input`: a SeparableConv2D's pointwise part was never called.
+            block.build((None,) * (kernel.ndim - 1) + (int(kernel.shape[-2]),))
+            block.set_weights(handler.layer_weights(kernel[..., start:start + width], bias[start:start + width]))
+            if cut_folded is not None:
+                folded[id(block)] = (cut_folded[0][..., start:start + width], cut_folded[1][start:start + width])
+            split_layers[id(block)] = owner
+            block_indices.append(len(result))
+            result.append(Op(block, parents))
+            start += width
+        new_index[i] = len(result)
+        result.append(Op(keras.layers.Concatenate(axis=-1, name=f"{layer.name}_blocks"), block_indices))
+    return result, [new_index[i] for i in output_ops]
 
 
 def read_models(models: dict) -> ZipPlan:
@@ -406,6 +495,26 @@ def read_models(models: dict) -> ZipPlan:
                 f"'{names[first]}' (task '{first}') takes {shapes[first]} {dtypes[first]}; all models must "
                 "take the same input.")
 
+    # A merge of unit spaces cut differently (a layer's units added to a Concatenate of two layers' units)
+    # cuts the layers of the coarser space into column blocks and reads the models again.
+    split_layers = {}
+    for _ in range(len(ops[first]) + 1):
+        try:
+            return _plan_from_ops(tasks, names, ops, folded, output_ops, output_names, originals, split_layers,
+                                  shapes[first], dtypes[first], models[first].inputs[0].name or "input")
+        except _CutNeeded as cut:
+            for task in tasks:
+                ops[task], output_ops[task] = _cut_unit_layers(ops[task], output_ops[task], folded[task],
+                                                               cut.layers[task], cut.widths, split_layers)
+    raise AssertionError("Internal error: cutting unit layers did not converge.")
+
+
+def _plan_from_ops(tasks, names, ops, folded, output_ops, output_names, originals, split_layers, input_shape,
+                   input_dtype, input_name) -> "ZipPlan":
+    """The zip plan from every task's operations (BatchNormalization folded): checks that they line up,
+    reads the unit spaces and groups. Raises `_CutNeeded` where a merge needs a unit layer cut."""
+    first = tasks[0]
+    ops = {t: list(ops[t]) for t in tasks}
     handlers = {t: [_handler(op.layer, names[t]) for op in ops[t]] for t in tasks}
     unit_counts = {t: sum(registry.has_units(h) for h in handlers[t]) for t in tasks}
     for task in tasks:
@@ -455,10 +564,9 @@ def read_models(models: dict) -> ZipPlan:
     slot_of = {slot.position.index: i for i, slot in enumerate(slots)}
     outputs = [Output(output_names[k], slot_of[heads[first][k]], {t: suffixes[t][k] for t in tasks})
                for k in range(len(output_names))]
-    input_name = models[first].inputs[0].name or "input"
-    plan = ZipPlan(tasks=tasks, input_shape=shapes[first], input_dtype=dtypes[first],
+    plan = ZipPlan(tasks=tasks, input_shape=input_shape, input_dtype=input_dtype,
                    input_name=keras_graph.clean_name(input_name), body=body, outputs=outputs, slots=slots,
-                   groups=groups, originals=originals)
+                   groups=groups, originals=originals, split_layers=dict(split_layers))
     for slot in slots:
         if slot.input_space != INPUT:
             slot.rows_per_input_unit = _rows_per_unit(plan, slot, names)

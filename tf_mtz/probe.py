@@ -180,7 +180,9 @@ class Probe:
         self._agreement = _Agreement(plan, state)
         children = plan.children
         body_parents = [position.parents for position in plan.body]
-        self._runner = _TaskRunner(plan, state, self.spill)
+        # Layer graphs traced for this zip only: a traced call keeps its first layer (and its weights) alive.
+        self.calls = tracing.LayerCalls()
+        self._runner = _TaskRunner(plan, state, self.spill, self.calls)
         self.zipped = {t: _Values(body_parents, children, self.batches[t],
                                   lambda i, values, t=t: self._zipped_position(t, i, values)) for t in plan.tasks}
         self.original = {}
@@ -192,8 +194,12 @@ class Probe:
                 for p in op.parents:
                     op_children.setdefault(p, []).append(i)
             self._original_index[t] = {id(op.layer): i for i, op in enumerate(ops)}
+            for block, owner in plan.split_layers.items():  # a block of a cut layer reads what that layer reads
+                if id(owner) in self._original_index[t]:
+                    self._original_index[t][block] = self._original_index[t][id(owner)]
             self.original[t] = _Values([op.parents for op in ops], op_children, self.batches[t],
-                                       lambda i, values, ops=ops: _call_each(self.spill, ops[i].layer, values))
+                                       lambda i, values, ops=ops: _call_each(self.spill, self.calls, ops[i].layer,
+                                                                                    values))
 
     def close(self) -> None:
         """Drops every computed value and removes the files of spilled ones."""
@@ -340,8 +346,8 @@ class _TaskRunner(registry.PositionVisitor):
     """Runs one position of a task's zipped network on its inputs' batches: weighted layers with the
     task's current weights from the zip state, every other layer as it is in the task's model."""
 
-    def __init__(self, plan: graph.ZipPlan, state: state_lib.ZipState, spill: _Spill):
-        self.plan, self.state, self.spill = plan, state, spill
+    def __init__(self, plan: graph.ZipPlan, state: state_lib.ZipState, spill: _Spill, calls: tracing.LayerCalls):
+        self.plan, self.state, self.spill, self.calls = plan, state, spill, calls
 
     def units(self, task, position, values):
         slot_index = self.plan.slot_indices[position.index]
@@ -353,7 +359,7 @@ class _TaskRunner(registry.PositionVisitor):
         inputs = values[0] if rows is None else _Mapped(values[0], lambda x: tf.gather(x, rows, axis=-1))
         layer.build(tuple(inputs[0].shape))
         layer.set_weights(handler.layer_weights(slot.kernels[task], slot.biases[task]))
-        return _call_each(self.spill, layer, [inputs])
+        return _call_each(self.spill, self.calls, layer, [inputs])
 
     def channel_units(self, task, position, values):
         handler = position.handler
@@ -361,10 +367,10 @@ class _TaskRunner(registry.PositionVisitor):
         layer = handler.build_layer(position.layers[task], name=f"probe_{position.name}")
         layer.build(tuple(values[0][0].shape))
         layer.set_weights(handler.layer_weights(position.layers[task], kernel, bias))
-        return _call_each(self.spill, layer, values)
+        return _call_each(self.spill, self.calls, layer, values)
 
     def passthrough(self, task, position, values):
-        return _call_each(self.spill, position.layers[task], values)
+        return _call_each(self.spill, self.calls, position.layers[task], values)
 
 
 def _natural_channel_weights(plan: graph.ZipPlan, state: state_lib.ZipState, position, task: str) -> tuple:
@@ -378,11 +384,10 @@ def _natural_channel_weights(plan: graph.ZipPlan, state: state_lib.ZipState, pos
     return kernel, bias
 
 
-def _call_each(spill: _Spill, layer, values: list) -> Batches:
+def _call_each(spill: _Spill, calls: tracing.LayerCalls, layer, values: list) -> Batches:
     """`layer` applied batch by batch to its inputs' values (one sequence of batches per input)."""
     with tracing.quiet_retracing():
-        return Batches(spill, (layer(batch[0] if len(batch) == 1 else list(batch), training=False)
-                               for batch in zip(*values)))
+        return Batches(spill, (calls(layer, batch[0] if len(batch) == 1 else list(batch)) for batch in zip(*values)))
 
 
 def input_rows(plan: graph.ZipPlan, state: state_lib.ZipState, slot_index: int, task: str):

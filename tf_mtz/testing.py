@@ -48,11 +48,20 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
     ops = plan.originals["copy"]
     position_of = {id(position.layers["copy"]): position for position in plan.body}
     heads = {id(plan.slots[output.slot].position.layers["copy"]) for output in plan.outputs}
+    blocks_of = {}  # a layer tf_mtz cut into column blocks -> their unit spaces, in column order
+    for position in plan.body:
+        owner = plan.split_layers.get(id(position.layers["copy"]))
+        if owner is not None:
+            space = position.space
+            blocks_of.setdefault(id(owner), []).extend(space if isinstance(space, tuple) else (space,))
     spaces = {graph.INPUT: graph.INPUT}
     for index, op in enumerate(ops):
         position = position_of.get(id(op.layer))
-        # A folded BatchNormalization (and anything after the head) keeps the units of what feeds it.
-        spaces[index] = position.space if position is not None else spaces[op.parents[0]]
+        if id(op.layer) in blocks_of:
+            spaces[index] = tuple(blocks_of[id(op.layer)])
+        else:
+            # A folded BatchNormalization (and anything after the head) keeps the units of what feeds it.
+            spaces[index] = position.space if position is not None else spaces[op.parents[0]]
 
     def order(space) -> np.ndarray | None:
         """The permutation of a unit space's units (None: the model input's, never permuted)."""
