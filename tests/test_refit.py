@@ -206,3 +206,53 @@ def test_half_shared_tasks_are_refit_apart(rng, monkeypatch):
     tf_mtz.zip_models({"a": a, "b": b}, x, sharing=0.5, verbose=0)
     assert groups.pop(0) == [["a", "b"]]  # the first layer reads the model input, common to all tasks
     assert groups and all(g == [["a"], ["b"]] for g in groups.values())
+
+
+@pytest.mark.parametrize("sharing", [1.0, 0.6])
+def test_merge_takes_the_hessian_from_the_refit_gram_where_they_are_one_matrix(rng, monkeypatch, sharing):
+    """A Dense layer's Hessian is the Gram matrix its refit already summed: the merge reads it from there,
+    and its merge costs equal those of the Hessian measured anew."""
+    from tf_mtz import statistics
+
+    models = {"a": mlp("a", widths=(24, 16, 12), seed=1), "b": mlp("b", widths=(24, 16, 12), seed=2)}
+    x = rng.normal(size=(300, 20)).astype("float32")
+    measured = []
+    original = statistics.hessian_of_inputs
+    monkeypatch.setattr(statistics, "hessian_of_inputs",
+                        lambda *args, **kwargs: measured.append(kwargs["layer_name"]) or original(*args, **kwargs))
+    reused = tf_mtz.zip_models(models, x, sharing=sharing, verbose=0).zip_report
+    assert measured == ["fc1"]  # the first layer reads the input, which no refit summed
+    measured.clear()
+    monkeypatch.setattr(registry.DenseHandler, "hessian_is_refit_gram", lambda self, template, mode: False)
+    anew = tf_mtz.zip_models(models, x, sharing=sharing, verbose=0).zip_report
+    assert sorted(set(measured)) == ["fc1", "fc2", "fc3"]  # once per distinct input: twice where partly shared
+    for first, second in zip(reused.layers, anew.layers):
+        assert first.cost_sum == pytest.approx(second.cost_sum, rel=1e-5) and (first.head or first.cost_sum > 0)
+        assert first.calibration_samples == second.calibration_samples
+
+
+def test_pointwise_convolutions_take_their_hessian_from_the_refit_gram_and_strided_ones_do_not(rng, monkeypatch):
+    from tf_mtz import statistics
+
+    def model(seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((8, 8, 3), name="image")
+        h = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="stem")(x)
+        h = keras.layers.Conv2D(8, 1, activation="relu", name="point")(h)
+        h = keras.layers.Conv2D(8, 1, strides=2, activation="relu", name="strided")(h)
+        h = keras.layers.Conv2D(5, 3, activation="relu", name="wide")(h)
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        return keras.Model(x, keras.layers.Dense(3, name="head")(h))
+
+    models = {"a": model(1), "b": model(2)}
+    x = rng.normal(size=(40, 8, 8, 3)).astype("float32")
+    measured = []
+    original = statistics.hessian_of_inputs
+    monkeypatch.setattr(statistics, "hessian_of_inputs",
+                        lambda *args, **kwargs: measured.append(kwargs["layer_name"]) or original(*args, **kwargs))
+    reused = tf_mtz.zip_models(models, x, verbose=0).zip_report
+    assert measured == ["stem", "strided", "wide"]
+    monkeypatch.setattr(registry.Conv2DHandler, "hessian_is_refit_gram", lambda self, template, mode: False)
+    anew = tf_mtz.zip_models(models, x, verbose=0).zip_report
+    for first, second in zip(reused.layers, anew.layers):
+        assert first.cost_sum == pytest.approx(second.cost_sum, rel=1e-5)

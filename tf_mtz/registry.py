@@ -130,6 +130,12 @@ class UnitLayerHandler(LayerHandler):
         `(samples, units)`, in the order of `hessian_samples`."""
         return None
 
+    def hessian_is_refit_gram(self, template, mode: str) -> bool:
+        """Whether the Hessian samples in `mode` are the rows the refit sums in exact mode (a Dense layer's
+        inputs, a 1x1 stride-1 convolution's pixels): the refit's Gram matrix is then the layer's Hessian
+        and is not computed twice. False unless a handler knows better."""
+        return False
+
     def to_blocks(self, kernel: np.ndarray, bias: np.ndarray, mode: str) -> np.ndarray:
         """Stacks kernel and bias as `(blocks, features + 1, units)`, bias last, one block per Hessian."""
         raise NotImplementedError
@@ -192,6 +198,9 @@ class DenseHandler(UnitLayerHandler):
 
     def pre_activations(self, template, x, block, mode):
         return tf.matmul(tf.reshape(x, (-1, x.shape[-1])), block[:-1]) + block[-1]
+
+    def hessian_is_refit_gram(self, template, mode):
+        return type(self) is DenseHandler  # a subclass may sample its inputs otherwise
 
     def input_moments(self, template, x, targets, mode):
         return statistics.vector_moments(tf.reshape(x, (-1, x.shape[-1])), targets)
@@ -258,6 +267,11 @@ class Conv2DHandler(UnitLayerHandler):
         out = tf.nn.convolution(x, kernel, strides=template.strides, padding=template.padding.upper(),
                                 dilations=template.dilation_rate) + block[-1]
         return tf.reshape(out, (-1, int(block.shape[-1])))
+
+    def hessian_is_refit_gram(self, template, mode):
+        pointwise = all(int(v) == 1 for v in tuple(template.kernel_size) + tuple(template.strides)
+                        + tuple(template.dilation_rate))
+        return type(self) in (Conv2DHandler, Conv1DHandler) and pointwise
 
     def input_moments(self, template, x, targets, mode):
         if mode == "channel":

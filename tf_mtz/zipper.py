@@ -138,6 +138,7 @@ def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, eva
             layer_report.retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.steps_per_layer,
                                                  f"layer {index + 1}", verbose)
             probe.weights_changed()
+            steps.input_hessians.clear()  # measured on inputs that the retraining has changed
             if evaluation is not None:
                 layer_report.accuracy_retrained = _accuracy(rebuild.build_model(plan, state).model, evaluation)
         layer_reports.append(layer_report)
@@ -193,6 +194,8 @@ class _LayerSteps:
         self.counts, self.verbose = counts, verbose
         self.group_counts = {}  # group -> shared units, set by the group's first layer
         self.refit_mismatch = {}  # slot index -> what its refit left, reported with that layer
+        # slot index -> {task: LayerHessian} of its input, from its refit's Gram where that is the Hessian
+        self.input_hessians = {}
 
     def zip_layer(self, index) -> report_lib.LayerReport:
         plan, state, probe, config = self.plan, self.state, self.probe, self.config
@@ -203,12 +206,14 @@ class _LayerSteps:
         with stages("inputs"):
             probe.advance(index)
         count, pair_now = (0, False) if is_head else self._count(index)
+        measured = self.input_hessians.pop(index, None)
         chosen, hessians = np.zeros(0), None
         if count:
             if pair_now:
                 with stages("pair"):
                     hessians = _pair_group(plan, state, plan.slots[index].group, index, count, probe, config)
             with stages("merge"):
+                hessians = hessians or measured
                 chosen, hessians = _merge_slot(plan, state, index, probe, config, hessians)
                 if getattr(config, "repair", False):  # tf_mtz.experimental.ExperimentalConfig
                     _repair(plan, state, index, probe)
@@ -221,7 +226,9 @@ class _LayerSteps:
                 probe.advance(index + 1)
             if _zipped_producers(plan, state, index + 1):
                 with stages("refit"):
-                    self.refit_mismatch[index + 1] = _refit(plan, state, index + 1, probe, config)
+                    self.refit_mismatch[index + 1], gram_hessians = _refit(plan, state, index + 1, probe, config)
+                if len(gram_hessians) == len(plan.tasks):
+                    self.input_hessians[index + 1] = gram_hessians
         layer_report = _layer_report(
             position, state.slots[index], is_head, plan.tasks, chosen,
             {t: hessians[t].samples if t in hessians else 0 for t in plan.tasks},
@@ -592,17 +599,25 @@ def _refit(plan, state, slot_index, probe, config, ridge: float = 1e-3) -> float
     matrix and its factorisation; only their targets differ.
 
     Returns the mismatch that is left, summed over tasks, each task's relative to the variance of its
-    original pre-activations (on the rows used).
+    original pre-activations (on the rows used), and `{task: LayerHessian}` of the layer's shared input
+    for the tasks whose Gram matrix is that Hessian (`hessian_is_refit_gram`; every row used).
     """
     slot = state.slots[slot_index]
     handler = plan.slots[slot_index].position.handler
     mode = _exact_mode(handler)
-    mismatch = 0.0
+    mismatch, hessians = 0.0, {}
+    template = plan.slots[slot_index].position.layers[plan.tasks[0]]
+    reuse = handler.hessian_is_refit_gram(template, _mode(handler, config)) and slot.shared_rows > 0
     for tasks in probe.input_groups(slot_index):
         # Ridge towards the current weights, not towards zero: where the zipped inputs already reproduce
         # the original pre-activations, the refit changes nothing.
         currents = [handler.to_blocks(slot.kernels[t], slot.biases[t], mode)[0] for t in tasks]
-        accumulated, task_sums = _refit_statistics(plan, state, probe, slot_index, tasks, mode, config, currents)
+        accumulated, task_sums, every_row = _refit_statistics(plan, state, probe, slot_index, tasks, mode, config,
+                                                              currents)
+        if reuse and every_row and not accumulated.low_rank:
+            hessian = _shared_hessian(accumulated, slot.shared_rows)
+            if hessian is not None:
+                hessians.update({t: hessian for t in tasks})
         steps, shrink, residuals = _ridge_steps(accumulated, ridge)
         columns = np.cumsum([0] + [int(c.shape[1]) for c in currents])
         for t, current, (start, stop), (target_sum, target_square, residual_square) in zip(
@@ -620,7 +635,18 @@ def _refit(plan, state, slot_index, probe, config, ridge: float = 1e-3) -> float
             solution = (current + step).astype(np.float32, copy=False)
             kernel, bias = handler.from_blocks(solution[None], slot.kernels[t].shape, mode)
             state_lib.replace_task_weights(state, slot_index, t, kernel, bias)
-    return mismatch
+    return mismatch, hessians
+
+
+def _shared_hessian(accumulated, shared_rows: int):
+    """The Hessian of the shared rows (and the bias) from a refit's Gram matrix, before its ridge is added;
+    None where it is not finite (the Hessian measured anew then names the problem)."""
+    gram = accumulated.gram
+    kept = np.r_[0:shared_rows, gram.shape[0] - 1]
+    matrix = gram[np.ix_(kept, kept)] / accumulated.count
+    if not np.isfinite(matrix).all():
+        return None
+    return statistics.LayerHessian(matrix, accumulated.count)
 
 
 def _ridge_steps(accumulated, ridge: float) -> tuple:
@@ -658,8 +684,8 @@ def _solve_positive_definite(matrix: np.ndarray, right: np.ndarray) -> np.ndarra
 def _refit_statistics(plan, state, probe, slot_index, tasks, mode, config, currents) -> tuple:
     """What the refit of slot `slot_index` needs for `tasks`, which read one zipped input X̃, streamed over
     the calibration batches: Σ X̃ᵀX̃ and Σ X̃ᵀR with the tasks' residuals R = T − X̃W side by side (T a
-    task's original pre-activations, W its current weights), and per task `(Σ T per unit, Σ T², Σ R²)`
-    for the mismatch.
+    task's original pre-activations, W its current weights), per task `(Σ T per unit, Σ T², Σ R²)`
+    for the mismatch, and whether every row was used (no patch subset).
 
     Layers with a shortcut for these moments (stride-1 convolutions: `input_moments`) never form their
     patches; the others, a patch subset (`refit_rows_per_input`) and fewer rows than features (a low-rank
@@ -675,6 +701,7 @@ def _refit_statistics(plan, state, probe, slot_index, tasks, mode, config, curre
     accumulated = statistics.StreamedGram()
     sums = [[0.0, 0.0, 0.0] for _ in tasks]
     samples = probe.samples(tasks[0])
+    every_row = True
     key = (config.seed, slot_index, plan.tasks.index(tasks[0]))
     original_batches = [probe.original_inputs(slot_index, t) for t in tasks]
     for batch, zipped in enumerate(probe.zipped_inputs(slot_index, tasks[0])):
@@ -692,6 +719,7 @@ def _refit_statistics(plan, state, probe, slot_index, tasks, mode, config, curre
             accumulated.add_moments(*moments, rows)
         else:
             chosen = _subsample(rows, keep, key + (batch,)) if keep < 1.0 else None
+            every_row = every_row and chosen is None
             samples_of = (lambda layer, x: handler.hessian_rows(layer, x, mode, chosen)) if chosen is not None \
                 else (lambda layer, x: handler.hessian_samples(layer, x, mode))
             zipped = statistics.augment(samples_of(template, zipped))
@@ -707,7 +735,7 @@ def _refit_statistics(plan, state, probe, slot_index, tasks, mode, config, curre
             task_sums[1] += float(np.sum(tf.reduce_sum(tf.square(target), axis=0).numpy(), dtype=np.float64))
             task_sums[2] += float(np.sum(tf.reduce_sum(tf.square(residual), axis=0).numpy(), dtype=np.float64))
         del zipped, originals_now, targets, residuals, moments  # conv patches: up to a GB a batch
-    return accumulated, [tuple(task_sums) for task_sums in sums]
+    return accumulated, [tuple(task_sums) for task_sums in sums], every_row
 
 
 def _refit_share(config, features: int, rows: float) -> float:
