@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 
 def describe() -> str:
@@ -29,3 +30,21 @@ def stage_summary(report) -> str:
         for stage, seconds in layer.stage_seconds.items():
             totals[stage] = totals.get(stage, 0.0) + seconds
     return ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in totals.items())
+
+
+def tflite_latency(content: bytes, frame, repeats: int = 30) -> float:
+    """Median seconds of one single-threaded LiteRT invocation of a `.tflite` model on `frame` (its first
+    input; a warm-up call first)."""
+    import numpy as np
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_content=content, num_threads=1)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], frame)
+    interpreter.invoke()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        interpreter.invoke()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

@@ -56,7 +56,9 @@ def measure(name: str) -> dict:
     import tensorflow as tf
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import tf_mtz
+    from machine import tflite_latency
 
     size, kwargs = FAMILIES[name]
     builder = getattr(keras.applications, name)
@@ -76,23 +78,12 @@ def measure(name: str) -> dict:
     together = tf_mtz.tflite_bytes(zipped)
     frame = x[:1]
 
-    def latency(content, repeats=30):
-        interpreter = tf.lite.Interpreter(model_content=content, num_threads=1)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], frame)
-        interpreter.invoke()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            interpreter.invoke()
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
-
     return {"family": name, "size": size, "zip_seconds": seconds,
             "params_separate": int(sum(m.count_params() for m in models.values())),
             "params_zipped": int(zipped.count_params()),
             "bytes_separate": int(sum(len(b) for b in separate)), "bytes_zipped": len(together),
-            "latency_separate": sum(latency(b) for b in separate), "latency_zipped": latency(together)}
+            "latency_separate": sum(tflite_latency(b, frame) for b in separate),
+            "latency_zipped": tflite_latency(together, frame)}
 
 
 def run_family(name: str) -> dict:
