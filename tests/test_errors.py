@@ -208,13 +208,15 @@ def test_tied_layers_given_different_sharing(x):
     assert [layer.shared for layer in zipped.zip_report.layers] == [12, 12, 0]
 
 
-def test_merge_after_concatenate_is_refused(x):
+def test_layer_normalization_after_concatenate_is_refused(x):
+    # (A merge after a Concatenate zips: tests/test_concatenated_merges.py.)
     def model(name):
         inp = keras.Input((20,))
         h1 = keras.layers.Dense(4, name="fc1")(inp)
         h2 = keras.layers.Dense(4, name="fc2")(inp)
         cat = keras.layers.Concatenate(name="cat")([h1, h2])
-        h = keras.layers.Add(name="add")([cat, keras.layers.Dense(8, name="fc3")(inp)])
+        h = keras.layers.LayerNormalization(name="norm")(cat)
         return keras.Model(inp, keras.layers.Dense(3, name="head")(h), name=name)
 
-    zip_raises(r"'add' \(Add\) of model 'm1' reads the output of a Concatenate", {"a": model("m1"), "b": model("m2")}, x)
+    zip_raises(r"'norm' \(LayerNormalization\) of model 'm1' reads the output of a Concatenate",
+               {"a": model("m1"), "b": model("m2")}, x)
