@@ -358,11 +358,18 @@ class _BodyReader(registry.PositionVisitor):
             return INPUT, False
         # Element-wise: unit k of every input is one unit. Inputs that are Concatenates must be cut alike, the
         # i-th block of one tied to the i-th block of the others.
-        cuts = [self._cuts(p) for p in parts]
-        every_cut = sorted(set().union(*cuts))
-        for p, p_cuts in zip(parts, cuts):
-            if p_cuts != every_cut:
-                self._cut_space(ref, p, p_cuts, every_cut)
+        offsets = [self._offsets(p) for p in parts]
+        if any(o != offsets[0] for o in offsets[1:]):
+            if any(o[t] != o[self.tasks[0]] for o in offsets for t in self.tasks):
+                raise ZipError(
+                    f"Layer '{ref.name}' of model '{self._first_name}' adds Concatenates whose parts have different "
+                    f"widths in different models ({[dict(o) for o in offsets]}); cutting them alike needs the models "
+                    "to agree there.")
+            cuts = [set(o[self.tasks[0]]) for o in offsets]
+            every_cut = sorted(set().union(*cuts))
+            for p, p_cuts in zip(parts, cuts):
+                if sorted(p_cuts) != every_cut:
+                    self._cut_space(ref, p, p_cuts, every_cut)
         for other in parts[1:]:
             for a, b in zip(parts[0], other):
                 self.spaces.union(a, b)
@@ -376,14 +383,10 @@ class _BodyReader(registry.PositionVisitor):
                 else int(registry.handler_for(layer).kernel_and_bias(layer)[0].shape[-1])
                 for t, layer in self.unit_layers[index].items()}
 
-    def _cuts(self, parts: tuple) -> set:
-        """The unit offsets at which a space's blocks end (the same in every task, or refused)."""
+    def _offsets(self, parts: tuple) -> dict:
+        """Per task, the unit offsets at which a space's blocks end."""
         widths = [self._width(part) for part in parts]
-        offsets = {t: np.cumsum([w[t] for w in widths]).tolist() for t in self.tasks}
-        if any(offsets[t] != offsets[self.tasks[0]] for t in self.tasks):
-            raise ZipError(f"A Concatenate merged element-wise in model '{self._first_name}' joins layers of "
-                           f"different widths in different models ({offsets}); the models must agree there.")
-        return set(offsets[self.tasks[0]])
+        return {t: np.cumsum([w[t] for w in widths]).tolist() for t in self.tasks}
 
     def _cut_space(self, ref, parts: tuple, cuts: set, every_cut: list):
         """Raises `_CutNeeded` for the first block of `parts` that the other inputs of merge `ref` cut."""
