@@ -51,6 +51,20 @@ def test_tflite_signatures_match_keras_and_share_weights(zipped_and_data, tmp_pa
     assert weight_bytes(path) == before
 
 
+def test_tflite_without_task_signatures_is_smaller_and_serves_every_task(zipped_and_data, tmp_path):
+    zipped, x, expected = zipped_and_data
+    full, lean = str(tmp_path / "full.tflite"), str(tmp_path / "lean.tflite")
+    full_bytes = tf_mtz.export_tflite(zipped, full)
+    lean_bytes = tf_mtz.export_tflite(zipped, lean, task_signatures=False)
+    interpreter = Interpreter(model_path=lean)
+    assert set(interpreter.get_signature_list()) == {"serving_default"}
+    both = interpreter.get_signature_runner("serving_default")(image=x)
+    for task in ("a", "b"):
+        np.testing.assert_allclose(both[task], expected[task], atol=1e-5)
+    # The same weights, one operator table instead of three.
+    assert weight_bytes(lean) == weight_bytes(full) and lean_bytes < full_bytes
+
+
 @pytest.mark.parametrize("quantization,atol", [("dynamic", 0.02), ("float16", 1e-3), ("int8", 0.05)])
 def test_quantized_tflite_close_to_keras_and_smaller(zipped_and_data, tmp_path, quantization, atol):
     zipped, x, expected = zipped_and_data
