@@ -305,6 +305,7 @@ class _BodyReader(registry.PositionVisitor):
         self.spaces = _UnionFind()
         self.space_of = {INPUT: INPUT}
         self.unit_layers = {}  # body index of each unit layer read so far -> {task: layer}
+        self.unit_widths = {}  # the same index -> {task: units}
 
     def read(self, index: int, layers: dict, handler, parents: list, handlers: dict, is_head: bool) -> Position:
         ref = layers[self.tasks[0]]
@@ -331,6 +332,7 @@ class _BodyReader(registry.PositionVisitor):
                        for t in self.tasks}
         if space == index:
             self.unit_layers[index] = dict(layers)
+            self.unit_widths[index] = {t: int(weights[t][0].shape[-1]) for t in self.tasks}
         return Position(index, layers, handler, list(parents), weights, space)
 
     @property
@@ -378,10 +380,7 @@ class _BodyReader(registry.PositionVisitor):
 
     def _width(self, part) -> dict:
         """Units of a unit space per task (the width of its unit layers)."""
-        index = next(i for i in self.unit_layers if self.spaces.find(i) == self.spaces.find(part))
-        return {t: int(self.folded[t][id(layer)][0].shape[-1]) if id(layer) in self.folded[t]
-                else int(registry.handler_for(layer).kernel_and_bias(layer)[0].shape[-1])
-                for t, layer in self.unit_layers[index].items()}
+        return next(w for i, w in self.unit_widths.items() if self.spaces.find(i) == self.spaces.find(part))
 
     def _offsets(self, parts: tuple) -> dict:
         """Per task, the unit offsets at which a space's blocks end."""
