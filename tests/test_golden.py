@@ -3,10 +3,15 @@ change a number unnoticed.
 
 Each case's digest is the SHA-256 of its zipped model's weight arrays (float32 bytes, each array hashed on
 its own and the digests sorted, so layer names and order do not count), with the pairing (the report's
-shared units) and the norm of every weight stored beside it for a readable diff. A change meant to alter
-numbers regenerates the file in a commit of its own that says why:
+shared units) and the norm of every weight stored beside it for a readable diff. The last bits depend on
+the CPU's vector instructions (oneDNN picks other kernels with AVX-512), so digests are kept per machine
+class (`machine()`); on a class with none recorded, the pairing and the norms are still checked. A change
+meant to alter numbers regenerates the file in a commit of its own that says why (dropping the digests
+of other machine classes, which it makes stale):
 
     python tests/test_golden.py --update
+
+and a new machine class, where the pairing and norms agree, adds its digests with `--add-machine`.
 """
 
 import hashlib
@@ -61,11 +66,24 @@ def zip_case(case: str):
     return tf_mtz.zip_models(make(), _inputs(shape), sharing=sharing, config=config, verbose=0)
 
 
+def machine() -> str:
+    """The TensorFlow version and the widest vector instructions of this CPU: what the last bits depend on."""
+    import tensorflow as tf
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        flags = ""
+    simd = "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "other"
+    return f"tf{tf.__version__}-{simd}"
+
+
 def summary(zipped) -> dict:
     arrays = [np.ascontiguousarray(np.asarray(w, np.float32)) for w in zipped.get_weights()]
     digests = sorted(hashlib.sha256(a.tobytes() + str(a.shape).encode()).hexdigest() for a in arrays)
     return {
-        "digest": hashlib.sha256("".join(digests).encode()).hexdigest(),
+        "digests": {machine(): hashlib.sha256("".join(digests).encode()).hexdigest()},
         "shared_units": [{t: " ".join(map(str, units)) for t, units in layer.shared_units.items()}
                          for layer in zipped.zip_report.layers],
         "norms": sorted(round(float(np.linalg.norm(a)), 5) for a in arrays),
@@ -82,12 +100,23 @@ def golden():
 def test_zipped_weights_match_the_golden_digest(case, golden):
     got, want = summary(zip_case(case)), golden[case]
     assert got["shared_units"] == want["shared_units"], "the pairing changed"
-    assert got["norms"] == pytest.approx(want["norms"], rel=1e-4), "weights changed beyond rounding"
-    assert got["digest"] == want["digest"], "weights changed in the last bits (see the module docstring)"
+    assert got["norms"] == pytest.approx(want["norms"], rel=5e-4, abs=2e-5), "weights changed beyond rounding"
+    if machine() in want["digests"]:
+        assert got["digests"][machine()] == want["digests"][machine()], \
+            "weights changed in the last bits (see the module docstring)"
 
 
-if __name__ == "__main__" and "--update" in sys.argv:
+if __name__ == "__main__" and ("--update" in sys.argv or "--add-machine" in sys.argv):
+    with open(GOLDEN) as f:
+        old = json.load(f)
+    new = {}
+    for case in CASES:
+        new[case] = summary(zip_case(case))
+        if "--add-machine" in sys.argv:
+            assert new[case]["shared_units"] == old[case]["shared_units"], f"{case}: the pairing differs"
+            assert new[case]["norms"] == pytest.approx(old[case]["norms"], rel=5e-4, abs=2e-5), f"{case}: the norms differ"
+            new[case] = {**old[case], "digests": {**old[case]["digests"], **new[case]["digests"]}}
     with open(GOLDEN, "w") as f:
-        json.dump({case: summary(zip_case(case)) for case in CASES}, f, indent=1)
+        json.dump(new, f, indent=1)
         f.write("\n")
-    print(f"wrote {GOLDEN}")
+    print(f"wrote {GOLDEN} ({machine()})")
