@@ -20,8 +20,8 @@ COMMANDS = ("zip", "report")
 _MODEL = flags.DEFINE_multi_string("model", [], "TASK=PATH of a saved .keras model; give one per task.")
 _CALIBRATION = flags.DEFINE_multi_string(
     "calibration", [], "Calibration inputs: TASK=SOURCE per task, or one SOURCE for every task. SOURCE is a .npy "
-    "file, a .npz with an array named 'x' (or a single array), or tfds:DATASET/SPLIT read from --data_dir "
-    "without downloading.")
+    "file, a .npz with an array named 'x' (or a single array; for models with several inputs, one array per "
+    "input name), or tfds:DATASET/SPLIT read from --data_dir without downloading.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TensorFlow Datasets data directory for tfds: sources.")
 _SHARING = flags.DEFINE_string(
     "sharing", "1.0", "Fraction of every hidden layer's units to share, or LAYER=VALUE[,LAYER=VALUE...] where "
@@ -87,8 +87,22 @@ def _load_array(path):
             return data["x"]
         if len(data.files) == 1:
             return data[data.files[0]]
-        raise UsageError(f"{path} holds {data.files}; name the input array 'x'.")
+        return {name: data[name] for name in data.files}  # one array per model input, by input name
     return data
+
+
+def _representative_inputs(source, zipped):
+    """Inputs for int8 ranges from one calibration source: arrays as given; a few hundred from a tf.data
+    pipeline (a list of arrays for several model inputs)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tf_mtz import data as data_lib, graph
+
+    if not isinstance(source, tf.data.Dataset):
+        return source
+    (batch,) = list(data_lib.as_dataset(source, "int8", graph.inputs_of(zipped), "Calibration data", 200).take(1))
+    return [np.asarray(x) for x in batch] if isinstance(batch, tuple) else np.asarray(batch)
 
 
 def _load_labelled(path):
@@ -158,7 +172,8 @@ def _zip():
             raise UsageError(f"{path} exists; pass --overwrite to replace it.")
     if not _CALIBRATION.value:
         raise UsageError("tf-mtz zip needs --calibration PATH (or TASK=PATH per task).")
-    if len(_CALIBRATION.value) == 1 and "=" not in _CALIBRATION.value[0]:
+    one_source = len(_CALIBRATION.value) == 1 and "=" not in _CALIBRATION.value[0]
+    if one_source:
         calibration = _load_array(_CALIBRATION.value[0])
     else:
         calibration = {task: _load_array(path) for task, path in _pairs(_CALIBRATION.value, "calibration").items()}
@@ -180,15 +195,8 @@ def _zip():
     written = [_OUTPUT.value]
     if _TFLITE.value:
         quantization = None if _QUANTIZATION.value == "none" else _QUANTIZATION.value
-        representative = calibration if not isinstance(calibration, dict) else next(iter(calibration.values()))
-        if not hasattr(representative, "shape"):  # a tf.data pipeline: take a few hundred inputs
-            import numpy as np
-
-            from tf_mtz import data as data_lib
-
-            batches = [x for x in data_lib.as_dataset(representative, "int8", tuple(zipped.inputs[0].shape[1:]),
-                                                         "Calibration data", 200).take(1)]
-            representative = np.asarray(batches[0])
+        representative = _representative_inputs(
+            calibration if one_source else next(iter(calibration.values())), zipped)
         zipped_bytes = tf_mtz.export_tflite(zipped, _TFLITE.value, quantization=quantization,
                                             representative_data=representative, overwrite=_OVERWRITE.value)
         separate_bytes = sum(len(tf_mtz.tflite_bytes(m, quantization, representative)) for m in loaded.values())

@@ -8,9 +8,11 @@ import tensorflow as tf
 from tf_mtz.errors import ZipError
 
 
-def per_task(data, tasks: list, what: str) -> dict:
-    """Expands `data` to one entry per task: a dict keyed by task, or one value for every task."""
-    if isinstance(data, dict):
+def per_task(data, tasks: list, what: str, input_names: tuple = ()) -> dict:
+    """Expands `data` to one entry per task: a dict keyed by task, or one value for every task (a dict
+    keyed by the models' `input_names` is one value, inputs by name)."""
+    by_input = isinstance(data, dict) and data and set(data) <= set(input_names) and not set(data) & set(tasks)
+    if isinstance(data, dict) and not by_input:
         unknown = sorted(set(data) - set(tasks))
         if unknown:
             raise ZipError(f"{what} names unknown task(s) {unknown}; the tasks are {tasks}.")
@@ -30,59 +32,113 @@ def split_element(element):
     return element, None
 
 
-def as_dataset(data, task: str, input_shape: tuple, what: str, batch_size: int,
+def _split_features(element, names: list, task: str, what: str):
+    """(features, labels) of one element (or element spec) for models with inputs `names`: the features
+    are one value for a single input, else a tuple in input order (from a list/tuple of one value per input
+    or a dict keyed by input name; `(features, y)` adds labels)."""
+    if len(names) == 1:
+        if isinstance(element, dict) and set(element) == set(names):
+            return element[names[0]], None
+        return split_element(element)
+    labels = None
+    if isinstance(element, dict):
+        features = element
+    elif isinstance(element, (tuple, list)) and element and isinstance(element[0], (tuple, list, dict)):
+        features, labels = split_element(element)
+    else:
+        features = element
+    if isinstance(features, dict):
+        missing = [n for n in names if n not in features]
+        if missing:
+            raise ZipError(f"{what} for task '{task}' has no values for input(s) {missing}; the models take "
+                           f"inputs {names} (give a dict with these keys, or a list in this order).")
+        features = [features[n] for n in names]
+    if not isinstance(features, (tuple, list)) or len(features) != len(names):
+        raise ZipError(f"{what} for task '{task}': the models take {len(names)} inputs {names}; give a list (in "
+                       "that order) or a dict by input name of one value per input, and (features, labels) "
+                       "for labelled data.")
+    return tuple(features), labels
+
+
+def as_dataset(data, task: str, inputs: list, what: str, batch_size: int,
                with_labels: bool = False, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
-    """Returns a batched dataset of x (or of (x, y) with `with_labels`) for one task.
+    """Returns a batched dataset of x (or of (x, y) with `with_labels`) for one task; x is one tensor, or a
+    tuple with one per model input.
+
+    Args:
+        inputs: the models' inputs, each with `.name` and `.shape` (without the batch axis).
 
     Raises:
         ZipError: empty arrays, wrong feature shape, NaN/Inf in numpy input, labels missing.
     """
+    names, shapes = [i.name for i in inputs], [tuple(i.shape) for i in inputs]
     if isinstance(data, tf.data.Dataset):
-        dataset = _from_feature_dicts(data, task, what)
-        spec = dataset.element_spec
-        x_spec, y_spec = split_element(spec)
-        if not isinstance(x_spec, tf.TensorSpec):
-            raise ZipError(f"{what} for task '{task}': expected a dataset of tensors or (x, y) tuples, "
-                           f"got element spec {spec}.")
-        if with_labels and y_spec is None:
-            raise ZipError(f"{what} for task '{task}' has no labels; give (x, y) elements or use "
-                           "label-free distillation.")
-        if x_spec.shape.rank == len(input_shape):
-            dataset = dataset.batch(batch_size)
-            x_spec = split_element(dataset.element_spec)[0]
-        feature_shape = tuple(x_spec.shape[1:])
-        if not _compatible(feature_shape, input_shape):
-            raise ZipError(f"{what} for task '{task}' has samples of shape {feature_shape}; the models "
-                           f"take {input_shape}.")
-        if with_labels:
-            return dataset.map(lambda *e: (tf.cast(e[0], tf.float32), e[1]))
-        return dataset.map(lambda *e: tf.cast(e[0], tf.float32))
+        return _batched_dataset(data, task, names, shapes, what, batch_size, with_labels)
 
-    x, y = split_element(data)
-    x = np.asarray(x)
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise ZipError(f"{what} for task '{task}' is empty.")
-    if tuple(x.shape[1:]) != tuple(input_shape):
-        raise ZipError(f"{what} for task '{task}' has samples of shape {tuple(x.shape[1:])}; the models "
-                       f"take {tuple(input_shape)}.")
-    if not np.issubdtype(x.dtype, np.number):
-        raise ZipError(f"{what} for task '{task}' has dtype {x.dtype}; numeric data is required.")
-    x = x.astype(np.float32, copy=False)
-    if not np.isfinite(x).all():
-        raise ZipError(f"{what} for task '{task}' contains NaN or Inf values.")
+    features, y = _split_features(data, names, task, what)
+    xs = [_checked_array(x, task, name if len(names) > 1 else None, shape, what)
+          for x, name, shape in zip(features if len(names) > 1 else (features,), names, shapes)]
+    if len({len(x) for x in xs}) != 1:
+        raise ZipError(f"{what} for task '{task}' has different sample counts per input: {[len(x) for x in xs]}.")
+    x = xs[0] if len(xs) == 1 else tuple(xs)
     if with_labels:
         if y is None:
             raise ZipError(f"{what} for task '{task}' has no labels; give (x, y) or use label-free "
                            "distillation.")
         y = np.asarray(y)
-        if len(y) != len(x):
-            raise ZipError(f"{what} for task '{task}' has {len(x)} inputs but {len(y)} labels.")
+        if len(y) != len(xs[0]):
+            raise ZipError(f"{what} for task '{task}' has {len(xs[0])} inputs but {len(y)} labels.")
         dataset = tf.data.Dataset.from_tensor_slices((x, y))
     else:
         dataset = tf.data.Dataset.from_tensor_slices(x)
     if shuffle:
-        dataset = dataset.shuffle(min(len(x), 50_000), seed=seed, reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(min(len(xs[0]), 50_000), seed=seed, reshuffle_each_iteration=True)
     return dataset.batch(batch_size)
+
+
+def _checked_array(x, task: str, input_name: str | None, shape: tuple, what: str) -> np.ndarray:
+    where = f"{what} for task '{task}'" + (f" (input '{input_name}')" if input_name else "")
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ZipError(f"{where} is empty.")
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise ZipError(f"{where} has samples of shape {tuple(x.shape[1:])}; the models take {tuple(shape)}.")
+    if not np.issubdtype(x.dtype, np.number):
+        raise ZipError(f"{where} has dtype {x.dtype}; numeric data is required.")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise ZipError(f"{where} contains NaN or Inf values.")
+    return x
+
+
+def _batched_dataset(data: tf.data.Dataset, task: str, names: list, shapes: list, what: str, batch_size: int,
+                     with_labels: bool) -> tf.data.Dataset:
+    dataset = _from_feature_dicts(data, task, what) if len(names) == 1 else data
+    spec = dataset.element_spec
+    x_spec, y_spec = _split_features(spec, names, task, what)
+    x_specs = x_spec if len(names) > 1 else (x_spec,)
+    if not all(isinstance(s, tf.TensorSpec) for s in x_specs):
+        raise ZipError(f"{what} for task '{task}': expected a dataset of tensors or (x, y) tuples, "
+                       f"got element spec {spec}.")
+    if with_labels and y_spec is None:
+        raise ZipError(f"{what} for task '{task}' has no labels; give (x, y) elements or use "
+                       "label-free distillation.")
+
+    def rearranged(*element):
+        features, labels = _split_features(element[0] if len(element) == 1 else element, names, task, what)
+        x = tf.nest.map_structure(lambda v: tf.cast(v, tf.float32), features)
+        return (x, labels) if with_labels else x
+
+    dataset = dataset.map(rearranged)
+    if all(s.shape.rank == len(shape) for s, shape in zip(x_specs, shapes)):
+        dataset = dataset.batch(batch_size)
+    batched = dataset.element_spec[0] if with_labels else dataset.element_spec
+    for s, shape, name in zip(batched if len(names) > 1 else (batched,), shapes, names):
+        if not _compatible(tuple(s.shape[1:]), shape):
+            where = f" (input '{name}')" if len(names) > 1 else ""
+            raise ZipError(f"{what} for task '{task}'{where} has samples of shape {tuple(s.shape[1:])}; the "
+                           f"models take {shape}.")
+    return dataset
 
 
 _INPUT_KEYS = ("image", "x", "features", "input", "inputs")

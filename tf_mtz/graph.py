@@ -23,7 +23,29 @@ import numpy as np
 from tf_mtz import keras_graph, registry
 from tf_mtz.errors import ZipError
 
-INPUT = -1  # the model input: as a parent index and as a unit space
+INPUT = -1  # the (first) model input: as a parent index and as a unit space
+
+
+def input_ref(k: int) -> int:
+    """Model input `k` as a parent index and as a unit space (INPUT for the first)."""
+    return -1 - k
+
+
+def is_input(space) -> bool:
+    """Whether a parent index or unit space is a model input, or a Concatenate of model inputs alone: rows
+    that every task has in common, never permuted."""
+    if isinstance(space, tuple):
+        return all(is_input(part) for part in space)
+    return isinstance(space, (int, np.integer)) and space < 0
+
+
+class _Reindexed(dict):
+    """Old operation index -> new index; model inputs (negative indices) map to themselves."""
+
+    def __missing__(self, key):
+        if key < 0:
+            return key
+        raise KeyError(key)
 
 
 @dataclasses.dataclass
@@ -41,7 +63,7 @@ class Position:
     index: int
     layers: dict  # task -> keras layer
     handler: registry.LayerHandler
-    parents: list  # positions feeding this one (INPUT for the model input)
+    parents: list  # positions feeding this one (`input_ref(k)` for model input k)
     weights: dict | None = None  # unit and channel layers: task -> (kernel, bias), BatchNormalization folded in
     space: int = INPUT  # unit space (group) of the output
 
@@ -86,12 +108,19 @@ class Output:
     suffixes: dict  # task -> list of layers after the head
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelInput:
+    """One input of the models (all models take the same inputs, in the same order)."""
+
+    name: str
+    shape: tuple  # without the batch axis
+    dtype: str
+
+
 @dataclasses.dataclass
 class ZipPlan:
     tasks: list
-    input_shape: tuple
-    input_dtype: str
-    input_name: str
+    inputs: list  # ModelInputs, in the models' input order
     body: list  # Positions from the input up to and including the heads, the heads last
     outputs: list  # Outputs, in the models' output order
     slots: list  # Slots of the unit positions in `body`, topological order; the heads last
@@ -100,6 +129,10 @@ class ZipPlan:
     # id(layer) -> the model's layer it was cut from, for unit layers cut into column blocks (a merge ties
     # their blocks to different layers' units)
     split_layers: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def input_shapes(self) -> list:
+        return [model_input.shape for model_input in self.inputs]
 
     @property
     def head_count(self) -> int:
@@ -128,7 +161,7 @@ class ZipPlan:
 
     @functools.cached_property
     def children(self) -> dict:
-        """Body index (or INPUT) -> the body indices of the positions reading it."""
+        """Body index (or a model input's) -> the body indices of the positions reading it."""
         children = {}
         for position in self.body:
             for parent in position.parents:
@@ -138,21 +171,25 @@ class ZipPlan:
 
 def _check_model(model, task: str, nested: bool = False):
     keras_graph.check_graph_model(model, f"Model '{getattr(model, 'name', model)}' (task '{task}')")
-    inputs, outputs = model.inputs, model.outputs
-    if len(inputs) != 1:
-        raise ZipError(
-            f"Model '{model.name}' (task '{task}') has {len(inputs)} inputs; tf_mtz zips single-input models.")
+    inputs, outputs = keras_graph.model_inputs(model), model.outputs
+    if nested and len(inputs) != 1:
+        raise ZipError(f"Nested model '{model.name}' (task '{task}') takes {len(inputs)} inputs; nested models "
+                       "must take one.")
     if nested and len(outputs) != 1:
         raise ZipError(f"Nested model '{model.name}' (task '{task}') has {len(outputs)} outputs; nested "
                        "models must have one.")
-    return inputs[0], list(keras_graph.named_outputs(model).values()) if not nested else outputs
+    return inputs, list(keras_graph.named_outputs(model).values()) if not nested else outputs
 
 
-def _read_ops(model, task: str, ops: list, input_index: int, top_name: str, nested: bool = False) -> list:
-    """Appends the operations of `model` to `ops` (its input being operation `input_index`) and returns
-    the indices of the operations producing its outputs, in the model's output order. Nested models are
-    inlined."""
-    model_input, model_outputs = _check_model(model, task, nested)
+def _read_ops(model, task: str, ops: list, input_indices: list | None, top_name: str, nested: bool = False) -> list:
+    """Appends the operations of `model` to `ops` (its inputs being operations `input_indices`, by default
+    the model inputs) and returns the indices of the operations producing its outputs, in the model's
+    output order. Nested models are inlined."""
+    model_inputs, model_outputs = _check_model(model, task, nested)
+    if input_indices is None:
+        input_indices = [input_ref(k) for k in range(len(model_inputs))]
+    index_of_input = {id(keras_graph.producer(tensor)[0]): index
+                      for tensor, index in zip(model_inputs, input_indices)}
     memo = {}
 
     def visit(tensor) -> int:
@@ -160,16 +197,16 @@ def _read_ops(model, task: str, ops: list, input_index: int, top_name: str, nest
             return memo[id(tensor)]
         op, node_index, _ = keras_graph.producer(tensor)
         if isinstance(op, keras.layers.InputLayer):
-            if op is not keras_graph.producer(model_input)[0]:
-                raise ZipError(f"Model '{top_name}' (task '{task}') does not lead from its input to its output.")
-            memo[id(tensor)] = input_index
-            return input_index
+            if id(op) not in index_of_input:
+                raise ZipError(f"Model '{top_name}' (task '{task}') does not lead from its inputs to its outputs.")
+            memo[id(tensor)] = index_of_input[id(op)]
+            return memo[id(tensor)]
         parents = [visit(p) for p in keras_graph.call_inputs(op, node_index)]
         if isinstance(op, keras.Model):
             if len(parents) != 1:
                 raise ZipError(f"Nested model '{op.name}' of model '{top_name}' (task '{task}') takes "
                                f"{len(parents)} inputs; nested models must take one.")
-            (index,) = _read_ops(op, task, ops, parents[0], top_name, nested=True)
+            (index,) = _read_ops(op, task, ops, parents, top_name, nested=True)
         elif isinstance(op, keras.layers.SeparableConv2D):
             index = _split_separable(op, parents[0], ops, top_name)
         elif not isinstance(op, keras.layers.Layer):  # a keras.ops call written on tensors
@@ -224,7 +261,7 @@ def _fold_batch_norms(ops: list, model_name: str, output_ops: list) -> tuple[lis
     for i, op in enumerate(ops):
         for p in op.parents:
             consumers.setdefault(p, []).append(i)
-    folded, keep, new_index = {}, [], {INPUT: INPUT}
+    folded, keep, new_index = {}, [], _Reindexed()
     for i, op in enumerate(ops):
         layer = op.layer
         if not isinstance(layer, keras.layers.BatchNormalization):
@@ -232,7 +269,7 @@ def _fold_batch_norms(ops: list, model_name: str, output_ops: list) -> tuple[lis
             keep.append(Op(layer, [new_index[p] for p in op.parents]))
             continue
         parent = op.parents[0]
-        previous = ops[parent].layer if parent != INPUT else None
+        previous = ops[parent].layer if not is_input(parent) else None
         handler = registry.handler_for(previous) if previous is not None else None
         if (not isinstance(handler, (registry.UnitLayerHandler, registry.DepthwiseHandler))
                 or handler.activation(previous) != "linear" or len(consumers.get(parent, [])) != 1
@@ -303,7 +340,7 @@ class _BodyReader(registry.PositionVisitor):
     def __init__(self, tasks: list, names: dict, folded: dict):
         self.tasks, self.names, self.folded = tasks, names, folded
         self.spaces = _UnionFind()
-        self.space_of = {INPUT: INPUT}
+        self.space_of = _Reindexed()  # a model input is its own unit space
         self.unit_layers = {}  # body index of each unit layer read so far -> {task: layer}
         self.unit_widths = {}  # the same index -> {task: units}
 
@@ -318,7 +355,7 @@ class _BodyReader(registry.PositionVisitor):
                         f"{_comparable_config(layers[task])} vs {_comparable_config(ref)}.")
         parent_spaces = [_find(self.spaces, self.space_of[p]) for p in parents]
         space, weighted = handler.visit(self, index, ref, parent_spaces)
-        if space != INPUT and not registry.has_units(handler):
+        if not is_input(space) and not registry.has_units(handler):
             for task in self.tasks:
                 handlers[task].check_between_units(layers[task], self.names[task])
             if not is_head and registry.mixes_units(ref):
@@ -345,19 +382,19 @@ class _BodyReader(registry.PositionVisitor):
     def channel_units(self, index, ref, parent_spaces):
         if not registry.handler_for(ref).partial_sharing:  # it mixes units: one group's all or none
             self._refuse_after_concatenate(ref, parent_spaces)
-        if parent_spaces[0] == INPUT:
+        if is_input(parent_spaces[0]):
             raise ZipError(f"Layer '{ref.name}' ({type(ref).__name__}) of model '{self._first_name}' acts on the "
                            "model input with per-task weights; put a Dense/Conv layer before it.")
         return parent_spaces[0], True
 
     def merge(self, index, ref, parent_spaces):
         parts = [sp if isinstance(sp, tuple) else (sp,) for sp in parent_spaces]
-        if any(INPUT in p for p in parts) and any(part != INPUT for p in parts for part in p):
+        if any(is_input(part) for p in parts for part in p) and not all(is_input(p) for p in parts):
             raise ZipError(
                 f"Layer '{ref.name}' of model '{self._first_name}' merges the model input with the output of "
                 "a Dense/Conv layer; such residual connections from the raw input cannot be zipped.")
-        if all(p == (INPUT,) for p in parts):
-            return INPUT, False
+        if all(is_input(p) for p in parts):
+            return (parts[0] if len(parts[0]) > 1 else parts[0][0]), False
         # Element-wise: unit k of every input is one unit. Inputs that are Concatenates must be cut alike, the
         # i-th block of one tied to the i-th block of the others.
         offsets = [self._offsets(p) for p in parts]
@@ -401,8 +438,7 @@ class _BodyReader(registry.PositionVisitor):
 
     def concatenate(self, index, ref, parent_spaces):
         # A composite space: the inputs' spaces side by side (nested concatenations flattened).
-        space = tuple(part for sp in parent_spaces for part in (sp if isinstance(sp, tuple) else (sp,)))
-        return (INPUT if all(part == INPUT for part in space) else space), False
+        return tuple(part for sp in parent_spaces for part in (sp if isinstance(sp, tuple) else (sp,))), False
 
     def passthrough(self, index, ref, parent_spaces):
         return parent_spaces[0], False
@@ -429,7 +465,7 @@ def _cut_unit_layers(ops: list, output_ops: list, folded: dict, layers: list, wi
 
     Returns the new operations and the new indices of the output operations."""
     targets = {id(layer) for layer in layers}
-    result, new_index = [], {INPUT: INPUT}
+    result, new_index = [], _Reindexed()
     for i, op in enumerate(ops):
         parents = [new_index[p] for p in op.parents]
         if id(op.layer) not in targets:
@@ -477,7 +513,7 @@ def read_models(models: dict) -> ZipPlan:
     originals, ops, folded, output_ops = {}, {}, {}, {}
     for task, model in models.items():
         originals[task] = []
-        read = _read_ops(model, task, originals[task], INPUT, names[task])
+        read = _read_ops(model, task, originals[task], None, names[task])
         ops[task], folded[task], output_ops[task] = _fold_batch_norms(originals[task], names[task], read)
     first = tasks[0]
     output_names = list(keras_graph.named_outputs(models[first]))
@@ -488,14 +524,7 @@ def read_models(models: dict) -> ZipPlan:
                 f"'{names[first]}' (task '{first}') has {len(output_ops[first])}; the models must have the same "
                 "outputs.")
 
-    shapes = {t: tuple(models[t].inputs[0].shape[1:]) for t in tasks}
-    dtypes = {t: str(models[t].inputs[0].dtype) for t in tasks}
-    for task in tasks[1:]:
-        if shapes[task] != shapes[first] or dtypes[task] != dtypes[first]:
-            raise ZipError(
-                f"Model '{names[task]}' (task '{task}') takes input {shapes[task]} {dtypes[task]} but model "
-                f"'{names[first]}' (task '{first}') takes {shapes[first]} {dtypes[first]}; all models must "
-                "take the same input.")
+    inputs = _model_inputs(models, names)
 
     # A merge of unit spaces cut differently (a layer's units added to a Concatenate of two layers' units)
     # cuts the layers of the coarser space into column blocks and reads the models again.
@@ -503,7 +532,7 @@ def read_models(models: dict) -> ZipPlan:
     for _ in range(len(ops[first]) + 1):
         try:
             return _plan_from_ops(tasks, names, ops, folded, output_ops, output_names, originals, split_layers,
-                                  shapes[first], dtypes[first], models[first].inputs[0].name or "input")
+                                  inputs)
         except _CutNeeded as cut:
             for task in tasks:
                 ops[task], output_ops[task] = _cut_unit_layers(ops[task], output_ops[task], folded[task],
@@ -511,8 +540,39 @@ def read_models(models: dict) -> ZipPlan:
     raise AssertionError("Internal error: cutting unit layers did not converge.")
 
 
-def _plan_from_ops(tasks, names, ops, folded, output_ops, output_names, originals, split_layers, input_shape,
-                   input_dtype, input_name) -> "ZipPlan":
+def _model_inputs(models: dict, names: dict) -> list:
+    """The models' inputs (the first model's names), checked to agree in number, shape and dtype."""
+    tasks = list(models)
+    first = tasks[0]
+    specs = {t: [(tuple(x.shape[1:]), str(x.dtype)) for x in keras_graph.model_inputs(models[t])] for t in tasks}
+    for task in tasks[1:]:
+        if len(specs[task]) != len(specs[first]):
+            raise ZipError(
+                f"Model '{names[task]}' (task '{task}') takes {len(specs[task])} inputs but model '{names[first]}' "
+                f"(task '{first}') takes {len(specs[first])}; all models must take the same inputs.")
+        for k, (spec, first_spec) in enumerate(zip(specs[task], specs[first])):
+            if spec != first_spec:
+                which = "input" if len(specs[first]) == 1 else f"input {k}"
+                raise ZipError(
+                    f"Model '{names[task]}' (task '{task}') takes {which} {spec[0]} {spec[1]} but model "
+                    f"'{names[first]}' (task '{first}') takes {first_spec[0]} {first_spec[1]}; all models must "
+                    "take the same inputs.")
+    model_inputs = inputs_of(models[first])
+    if len({i.name for i in model_inputs}) != len(model_inputs):
+        raise ZipError(f"Model '{names[first]}' (task '{first}') has inputs with the same name "
+                       f"{[i.name for i in model_inputs]}; name its keras.Input layers apart.")
+    return model_inputs
+
+
+def inputs_of(model) -> list:
+    """A built model's inputs as ModelInputs (names cleaned to letters, digits and '_')."""
+    tensors = keras_graph.model_inputs(model)
+    return [ModelInput(keras_graph.clean_name(x.name or ("input" if len(tensors) == 1 else f"input_{k}")),
+                       tuple(x.shape[1:]), str(x.dtype)) for k, x in enumerate(tensors)]
+
+
+def _plan_from_ops(tasks, names, ops, folded, output_ops, output_names, originals, split_layers,
+                   inputs) -> "ZipPlan":
     """The zip plan from every task's operations (BatchNormalization folded): checks that they line up,
     reads the unit spaces and groups. Raises `_CutNeeded` where a merge needs a unit layer cut."""
     first = tasks[0]
@@ -566,11 +626,10 @@ def _plan_from_ops(tasks, names, ops, folded, output_ops, output_names, original
     slot_of = {slot.position.index: i for i, slot in enumerate(slots)}
     outputs = [Output(output_names[k], slot_of[heads[first][k]], {t: suffixes[t][k] for t in tasks})
                for k in range(len(output_names))]
-    plan = ZipPlan(tasks=tasks, input_shape=input_shape, input_dtype=input_dtype,
-                   input_name=keras_graph.clean_name(input_name), body=body, outputs=outputs, slots=slots,
+    plan = ZipPlan(tasks=tasks, inputs=inputs, body=body, outputs=outputs, slots=slots,
                    groups=groups, originals=originals, split_layers=dict(split_layers))
     for slot in slots:
-        if slot.input_space != INPUT:
+        if not is_input(slot.input_space):
             slot.rows_per_input_unit = _rows_per_unit(plan, slot, names)
     return plan
 
@@ -589,16 +648,16 @@ def _split_heads(ops: list, handlers: list, output_ops: list, model_name: str, t
     heads, suffixes, removed = [], [], set()
     for output in output_ops:
         chain, i = [], output
-        while i != INPUT and not registry.has_units(handlers[i]):
+        while not is_input(i) and not registry.has_units(handlers[i]):
             chain.append(i)
             i = ops[i].parents[0] if len(ops[i].parents) == 1 else INPUT
         # The head and the layers after it feed only the next of them, and the output feeds nothing.
         feeding_one = [i] + chain[1:] if chain else []
-        problem = (i == INPUT or any(len(ops[c].parents) != 1 or ops[c].layer.weights
+        problem = (is_input(i) or any(len(ops[c].parents) != 1 or ops[c].layer.weights
                                      or not isinstance(handlers[c], registry.PassThroughHandler) for c in chain)
                    or any(len(consumers.get(j, [])) != 1 for j in feeding_one) or consumers.get(output))
         if problem:
-            head = ops[i].layer.name if i != INPUT else "the input"
+            head = ops[i].layer.name if not is_input(i) else "the input"
             raise ZipError(
                 f"Output '{ops[output].layer.name}' of model '{model_name}' (task '{task}') does not come from "
                 f"its own output layer ('{head}') through weightless layers: the model's output must come from "
@@ -607,7 +666,7 @@ def _split_heads(ops: list, handlers: list, output_ops: list, model_name: str, t
         suffixes.append([ops[c].layer for c in reversed(chain)])
         removed.update(chain)
     order = [i for i in range(len(ops)) if i not in removed and i not in heads] + heads
-    new_index = {INPUT: INPUT, **{old: new for new, old in enumerate(order)}}
+    new_index = _Reindexed({old: new for new, old in enumerate(order)})
     body = [Op(ops[i].layer, [new_index[p] for p in ops[i].parents]) for i in order]
     return body, [handlers[i] for i in order], [new_index[h] for h in heads], suffixes
 
@@ -620,25 +679,26 @@ def _slots_and_groups(body: list, first_name: str, head_positions: set) -> tuple
         if not position.is_units:
             if position.weights is not None and isinstance(position.space, tuple):
                 # A per-channel layer after a Concatenate follows every concatenated group's order.
-                for part in sorted(set(position.space) - {INPUT}):
+                for part in sorted(part for part in set(position.space) if not is_input(part)):
                     groups.setdefault(part, Group([], [], [])).concatenated_channels.append(position.index)
             elif position.weights is not None:  # a per-channel layer: its units follow the group's order
                 groups.setdefault(position.space, Group([], [], [])).channel_positions.append(position.index)
             continue
         parent = position.parents[0]
-        input_space = body[parent].space if parent != INPUT else INPUT
+        # Rows from model inputs alone are common to every task: one marker for all of them.
+        input_space = INPUT if is_input(parent) or is_input(body[parent].space) else body[parent].space
         is_head = position.index in head_positions
         group = None if is_head else position.space
         slot_index = len(slots)
         if group is not None:
             groups.setdefault(group, Group([], [], [])).members.append(slot_index)
         for part in sorted(set(input_space if isinstance(input_space, tuple) else (input_space,))):
-            if part != INPUT:
+            if not is_input(part):
                 groups.setdefault(part, Group([], [], [])).consumers.append(slot_index)
         slots.append(Slot(position, 1, input_space, group))
     for slot in slots[len(slots) - len(head_positions):]:
         head_space = slot.position.space
-        if head_space in groups and head_space != INPUT and (groups[head_space].members
+        if head_space in groups and not is_input(head_space) and (groups[head_space].members
                                                               or groups[head_space].channel_positions):
             raise ZipError(f"The output layer '{slot.position.name}' of model '{first_name}' is tied to "
                            "other layers by a merge; output layers are never shared.")
@@ -646,19 +706,19 @@ def _slots_and_groups(body: list, first_name: str, head_positions: set) -> tuple
 
 
 def _find(spaces: "_UnionFind", space):
-    if space == INPUT:
-        return INPUT
+    if isinstance(space, (int, np.integer)) and is_input(space):
+        return space
     if isinstance(space, tuple):
         return tuple(_find(spaces, part) for part in space)
     return spaces.find(space)
 
 
 def space_width(plan: ZipPlan, space, task: str) -> int:
-    """Units of a unit space in one task: a group's width, the input's channels, or a concatenation's sum."""
+    """Units of a unit space in one task: a group's width, an input's channels, or a concatenation's sum."""
     if isinstance(space, tuple):
         return sum(space_width(plan, part, task) for part in space)
-    if space == INPUT:
-        return int(plan.input_shape[-1])
+    if is_input(space):
+        return int(plan.inputs[-1 - space].shape[-1])
     return group_width(plan, space, task)
 
 
@@ -669,16 +729,22 @@ def group_width(plan: ZipPlan, group: int, task: str) -> int:
 
 
 def run_prefix(plan: ZipPlan, task: str, layer, x):
-    """The input that `layer` receives in the original model of `task`, computed eagerly from `x` (calling
-    the original layers on concrete tensors adds nothing to their graphs)."""
+    """The input that `layer` receives in the original model of `task`, computed eagerly from `x` (a tensor,
+    or one per model input; calling the original layers on concrete tensors adds nothing to their graphs)."""
     ops = plan.originals[task]
-    values = {INPUT: x}
+    values = input_values(x)
     for i, op in enumerate(ops):
         args = [values[p] for p in op.parents]
         if op.layer is layer:
             return args[0] if len(args) == 1 else args
         values[i] = op.layer(args[0] if len(args) == 1 else args, training=False)
     raise KeyError(f"Layer '{layer.name}' is not in the model of task '{task}'.")
+
+
+def input_values(x) -> dict:
+    """`{input_ref(k): value}` from one value (a single-input model) or a list/tuple of one per input."""
+    values = list(x) if isinstance(x, (tuple, list)) else [x]
+    return {input_ref(k): value for k, value in enumerate(values)}
 
 
 def _rows_per_unit(plan: ZipPlan, slot: Slot, names: dict) -> int:

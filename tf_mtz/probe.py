@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mtz import graph, registry, state as state_lib, tracing
-from tf_mtz.graph import INPUT
+from tf_mtz.graph import is_input
 
 
 class _OnDisk:
@@ -123,11 +123,11 @@ class _Values:
     the frontier is computed once. `get` of anything else computes it from the boundary without keeping
     it."""
 
-    def __init__(self, parents: list, children: dict, inputs: list, compute):
-        self.parents = parents  # operation index -> parent indices (INPUT for the model input)
+    def __init__(self, parents: list, children: dict, inputs: dict, compute):
+        self.parents = parents  # operation index -> parent indices (negative: the model inputs)
         self.children = children
-        self.inputs = inputs
-        self.kept = {INPUT: inputs}
+        self.inputs = inputs  # input_ref(k) -> model input k's batches
+        self.kept = dict(inputs)
         self.boundary = set()
         self.compute = compute  # (index, [parent values]) -> value
 
@@ -158,12 +158,12 @@ class _Values:
         for i in sorted(boundary):
             self.get(i)
         self.boundary = boundary
-        for i in [i for i in self.kept if i != INPUT and i not in boundary]:
+        for i in [i for i in self.kept if not is_input(i) and i not in boundary]:
             del self.kept[i]
 
     def forget(self) -> None:
         """Drops every computed value (after retraining changed the weights); `advance` recomputes them."""
-        self.kept = {INPUT: self.inputs}
+        self.kept = dict(self.inputs)
 
 
 class Probe:
@@ -183,7 +183,8 @@ class Probe:
         # Layer graphs traced for this zip only: a traced call keeps its first layer (and its weights) alive.
         self.calls = tracing.LayerCalls()
         self._runner = _TaskRunner(plan, state, self.spill, self.calls)
-        self.zipped = {t: _Values(body_parents, children, self.batches[t],
+        inputs = {t: _per_input(self.batches[t]) for t in plan.tasks}
+        self.zipped = {t: _Values(body_parents, children, inputs[t],
                                   lambda i, values, t=t: self._zipped_position(t, i, values)) for t in plan.tasks}
         self.original = {}
         self._original_index = {}
@@ -197,7 +198,7 @@ class Probe:
             for block, owner in plan.split_layers.items():  # a block of a cut layer reads what that layer reads
                 if id(owner) in self._original_index[t]:
                     self._original_index[t][block] = self._original_index[t][id(owner)]
-            self.original[t] = _Values([op.parents for op in ops], op_children, self.batches[t],
+            self.original[t] = _Values([op.parents for op in ops], op_children, inputs[t],
                                        lambda i, values, ops=ops: _call_each(self.spill, self.calls, ops[i].layer,
                                                                                     values))
 
@@ -208,7 +209,7 @@ class Probe:
         self.spill.close()
 
     def samples(self, task: str) -> int:
-        return int(sum(int(x.shape[0]) for x in self.batches[task]))
+        return int(sum(int(x.shape[0]) for x in _per_input(self.batches[task])[graph.INPUT]))
 
     def advance(self, slot_index: int) -> None:
         """Slots before `slot_index` are final; their values are kept only while later layers read them."""
@@ -277,21 +278,30 @@ class Probe:
 
 
 def _shared_batches(tasks: list, calibration: dict) -> dict:
-    """Each task's calibration batches as float32 tensors; tasks given equal data get the same list, which
-    lets the probe compute their shared trunk once."""
+    """Each task's calibration batches as float32 tensors (a tuple of them per batch for several model
+    inputs); tasks given equal data get the same list, which lets the probe compute their shared trunk once."""
     batches = {}
     for t in tasks:
-        own = [tf.cast(x, tf.float32) for x in calibration[t]]  # a dataset is read once
+        own = [tf.nest.map_structure(lambda x: tf.cast(x, tf.float32), x) for x in calibration[t]]  # read once
         same = next((s for s in batches if _same_batches(batches[s], own)), None)
         batches[t] = batches[same] if same is not None else own
     return batches
 
 
+def _per_input(batches: list) -> dict:
+    """`{input_ref(k): model input k's batches}` from batches of one tensor or of a tuple per input."""
+    if batches and isinstance(batches[0], tuple):
+        return {graph.input_ref(k): [batch[k] for batch in batches] for k in range(len(batches[0]))}
+    return {graph.INPUT: batches}
+
+
 def _same_batches(first: list, second: list) -> bool:
     if len(first) != len(second):
         return False
-    return all(a is b or (a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b)))
-               for a, b in zip(first, second))
+    flat_first, flat_second = tf.nest.flatten(first), tf.nest.flatten(second)
+    return len(flat_first) == len(flat_second) and all(
+        a is b or (a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b)))
+        for a, b in zip(flat_first, flat_second))
 
 
 def _equal_or_none(first, second) -> bool:
@@ -395,7 +405,7 @@ def input_rows(plan: graph.ZipPlan, state: state_lib.ZipState, slot_index: int, 
     the two agree (the model input, a convolution reading a group)."""
     slot_plan, slot = plan.slots[slot_index], state.slots[slot_index]
     space, per_unit = slot_plan.input_space, slot.rows_per_input_unit
-    if space == INPUT:
+    if is_input(space):
         return None
     if not isinstance(space, tuple):
         width = graph.space_width(plan, space, task)
@@ -415,7 +425,7 @@ def _natural_of_original(plan: graph.ZipPlan, state: state_lib.ZipState, space: 
     natural_of_original, offset = [], 0
     for part in space:
         width = graph.space_width(plan, part, task)
-        order = np.arange(width) if part == INPUT else state.slots[plan.groups[part].members[0]].column_order[task]
+        order = np.arange(width) if is_input(part) else state.slots[plan.groups[part].members[0]].column_order[task]
         inverse = np.empty(width, np.int64)
         inverse[order] = np.arange(width)
         natural_of_original.append(offset + inverse)

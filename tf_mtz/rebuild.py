@@ -20,7 +20,7 @@ import gc
 import keras
 
 from tf_mtz import registry
-from tf_mtz.graph import INPUT, ZipPlan
+from tf_mtz.graph import ZipPlan, input_ref, is_input
 from tf_mtz.state import ChannelState, SlotState, ZipState
 
 
@@ -64,11 +64,11 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
     # cyclic collector would not run before several earlier probe models pile up.
     gc.collect()
     builder = _Builder(plan, state)
-    inputs = keras.Input(shape=plan.input_shape, dtype=plan.input_dtype, name=builder.names(plan.input_name))
-    features = {INPUT: {t: (inputs, None) for t in plan.tasks}}
+    inputs = [keras.Input(shape=i.shape, dtype=i.dtype, name=builder.names(i.name)) for i in plan.inputs]
+    features = {input_ref(k): {t: (x, None) for t in plan.tasks} for k, x in enumerate(inputs)}
     for position in plan.body:
         parents = [features[p] for p in position.parents]
-        if position.space == INPUT and not position.is_units:
+        if is_input(position.space) and not position.is_units:
             features[position.index] = builder.replay(position, parents)
         else:
             features[position.index] = position.handler.visit(builder, position, parents)
@@ -80,7 +80,7 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
             for layer in output.suffixes[t]:
                 out = registry.copy_layer(layer, builder.names(f"{t}_{layer.name}"))(out)
             outputs[plan.output_key(t, output)] = out
-    model = keras.Model(inputs, outputs, name=name)
+    model = keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs, name=name)
     return BuiltModel(model, builder.taps, builder.parts, builder.logits, builder.bindings)
 
 

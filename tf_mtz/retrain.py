@@ -250,7 +250,7 @@ class JointTrainer:
             batches = {}
             for t in self.tasks:
                 element = next(self.iterators[t])
-                batches[t] = element if isinstance(element, tuple) else (element, element)
+                batches[t] = (element, element) if distill else element  # distillation data: x alone
             total = step(batches)
             if bar is not None and (i % 20 == 0 or i == steps - 1):
                 bar.update(i + 1, values=[(f"{label} loss", float(total))])
@@ -260,19 +260,16 @@ class JointTrainer:
         return loss
 
 
-def training_datasets(retrain: Retrain, tasks: list, input_shape: tuple, fallback=None) -> dict:
+def training_datasets(retrain: Retrain, tasks: list, inputs: list, fallback=None) -> dict:
     """Per-task shuffled, batched datasets for retraining ((x, y) for labels, x for distillation)."""
     source = retrain.data if retrain.data is not None else fallback
     if source is None:
         raise ZipError("Retrain needs data: give Retrain(data=...) (inputs alone are enough for distillation).")
-    per_task = data_lib.per_task(source, tasks, "Retraining data")
+    per_task = data_lib.per_task(source, tasks, "Retraining data", tuple(i.name for i in inputs))
     with_labels = retrain.loss == "labels"
     out = {}
     for i, t in enumerate(tasks):
-        value = per_task[t]
-        if not with_labels and not isinstance(value, tf.data.Dataset):
-            value = data_lib.split_element(value)[0]
-        ds = data_lib.as_dataset(value, t, input_shape, "Retraining data", retrain.batch_size,
+        ds = data_lib.as_dataset(per_task[t], t, inputs, "Retraining data", retrain.batch_size,
                                  with_labels=with_labels, shuffle=True, seed=retrain.seed + i)
         out[t] = ds.prefetch(2)
     return out
@@ -321,7 +318,6 @@ def fine_tune(model: keras.Model, retrain: Retrain, steps: int, teachers: dict |
         for t in tasks:
             keras_graph.check_graph_model(teachers[t], f"Teacher model for task '{t}'")
         teacher_logits = {t: logits_model(teachers[t], teachers[t].outputs[0])[0] for t in tasks}
-    input_shape = tuple(model.inputs[0].shape[1:])
-    datasets = training_datasets(retrain, tasks, input_shape)
+    datasets = training_datasets(retrain, tasks, graph.inputs_of(model))
     JointTrainer(students, activations, retrain, datasets, teacher_logits).run(steps, "fine-tune", verbose)
     return model

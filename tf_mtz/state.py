@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from tf_mtz import graph
-from tf_mtz.graph import INPUT, ZipPlan
+from tf_mtz.graph import ZipPlan, is_input
 
 
 @dataclasses.dataclass
@@ -61,7 +61,7 @@ class ZipState:
             kernels = {t: k.copy() for t, (k, _) in weights.items()}
             biases = {t: b.copy() for t, (_, b) in weights.items()}
             first_kernel = next(iter(kernels.values()))
-            from_input = slot.input_space == INPUT
+            from_input = is_input(slot.input_space)
             slots.append(SlotState(kernels, biases, 0, first_kernel.shape[-2] if from_input else 0,
                                    1 if from_input else slot.rows_per_input_unit,
                                    column_order={t: np.arange(k.shape[-1]) for t, k in kernels.items()}))
@@ -101,7 +101,7 @@ def concatenated_order(plan: ZipPlan, state: "ZipState", space: tuple, task: str
     paired, rest, offset = [], [], 0
     for part in space:
         width = graph.space_width(plan, part, task)
-        if part == INPUT:
+        if is_input(part):
             order, count = np.arange(width), width
         else:
             member = state.slots[plan.groups[part].members[0]]

@@ -54,7 +54,7 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
         if owner is not None:
             space = position.space
             blocks_of.setdefault(id(owner), []).extend(space if isinstance(space, tuple) else (space,))
-    spaces = {graph.INPUT: graph.INPUT}
+    spaces = {graph.input_ref(k): graph.input_ref(k) for k in range(len(plan.inputs))}
     for index, op in enumerate(ops):
         position = position_of.get(id(op.layer))
         if id(op.layer) in blocks_of:
@@ -65,13 +65,13 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
 
     def order(space) -> np.ndarray | None:
         """The permutation of a unit space's units (None: the model input's, never permuted)."""
-        if space == graph.INPUT:
+        if graph.is_input(space):
             return None
         if isinstance(space, tuple):
             parts, offset = [], 0
             for part in space:
                 width = graph.space_width(plan, part, "copy")
-                parts.append(offset + (np.arange(width) if part == graph.INPUT else permutations[part]))
+                parts.append(offset + (np.arange(width) if graph.is_input(part) else permutations[part]))
                 offset += width
             return np.concatenate(parts)
         return permutations[space]
@@ -81,7 +81,7 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
         layer, weights = op.layer, op.layer.get_weights()
         if not weights:
             continue
-        inputs = order(spaces[op.parents[0]]) if op.parents[0] != graph.INPUT else None
+        inputs = order(spaces[op.parents[0]])
         outputs = None if id(layer) in heads else order(spaces[index])
         owner = _separable_owner(clone, layer)
         if owner is not None:
@@ -140,7 +140,7 @@ def _permuted_weights(layer, weights: list, inputs, outputs, space) -> list:
         if outputs is not None:
             kernel, rest = kernel[..., outputs], [w[outputs] for w in rest]
         return handler.layer_weights(kernel, *rest)
-    if space == graph.INPUT:
+    if graph.is_input(space):
         return weights  # preprocessing before the first unit layer: the same for every task
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         return [weights[0][..., outputs, :], *[w[outputs] for w in weights[1:]]]

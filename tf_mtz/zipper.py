@@ -90,17 +90,18 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     plan = graph.read_models(models)
     tasks = plan.tasks
     counts = resolve_sharing(sharing, plan)
-    calibration = {t: data_lib.as_dataset(d, t, plan.input_shape, "Calibration data", config.batch_size)
-                   for t, d in data_lib.per_task(calibration_data, tasks, "Calibration data").items()}
+    input_names = tuple(i.name for i in plan.inputs)
+    calibration = {t: data_lib.as_dataset(d, t, plan.inputs, "Calibration data", config.batch_size)
+                   for t, d in data_lib.per_task(calibration_data, tasks, "Calibration data", input_names).items()}
     fingerprints = {t: _fingerprint(m) for t, m in models.items()}
     evaluation = None
     if evaluation_data is not None and not plan.single_output:
         raise ZipError(f"evaluation_data measures one accuracy per task, but the models have {plan.head_count} "
                        "outputs; evaluate the zipped model's outputs yourself.")
     if evaluation_data is not None:
-        evaluation = {t: data_lib.as_dataset(d, t, plan.input_shape, "Evaluation data", config.batch_size,
+        evaluation = {t: data_lib.as_dataset(d, t, plan.inputs, "Evaluation data", config.batch_size,
                                              with_labels=True)
-                      for t, d in data_lib.per_task(evaluation_data, tasks, "Evaluation data").items()}
+                      for t, d in data_lib.per_task(evaluation_data, tasks, "Evaluation data", input_names).items()}
     trainer_inputs = None if retrain is None else _trainer_inputs(plan, retrain, calibration_data, strategy)
 
     state = state_lib.ZipState.from_plan(plan)
@@ -110,6 +111,10 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
         layer_reports = _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, evaluation, verbose)
     finally:
         probe.close()
+    if probe.spill.written:
+        logging.info("tf_mtz: %.1f GiB of layer activations went to disk beyond activation_memory_gib=%g; a larger "
+                     "budget keeps them in memory (faster).", probe.spill.written / 2 ** 30,
+                     config.activation_memory_gib)
 
     zipped = rebuild.build_model(plan, state).model
     for t, m in models.items():
@@ -168,7 +173,7 @@ def _trainer_inputs(plan, retrain, calibration_data, strategy) -> tuple:
     teachers = {key: logits[key][0] for key in keys} if retrain.loss == "distill" else None
     activations = {key: logits[key][1] for key in keys}
     fallback = calibration_data if retrain.loss == "distill" else None
-    datasets = retrain_lib.training_datasets(retrain, plan.tasks, plan.input_shape, fallback)
+    datasets = retrain_lib.training_datasets(retrain, plan.tasks, plan.inputs, fallback)
     return teachers, activations, {key: datasets[t] for key, (t, _) in keys.items()}, strategy
 
 
@@ -377,7 +382,7 @@ def _hessians(plan, indices, probe, config) -> dict:
             hessian = statistics.hessian_of_inputs(
                 probe.shared_inputs(index, tasks[0]),
                 lambda x, template=template: handler.hessian_samples(template, x, mode), task=tasks[0],
-                layer_name=position.name, is_first_layer=plan.slots[index].input_space == graph.INPUT,
+                layer_name=position.name, is_first_layer=graph.is_input(plan.slots[index].input_space),
                 strategy=probe.strategy)
             result[index].update({t: hessian for t in tasks})
     return result
@@ -578,7 +583,7 @@ def _producers(plan, index) -> list:
     found, stack, seen = [], list(plan.slots[index].position.parents), set()
     while stack:
         p = stack.pop()
-        if p in seen or p == graph.INPUT:
+        if p in seen or graph.is_input(p):
             continue
         seen.add(p)
         if p in plan.slot_indices:
