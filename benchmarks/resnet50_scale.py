@@ -30,6 +30,8 @@ from mnist_data import load_mnist, rgb_frames  # noqa: E402
 SIZE = flags.DEFINE_integer("size", 224, "Input height and width.")
 IMAGES = flags.DEFINE_integer("images", 128, "Calibration images per task.")
 BATCH = flags.DEFINE_integer("batch_size", 32, "Calibration batch size.")
+MEMORY = flags.DEFINE_float("activation_memory_gib", 4.0, "ZipConfig.activation_memory_gib: probe values held in "
+                            "memory before spilling to disk.")
 OUT = flags.DEFINE_string("out", "docs", "Where to write resnet50_scale.md ('' to skip).")
 
 
@@ -49,7 +51,8 @@ def main(_):
     calibration = {"a": images(x_train, 0), "b": images(x_train, IMAGES.value)}
     started = time.perf_counter()
     zipped = tf_mtz.zip_models(models, calibration, sharing=1.0,
-                               config=tf_mtz.ZipConfig(batch_size=BATCH.value), verbose=0)
+                               config=tf_mtz.ZipConfig(batch_size=BATCH.value,
+                                                       activation_memory_gib=MEMORY.value), verbose=0)
     seconds = time.perf_counter() - started
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     report = zipped.zip_report
@@ -57,7 +60,7 @@ def main(_):
     slowest = sorted(report.layers, key=lambda layer: -layer.seconds)[:8]
     lines = [f"# Two ResNet50 ({SIZE.value}x{SIZE.value}x3, 10-class heads) zipped fully", "",
              f"`python benchmarks/resnet50_scale.py --size {SIZE.value} --images {IMAGES.value} --batch_size "
-             f"{BATCH.value}`: keras.applications.ResNet50(weights=None), {IMAGES.value} calibration images per "
+             f"{BATCH.value} --activation_memory_gib {MEMORY.value:g}`: keras.applications.ResNet50(weights=None), {IMAGES.value} calibration images per "
              "task, every hidden layer 100% shared, default recipe (weight matching, averaging, refit), no "
              f"retraining; measured on a {describe()}.", "",
              f"- wall time: {seconds / 60:.1f} min (target < 5)",

@@ -34,6 +34,8 @@ REFIT = flags.DEFINE_bool("refit", True, "The default refit of each next layer (
 PAIRING = flags.DEFINE_enum("pairing", "hessian", ["hessian", "weights"],
                             "Pair costs: the paper's Hessian ΔE with greedy matching (as first published), or "
                             "the default recipe's weight matching with the optimal assignment.")
+ROWS = flags.DEFINE_integer("refit_rows_per_input", None, "ZipConfig.refit_rows_per_input: the refit's "
+                            "statistics from that many patches per kernel input (default: every patch).")
 OUT = flags.DEFINE_string("out", "docs", "Where to write the result table.")
 
 
@@ -55,7 +57,8 @@ def main(_):
     # The paper's Hessian pair costs (the heavy path: a full ΔE matrix per layer, fc6 and fc7 included) and
     # its greedy matching, as measured in docs/vgg16_scale.md; the default's weight matching costs less.
     matching = "greedy" if PAIRING.value == "hessian" else "optimal"
-    config = tf_mtz.ZipConfig(pairing=PAIRING.value, matching=matching, refit=REFIT.value, batch_size=BATCH.value)
+    config = tf_mtz.ZipConfig(pairing=PAIRING.value, matching=matching, refit=REFIT.value, batch_size=BATCH.value,
+                              refit_rows_per_input=ROWS.value)
     zipped = tf_mtz.zip_models(models, calibration, sharing=1.0, config=config)
     seconds = time.perf_counter() - started
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
@@ -66,9 +69,11 @@ def main(_):
               if PAIRING.value == "hessian" else "weight matching with the optimal assignment (the default recipe)")
     lines = [f"# Two VGG-16 ({SIZE.value}x{SIZE.value}x3, heads 1000 and 40) zipped fully", "", f"Measured on a {describe()}.", "",
              f"`python benchmarks/vgg16_scale.py --size {SIZE.value} --images {IMAGES.value} --batch_size "
-             f"{BATCH.value} --pairing {PAIRING.value}{'' if REFIT.value else ' --norefit'}`: {IMAGES.value} "
+             f"{BATCH.value} --pairing {PAIRING.value}{'' if REFIT.value else ' --norefit'}"
+             f"{f' --refit_rows_per_input {ROWS.value}' if ROWS.value else ''}`: {IMAGES.value} "
              f"calibration images per task, every hidden layer 100% shared, {recipe}"
-             f"{', refit of each next layer' if REFIT.value else ''}.", "",
+             f"{', refit of each next layer' if REFIT.value else ''}"
+             f"{f' from {ROWS.value} patches per kernel input' if REFIT.value and ROWS.value else ''}.", "",
              f"- wall time: {seconds / 60:.1f} min (target < 3)",
              f"- peak resident memory of the process: {peak_gib:.1f} GiB (target < 12)",
              f"- parameters: {report.params_original:,} -> {report.params_zipped:,} "
@@ -81,7 +86,8 @@ def main(_):
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(OUT.value, exist_ok=True)
-    name = f"vgg16_scale{'' if SIZE.value == 224 else f'_{SIZE.value}'}{'' if PAIRING.value == 'hessian' else '_default'}.md"
+    name = (f"vgg16_scale{'' if SIZE.value == 224 else f'_{SIZE.value}'}{'' if PAIRING.value == 'hessian' else '_default'}"
+            f"{f'_rows{ROWS.value}' if ROWS.value else ''}.md")
     with open(os.path.join(OUT.value, name), "w") as f:
         f.write(text)
 

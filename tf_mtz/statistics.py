@@ -60,6 +60,11 @@ class LowRankHessian:
         """H @ w for a `(dim, n)` matrix, in O(rank·dim·n)."""
         return self.factor.T @ (self.factor @ w) + self.damping * w
 
+    def quadratic(self, w: np.ndarray) -> np.ndarray:
+        """wᵀHw per column of a `(dim, n)` matrix, as ‖Uw‖² + λ‖w‖²: no `(dim, n)` temporaries."""
+        projected = self.factor @ w
+        return np.einsum("rn,rn->n", projected, projected) + self.damping * np.einsum("dn,dn->n", w, w)
+
     def __add__(self, other):
         if isinstance(other, LowRankHessian):
             return LowRankHessian(np.concatenate([self.factor, other.factor]), self.damping + other.damping)
