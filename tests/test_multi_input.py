@@ -123,3 +123,14 @@ def test_cli_takes_one_npz_array_per_input_name(features, tmp_path):
     lite = Interpreter(model_path=str(tmp_path / "zipped.tflite")).get_signature_runner("serving_default")
     got = lite(image=features[0][:8], sensors=features[1][:8])
     assert np.abs(got["b"] - expected["b"][:8]).max() < 0.1  # int8: close, not equal
+
+
+def test_to_tf_keras_keeps_both_inputs(features):
+    zipped = tf_mtz.zip_models({"a": image_and_sensors("a", seed=0), "b": image_and_sensors("b", seed=1)},
+                               features, verbose=0)
+    rebuilt = tf_mtz.to_tf_keras(zipped)
+    expected = zipped.predict(features, verbose=0)
+    got = rebuilt.predict(features, verbose=0)
+    assert [x.name.split(":")[0] for x in rebuilt.inputs] == ["image", "sensors"]
+    for task in ("a", "b"):
+        np.testing.assert_allclose(got[task], expected[task], rtol=1e-5, atol=1e-6)
