@@ -134,3 +134,15 @@ def test_to_tf_keras_keeps_both_inputs(features):
     assert [x.name.split(":")[0] for x in rebuilt.inputs] == ["image", "sensors"]
     for task in ("a", "b"):
         np.testing.assert_allclose(got[task], expected[task], rtol=1e-5, atol=1e-6)
+
+
+def test_the_same_inputs_in_another_order_are_refused(features):
+    a = image_and_sensors("a")
+    image = keras.Input((10, 10, 3), name="image")
+    sensors = keras.Input((7,), name="sensors")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, name="conv")(image))
+    out = keras.layers.Dense(4)(keras.layers.Concatenate()([x, keras.layers.Dense(6, name="sensor_fc")(sensors)]))
+    swapped = keras.Model([sensors, image], out, name="swapped")
+    with pytest.raises(ValueError, match=r"'swapped' \(task 'b'\) takes its inputs in the order \['sensors', "
+                                         r"'image'\] but model 'a' \(task 'a'\) in the order \['image', 'sensors'\]"):
+        tf_mtz.zip_models({"a": a, "b": swapped}, features, verbose=0)

@@ -541,10 +541,20 @@ def read_models(models: dict) -> ZipPlan:
 
 
 def _model_inputs(models: dict, names: dict) -> list:
-    """The models' inputs (the first model's names), checked to agree in number, shape and dtype."""
+    """The models' inputs (the first model's names), checked to agree in number, order, shape and dtype."""
     tasks = list(models)
     first = tasks[0]
     specs = {t: [(tuple(x.shape[1:]), str(x.dtype)) for x in keras_graph.model_inputs(models[t])] for t in tasks}
+    model_inputs = inputs_of(models[first])
+    first_names = [i.name for i in model_inputs]
+    for task in tasks[1:]:
+        names_here = [i.name for i in inputs_of(models[task])]
+        # Inputs are matched by position; the same names in another order would pair the wrong ones.
+        if names_here != first_names and sorted(names_here) == sorted(first_names):
+            raise ZipError(
+                f"Model '{names[task]}' (task '{task}') takes its inputs in the order {names_here} but model "
+                f"'{names[first]}' (task '{first}') in the order {first_names}; inputs are matched by position, "
+                "so give every model the same input order.")
     for task in tasks[1:]:
         if len(specs[task]) != len(specs[first]):
             raise ZipError(
@@ -557,7 +567,6 @@ def _model_inputs(models: dict, names: dict) -> list:
                     f"Model '{names[task]}' (task '{task}') takes {which} {spec[0]} {spec[1]} but model "
                     f"'{names[first]}' (task '{first}') takes {first_spec[0]} {first_spec[1]}; all models must "
                     "take the same inputs.")
-    model_inputs = inputs_of(models[first])
     if len({i.name for i in model_inputs}) != len(model_inputs):
         raise ZipError(f"Model '{names[first]}' (task '{first}') has inputs with the same name "
                        f"{[i.name for i in model_inputs]}; name its keras.Input layers apart.")
