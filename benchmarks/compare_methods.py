@@ -36,6 +36,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from machine import describe  # noqa: E402
 import tf_mtz  # noqa: E402
 from mnist_data import load_mnist  # noqa: E402
 from models import trained_model  # noqa: E402
@@ -83,7 +84,9 @@ def main(_):
     else:
         outcomes = [run_pair(job) for job in jobs]
     summary = [f"# tf_mtz against the merging baselines on MNIST ({seeds} seed pair(s) per cell)", "",
-               "Command: `python benchmarks/compare_methods.py" + (" --quick" if QUICK.value else "") + "`", ""]
+               "Command: `python benchmarks/compare_methods.py" + (" --quick" if QUICK.value else "") + "`", "",
+               f"Measured with tf_mtz {tf_mtz.__version__} on a {describe()}; what the methods are and "
+               "the conclusions: [benchmarks.md](benchmarks.md#against-the-paper-and-the-merging-baselines).", ""]
     for arch in archs:
         for experiment in experiments:
             mine = [o for job, o in zip(jobs, outcomes) if job[:2] == (arch, experiment)]
