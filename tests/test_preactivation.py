@@ -206,7 +206,7 @@ def test_a_weighted_layer_registered_as_weightless_is_refused():
 
 def test_a_depthwise_grouped_convolution_is_zipped_as_a_depthwise_convolution(rng):
     """Conv2D(groups=C) with C filters on C channels (ConvNeXt) is a DepthwiseConv2D: per-channel weights
-    following the units before it; other groupings are refused by name."""
+    following the units before it."""
     def grouped(name, groups):
         keras.utils.set_random_seed(0)
         x = inputs = keras.Input((8, 8, 3))
@@ -225,6 +225,10 @@ def test_a_depthwise_grouped_convolution_is_zipped_as_a_depthwise_convolution(rn
         for out in zipped.predict(x, verbose=0).values():
             np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
         assert any(isinstance(layer, keras.layers.DepthwiseConv2D) for layer in zipped.layers)
+    # Groups of two channels are read group by group (tests/test_grouped.py): no DepthwiseConv2D then.
     other = grouped("pairs", groups=3)
-    with pytest.raises(ValueError, match=r"'grouped' of model 'pairs' is a grouped convolution \(groups=3\)"):
-        tf_mtz.zip_models({"a": other, "b": keras.models.clone_model(other)}, x, verbose=0)
+    expected = other.predict(x, verbose=0)
+    zipped = tf_mtz.zip_models({"a": other, "b": tf_mtz.testing.permuted_copy(other, seed=2)}, x, verbose=0)
+    for out in zipped.predict(x, verbose=0).values():
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(layer, keras.layers.DepthwiseConv2D) for layer in zipped.layers)

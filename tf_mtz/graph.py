@@ -129,6 +129,8 @@ class ZipPlan:
     # id(layer) -> the model's layer it was cut from, for unit layers cut into column blocks (a merge ties
     # their blocks to different layers' units)
     split_layers: dict = dataclasses.field(default_factory=dict)
+    # id(layer) -> (the grouped convolution it computes one group of, the group's index)
+    grouped: dict = dataclasses.field(default_factory=dict)
 
     @property
     def input_shapes(self) -> list:
@@ -181,7 +183,8 @@ def _check_model(model, task: str, nested: bool = False):
     return inputs, list(keras_graph.named_outputs(model).values()) if not nested else outputs
 
 
-def _read_ops(model, task: str, ops: list, input_indices: list | None, top_name: str, nested: bool = False) -> list:
+def _read_ops(model, task: str, ops: list, input_indices: list | None, top_name: str, grouped: dict,
+              nested: bool = False) -> list:
     """Appends the operations of `model` to `ops` (its inputs being operations `input_indices`, by default
     the model inputs) and returns the indices of the operations producing its outputs, in the model's
     output order. Nested models are inlined."""
@@ -206,9 +209,11 @@ def _read_ops(model, task: str, ops: list, input_indices: list | None, top_name:
             if len(parents) != 1:
                 raise ZipError(f"Nested model '{op.name}' of model '{top_name}' (task '{task}') takes "
                                f"{len(parents)} inputs; nested models must take one.")
-            (index,) = _read_ops(op, task, ops, parents, top_name, nested=True)
+            (index,) = _read_ops(op, task, ops, parents, top_name, grouped, nested=True)
         elif isinstance(op, keras.layers.SeparableConv2D):
             index = _split_separable(op, parents[0], ops, top_name)
+        elif _is_grouped(op):
+            index = _split_grouped(op, parents[0], ops, grouped)
         elif not isinstance(op, keras.layers.Layer):  # a keras.ops call written on tensors
             ops.append(Op(keras_graph.OperationCall.of_node(op, node_index), parents))
             index = len(ops) - 1
@@ -223,6 +228,42 @@ def _read_ops(model, task: str, ops: list, input_indices: list | None, top_name:
         return index
 
     return [visit(output) for output in model_outputs]
+
+
+def _is_grouped(layer) -> bool:
+    """A Conv1D/Conv2D with groups of several channels, handled by the built-in convolution handler (a
+    custom subclass with a handler of its own is left to it; depthwise groups are `DepthwiseConv2D`s)."""
+    if not isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)) or getattr(layer, "groups", 1) == 1:
+        return False
+    if registry.is_depthwise_grouped(layer):
+        return False
+    return type(registry.handler_for(layer)) in (registry.Conv2DHandler, registry.Conv1DHandler)
+
+
+def _split_grouped(layer, parent: int, ops: list, grouped: dict) -> int:
+    """A grouped convolution as what it computes: per group, a slice of the input channels and an ungrouped
+    convolution with that group's filters, side by side (a Concatenate). Each group's input channels and
+    filters are then unit spaces of their own, so units are paired within their group (group k of one
+    model with group k of the other), and the zipped model computes every group with standard layers."""
+    groups = int(layer.groups)
+    weights = layer.get_weights()
+    kernel = weights[0]  # (..., input channels per group, filters)
+    inputs_per_group, filters_per_group = int(kernel.shape[-2]), int(kernel.shape[-1]) // groups
+    cuts = tuple(k * inputs_per_group for k in range(groups + 1))
+    config = {**layer.get_config(), "groups": 1, "filters": filters_per_group}
+    outputs = []
+    for k in range(groups):
+        ops.append(Op(registry.ChannelSlice(cuts[k], cuts[k + 1], cuts, name=f"{layer.name}_group{k}_input"),
+                      [parent]))
+        conv = type(layer).from_config({**config, "name": f"{layer.name}_group{k}"})
+        conv.build((None,) * (kernel.ndim - 1) + (inputs_per_group,))
+        columns = slice(k * filters_per_group, (k + 1) * filters_per_group)
+        conv.set_weights([kernel[..., columns]] + [w[columns] for w in weights[1:]])
+        grouped[id(conv)] = (layer, k)
+        ops.append(Op(conv, [len(ops) - 1]))
+        outputs.append(len(ops) - 1)
+    ops.append(Op(keras.layers.Concatenate(axis=-1, name=f"{layer.name}_groups"), outputs))
+    return len(ops) - 1
 
 
 def _split_separable(layer, parent: int, ops: list, model_name: str) -> int:
@@ -271,6 +312,19 @@ def _fold_batch_norms(ops: list, model_name: str, output_ops: list) -> tuple[lis
         parent = op.parents[0]
         previous = ops[parent].layer if not is_input(parent) else None
         handler = registry.handler_for(previous) if previous is not None else None
+        joined = _foldable_concatenation(ops, parent, consumers, layer)
+        if joined is not None:
+            # A grouped convolution's groups (or any linear layers concatenated for this normalisation
+            # alone): each folds its slice of the scale and shift.
+            scale, shift, start = *registry.batch_norm_affine(layer), 0
+            for member in joined:
+                kernel, bias = registry.handler_for(member).kernel_and_bias(member)
+                stop = start + int(kernel.shape[-1])
+                folded[id(member)] = ((kernel * scale[start:stop]).astype(np.float32),
+                                      (bias * scale[start:stop] + shift[start:stop]).astype(np.float32))
+                start = stop
+            new_index[i] = new_index[parent]
+            continue
         if (not isinstance(handler, (registry.UnitLayerHandler, registry.DepthwiseHandler))
                 or handler.activation(previous) != "linear" or len(consumers.get(parent, [])) != 1
                 or not registry.normalises_last_axis(layer)):
@@ -285,6 +339,27 @@ def _fold_batch_norms(ops: list, model_name: str, output_ops: list) -> tuple[lis
                                 (bias * scale + shift).astype(np.float32))
         new_index[i] = new_index[parent]
     return keep, folded, [new_index[i] for i in output_ops]
+
+
+def _foldable_concatenation(ops: list, index: int, consumers: dict, batch_norm) -> list | None:
+    """The unit layers of a channel Concatenate (op `index`) that a BatchNormalization reading it alone can
+    be folded into: every input a Dense/Conv layer without activation read by the Concatenate alone.
+    None otherwise."""
+    if is_input(index) or not isinstance(ops[index].layer, keras.layers.Concatenate):
+        return None
+    if ops[index].layer.axis != -1 or len(consumers.get(index, [])) != 1:
+        return None
+    if not registry.normalises_last_axis(batch_norm):
+        return None
+    members = []
+    for p in ops[index].parents:
+        layer = ops[p].layer if not is_input(p) else None
+        handler = registry.handler_for(layer) if layer is not None else None
+        if (not isinstance(handler, registry.UnitLayerHandler) or handler.activation(layer) != "linear"
+                or len(consumers.get(p, [])) != 1):
+            return None
+        members.append(layer)
+    return members
 
 
 def _handler(layer, model_name: str) -> registry.LayerHandler:
@@ -443,6 +518,26 @@ class _BodyReader(registry.PositionVisitor):
     def passthrough(self, index, ref, parent_spaces):
         return parent_spaces[0], False
 
+    def select(self, index, ref, parent_spaces):
+        (space,) = parent_spaces
+        if is_input(space):
+            return space, False  # a slice of the raw input is common to every task, like the input
+        parts = space if isinstance(space, tuple) else (space,)
+        ends = self._offsets(parts)
+        if any(ends[t] != ends[self.tasks[0]] for t in self.tasks):
+            raise ZipError(
+                f"Layer '{ref.name}' of model '{self._first_name}' reads channels {ref.start}-{ref.stop} of "
+                f"inputs made of parts with different widths in different models ({dict(ends)}); the models "
+                "must agree there.")
+        bounds = [0] + ends[self.tasks[0]]
+        if ref.start in bounds and ref.stop in bounds:
+            chosen = parts[bounds.index(ref.start):bounds.index(ref.stop)]
+            return (chosen if len(chosen) > 1 else chosen[0]), False
+        # The slice runs through a unit space: cut its layers at every group's boundary at once.
+        every_cut = sorted(set(bounds[1:]) | {c for c in ref.cuts if 0 < c < bounds[-1]})
+        self._cut_space(ref, parts, set(bounds[1:]), every_cut)
+        raise AssertionError(f"Internal error: the input of '{ref.name}' needs no cut.")
+
     def _refuse_after_concatenate(self, ref, parent_spaces):
         if any(isinstance(sp, tuple) for sp in parent_spaces):
             raise ZipError(
@@ -510,10 +605,10 @@ def read_models(models: dict) -> ZipPlan:
         raise ZipError("The same model object is given for two tasks; pass separate models (a clone is fine).")
     tasks = list(models)
     names = {task: models[task].name for task in tasks}
-    originals, ops, folded, output_ops = {}, {}, {}, {}
+    originals, ops, folded, output_ops, grouped = {}, {}, {}, {}, {}
     for task, model in models.items():
         originals[task] = []
-        read = _read_ops(model, task, originals[task], None, names[task])
+        read = _read_ops(model, task, originals[task], None, names[task], grouped)
         ops[task], folded[task], output_ops[task] = _fold_batch_norms(originals[task], names[task], read)
     first = tasks[0]
     output_names = list(keras_graph.named_outputs(models[first]))
@@ -532,7 +627,7 @@ def read_models(models: dict) -> ZipPlan:
     for _ in range(len(ops[first]) + 1):
         try:
             return _plan_from_ops(tasks, names, ops, folded, output_ops, output_names, originals, split_layers,
-                                  inputs)
+                                  inputs, grouped)
         except _CutNeeded as cut:
             for task in tasks:
                 ops[task], output_ops[task] = _cut_unit_layers(ops[task], output_ops[task], folded[task],
@@ -581,7 +676,7 @@ def inputs_of(model) -> list:
 
 
 def _plan_from_ops(tasks, names, ops, folded, output_ops, output_names, originals, split_layers,
-                   inputs) -> "ZipPlan":
+                   inputs, grouped) -> "ZipPlan":
     """The zip plan from every task's operations (BatchNormalization folded): checks that they line up,
     reads the unit spaces and groups. Raises `_CutNeeded` where a merge needs a unit layer cut."""
     first = tasks[0]
@@ -636,7 +731,7 @@ def _plan_from_ops(tasks, names, ops, folded, output_ops, output_names, original
     outputs = [Output(output_names[k], slot_of[heads[first][k]], {t: suffixes[t][k] for t in tasks})
                for k in range(len(output_names))]
     plan = ZipPlan(tasks=tasks, inputs=inputs, body=body, outputs=outputs, slots=slots,
-                   groups=groups, originals=originals, split_layers=dict(split_layers))
+                   groups=groups, originals=originals, split_layers=dict(split_layers), grouped=dict(grouped))
     for slot in slots:
         if not is_input(slot.input_space):
             slot.rows_per_input_unit = _rows_per_unit(plan, slot, names)

@@ -19,7 +19,7 @@ import gc
 
 import keras
 
-from tf_mtz import registry
+from tf_mtz import graph, registry
 from tf_mtz.graph import ZipPlan, input_ref, is_input
 from tf_mtz.state import ChannelState, SlotState, ZipState
 
@@ -130,6 +130,35 @@ class _Builder(registry.PositionVisitor):
 
     def concatenate(self, position, parents):
         return _combine(position, parents, self.tasks, self.names, concatenates=True)
+
+    def select(self, position, parents):
+        """A run of whole unit spaces of the input: its shared units from the input's shared part and its
+        specific units from the specific part (a Concatenate lays out each part's shared units side by
+        side, then each part's specific units)."""
+        (feature,) = parents
+        parent_space = self.plan.body[position.parents[0]].space
+        parts = parent_space if isinstance(parent_space, tuple) else (parent_space,)
+        chosen = position.space if isinstance(position.space, tuple) else (position.space,)
+        first = next(i for i in range(len(parts)) if parts[i:i + len(chosen)] == chosen)
+        cache, out = {}, {}
+        for t in self.tasks:
+            widths = [graph.space_width(self.plan, part, t) for part in parts]
+            shared = [self.state.slots[self.plan.groups[part].members[0]].shared for part in parts]
+            specific = [w - s for w, s in zip(widths, shared)]
+            picked = []
+            for x, counts, label in ((feature[t][0], shared, "shared"), (feature[t][1], specific, t)):
+                start, stop = sum(counts[:first]), sum(counts[:first + len(chosen)])
+                if x is None or start == stop:
+                    picked.append(None)
+                elif stop - start == int(x.shape[-1]):
+                    picked.append(x)
+                else:
+                    key = (id(x), start, stop)
+                    if key not in cache:  # tasks reading one tensor share one slice
+                        cache[key] = registry.channel_slice(x, start, stop)
+                    picked.append(cache[key])
+            out[t] = tuple(picked)
+        return out
 
     def passthrough(self, position, parents):
         cache = {}

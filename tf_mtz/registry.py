@@ -52,6 +52,9 @@ class PositionVisitor:
     def concatenate(self, *args):
         return self.passthrough(*args)
 
+    def select(self, *args):
+        return self.passthrough(*args)
+
     def passthrough(self, *args):
         raise NotImplementedError
 
@@ -213,7 +216,7 @@ class DenseHandler(UnitLayerHandler):
 
 
 class Conv2DHandler(UnitLayerHandler):
-    """Conv2D, channels last, no groups.
+    """Conv2D, channels last, ungrouped (the graph reader splits a grouped one into one per group).
 
     Hessian modes: ``"patch"``, the exact Hessian of im2col patches (kh*kw*C + 1 features), and
     ``"channel"``, the reference code's per-offset approximation ((C + 1) features shared by all kh*kw
@@ -227,9 +230,11 @@ class Conv2DHandler(UnitLayerHandler):
             raise ZipError(f"Layer '{layer.name}' of model '{model_name}' uses data_format="
                            f"'{layer.data_format}'; tf_mtz supports channels_last convolutions only.")
         if getattr(layer, "groups", 1) != 1:
-            raise ZipError(f"Layer '{layer.name}' of model '{model_name}' is a grouped convolution "
-                           f"(groups={layer.groups}); tf_mtz supports groups=1 and depthwise groups (one input "
-                           "channel and one filter per group), not groups of several channels yet.")
+            # Built-in Conv1D/Conv2D layers are read group by group before any handler sees them; a
+            # subclass registered with a handler of its own reaches this.
+            raise ZipError(f"Layer '{layer.name}' ({type(layer).__name__}) of model '{model_name}' is a grouped "
+                           f"convolution (groups={layer.groups}) with a custom handler; tf_mtz reads grouped "
+                           "convolutions group by group only where the built-in Conv1D/Conv2D handler applies.")
 
     layer_class = keras.layers.Conv2D
 
@@ -294,7 +299,7 @@ class Conv2DHandler(UnitLayerHandler):
 
 
 class Conv1DHandler(Conv2DHandler):
-    """Conv1D, channels last, no groups, 'valid' or 'same' padding; same Hessian modes as Conv2D."""
+    """Conv1D, channels last, ungrouped, 'valid' or 'same' padding; same Hessian modes as Conv2D."""
 
     def check(self, layer, model_name):
         super().check(layer, model_name)
@@ -727,6 +732,52 @@ class ConcatenateHandler(LayerHandler):
         return keras.layers.Concatenate(axis=-1, name=name)(xs)
 
 
+class ChannelSlice:
+    """Channels `[start, stop)` of a feature: how tf_mtz reads one group of a grouped convolution, whose
+    filters see only their group's input channels (`graph` writes such a convolution as one slice and one
+    ungrouped convolution per group, side by side).
+
+    Not a Keras layer, so that nothing custom reaches the zipped model: it slices tensors
+    (`channel_slice`), which Keras records as a standard operation. `cuts` are the channel offsets of
+    all the groups it was made with (0 first), so that the input's units can be cut at all of them at once.
+    """
+
+    def __init__(self, start: int, stop: int, cuts: tuple, name: str):
+        self.start, self.stop, self.cuts, self.name = int(start), int(stop), tuple(int(c) for c in cuts), name
+        self.weights = []
+
+    def __call__(self, x, training=None):
+        del training
+        return channel_slice(x, self.start, self.stop)
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "start": self.start, "stop": self.stop, "cuts": list(self.cuts)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ChannelSlice":
+        return cls(config["start"], config["stop"], tuple(config["cuts"]), config["name"])
+
+    def get_weights(self) -> list:
+        return []
+
+
+def channel_slice(x, start: int, stop: int):
+    """`x[..., start:stop]` written with one slice per axis: an Ellipsis does not survive tf_keras's
+    serialisation of slices (tfmot's cloning turned it into new axes)."""
+    return x[(slice(None),) * (len(x.shape) - 1) + (slice(start, stop),)]
+
+
+class SliceHandler(LayerHandler):
+    """A `ChannelSlice`: its units are a run of its input's units, which must be a whole number of that
+    input's unit spaces (the graph reader cuts the layers producing them where they are not)."""
+
+    def visit(self, visitor, *args):
+        return visitor.select(*args)
+
+    def check_between_units(self, layer, model_name):
+        pass
+
+
 class ChannelwiseHandler(PassThroughHandler):
     """Pooling, dropout and element-wise activations: safe on any subset of units."""
 
@@ -897,6 +948,8 @@ def handler_for(layer) -> LayerHandler | None:
     keras.ops call in the graph, the handler of element-wise operations on one tensor or several)."""
     if isinstance(layer, keras_graph.OperationCall):
         return _OPERATION_MERGE if layer.tensor_count > 1 else _OPERATION
+    if isinstance(layer, ChannelSlice):
+        return _SLICE
     if is_depthwise_grouped(layer) and _REGISTRY.get(type(layer)) is _REGISTRY.get(keras.layers.Conv2D):
         return _GROUPED_DEPTHWISE
     for cls in type(layer).__mro__:
@@ -912,6 +965,7 @@ def supported_layer_names() -> list[str]:
 
 _OPERATION, _OPERATION_MERGE = OperationHandler(), OperationMergeHandler()
 _GROUPED_DEPTHWISE = GroupedDepthwiseHandler()
+_SLICE = SliceHandler()
 _LAYER_SCALE, _STOCHASTIC_DEPTH = keras_graph.convnext_layers()
 if _LAYER_SCALE is not None:
     register_layer_handler(_LAYER_SCALE, LayerScaleHandler())

@@ -76,7 +76,7 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
             return np.concatenate(parts)
         return permutations[space]
 
-    separable = {}
+    separable, grouped = {}, {}
     for index, op in enumerate(ops):
         layer, weights = op.layer, op.layer.get_weights()
         if not weights:
@@ -87,7 +87,13 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
         if owner is not None:
             separable.setdefault(owner.name, {})[layer.name] = (inputs, outputs)
             continue
+        if id(layer) in plan.grouped:  # one group of a grouped convolution of the clone
+            owner, group = plan.grouped[id(layer)]
+            grouped.setdefault(id(owner), (owner, {}))[1][group] = (inputs, outputs)
+            continue
         layer.set_weights(_permuted_weights(layer, weights, inputs, outputs, spaces[index]))
+    for owner, groups in grouped.values():
+        owner.set_weights(_permuted_groups(owner.get_weights(), groups))
     for name, parts in separable.items():
         owner = clone.get_layer(name)
         (inputs, _), (_, outputs) = parts[f"{name}_depthwise"], parts[f"{name}_pointwise"]
@@ -153,6 +159,25 @@ def _permuted_weights(layer, weights: list, inputs, outputs, space) -> list:
         return [w[outputs] for w in weights]  # a custom per-channel layer: one value per unit (LayerScale)
     raise ZipError(f"permuted_copy cannot permute the weights of layer '{layer.name}' "
                    f"({type(layer).__name__}).")
+
+
+def _permuted_groups(weights: list, groups: dict) -> list:
+    """A grouped convolution's weights with each group's input channels and filters permuted by
+    `groups[k] = (input order within group k, filter order within group k)` (None: unchanged)."""
+    kernel, rest = weights[0], list(weights[1:])
+    per_group = kernel.shape[-1] // len(groups)
+    filters = np.arange(kernel.shape[-1])
+    kernel = kernel.copy()
+    for k, (inputs, outputs) in groups.items():
+        columns = slice(k * per_group, (k + 1) * per_group)
+        block = kernel[..., columns]
+        if inputs is not None:
+            block = block[..., inputs, :]
+        if outputs is not None:
+            block = block[..., outputs]
+            filters[columns] = k * per_group + outputs
+        kernel[..., columns] = block
+    return [kernel] + [w[filters] for w in rest]
 
 
 def _separable_owner(clone, layer):

@@ -312,10 +312,14 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
                            f"got {sharing!r}.")
         return _whole_where_mixed([to_count(sharing, w, "") for w in widths], plan, float(sharing))
 
-    names = {}
+    names = {}  # a model's layer name -> the hidden slots computing it (a grouped convolution: one per group)
     for i, slot in enumerate(hidden):
         for layer in slot.position.layers.values():
-            names.setdefault(layer.name, i)
+            names.setdefault(layer.name, []).append(i)
+            owner = plan.grouped.get(id(layer), (plan.split_layers.get(id(layer)),))[0]
+            if owner is not None and owner.name != layer.name:
+                names.setdefault(owner.name, []).append(i)
+    names = {name: sorted(set(slots)) for name, slots in names.items()}
     heads = {layer.name for output in plan.outputs for layer in plan.slots[output.slot].position.layers.values()}
     counts = [0] * len(hidden)
     named = {}
@@ -325,9 +329,16 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
         if name not in names:
             raise ZipError(f"sharing names layer '{name}', which is not a hidden Dense/Conv layer of the "
                            f"models; hidden layers: {[s.position.name for s in hidden]}.")
-        i = names[name]
-        counts[i] = to_count(value, widths[i], f"['{name}']")
-        named[i] = name
+        slots = names[name]
+        if len(slots) > 1:
+            # A layer tf_mtz computes in parts (the groups of a grouped convolution): the same share of
+            # each part's units.
+            total = sum(widths[i] for i in slots)
+            to_count(value, total, f"['{name}']")
+            value = value / total if isinstance(value, (int, np.integer)) else value
+        for i in slots:
+            counts[i] = to_count(value, widths[i], f"['{name}']")
+            named[i] = name
     # Layers tied by a residual merge share one unit order, hence one count: naming any of them is enough.
     for group in plan.groups.values():
         members = [m for m in group.members if m < len(hidden)]

@@ -1,0 +1,147 @@
+"""Grouped convolutions with several channels per group (ResNeXt, RegNet): read as one slice of the input
+and one ungrouped convolution per group, so units are paired within their group and the zipped model
+computes each group with standard layers, never with a dense kernel over all groups."""
+
+import keras
+import numpy as np
+import pytest
+
+import tf_mtz
+from conftest import randomize_batch_norms
+
+
+def resnext(name, seed=0, width=16, groups=4):
+    """A ResNeXt-style block (1x1 -> BN -> ReLU -> grouped 3x3 -> BN -> ReLU -> 1x1, identity shortcut)
+    and a grouped convolution with its own activation reading the residual stream."""
+    keras.utils.set_random_seed(seed)
+    x = inputs = keras.Input((10, 10, 3))
+    x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem")(x)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    y = keras.layers.Conv2D(width, 1, name="reduce")(x)
+    y = keras.layers.ReLU()(keras.layers.BatchNormalization()(y))
+    y = keras.layers.Conv2D(width, 3, padding="same", groups=groups, use_bias=False, name="grouped")(y)
+    y = keras.layers.ReLU()(keras.layers.BatchNormalization()(y))
+    y = keras.layers.Conv2D(width, 1, name="expand")(y)
+    x = keras.layers.Add()([x, y])
+    x = keras.layers.Conv2D(24, 3, padding="same", groups=2 * groups, activation="relu", name="stream_grouped")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return randomize_batch_norms(keras.Model(inputs, keras.layers.Dense(5, name="head")(x), name=name))
+
+
+def _relative_error(out, expected) -> float:
+    return float(np.abs(out - expected).max() / np.abs(expected).max())
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(0).normal(size=(48, 10, 10, 3)).astype("float32")
+
+
+@pytest.mark.parametrize("sharing", [1.0, 0.5])
+def test_resnext_block_zipped_with_its_permuted_copy_reproduces_it(x, sharing, tmp_path):
+    import tensorflow as tf
+
+    model = resnext("resnext")
+    copy = tf_mtz.testing.permuted_copy(model, seed=1)
+    assert not np.array_equal(model.get_layer("grouped").get_weights()[0], copy.get_layer("grouped").get_weights()[0])
+    expected = model.predict(x, verbose=0)
+    assert _relative_error(copy.predict(x, verbose=0), expected) < 1e-5
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=sharing, verbose=0)
+    outputs = zipped.predict(x, verbose=0)
+    for task in ("a", "b"):
+        assert _relative_error(outputs[task], expected) < 1e-4, task
+    # Standard layers only: it loads without custom objects and converts to TFLite.
+    path = str(tmp_path / "zipped.keras")
+    zipped.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path).predict(x, verbose=0)["b"], outputs["b"], atol=1e-6)
+    interpreter = tf.lite.Interpreter(model_content=tf_mtz.tflite_bytes(zipped))
+    runner = interpreter.get_signature_runner("b")
+    input_name = next(iter(interpreter.get_signature_list()["b"]["inputs"]))
+    assert _relative_error(next(iter(runner(**{input_name: x[:4]}).values())), outputs["b"][:4]) < 1e-5
+
+
+def test_fully_shared_groups_hold_one_grouped_kernel_not_a_dense_one(x):
+    """Each group's shared convolution reads its group's channels only: the zipped groups together hold as
+    many weights as the grouped layer (its BatchNormalization folded in as a bias), not groups times more."""
+    model = resnext("resnext")
+    other = resnext("other", seed=3)
+    zipped = tf_mtz.zip_models({"a": model, "b": other}, x, verbose=0)
+    assert np.isfinite(zipped.predict(x, verbose=0)["a"]).all()
+    grouped = model.get_layer("grouped")
+    kernel_size = int(np.prod(grouped.kernel.shape))
+    in_zipped = sum(layer.count_params() for layer in zipped.layers if layer.name.startswith("grouped_group"))
+    assert in_zipped == kernel_size + grouped.filters
+    groups_in_report = [layer for layer in zipped.zip_report.layers if layer.name.startswith("grouped_group")]
+    assert len(groups_in_report) == 4 and all(layer.shared == 4 for layer in groups_in_report)
+
+
+def test_groups_permuted_by_hand_are_found():
+    """A copy permuted by hand within each group (independently of tf_mtz's own reading of the graph):
+    the zipped model reproduces both tasks."""
+    keras.utils.set_random_seed(0)
+    x = inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(x)
+    x = keras.layers.Conv2D(6, 3, padding="same", groups=2, activation="relu", name="grouped")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+    rng = np.random.default_rng(4)
+    inputs_order = np.concatenate([rng.permutation(4), 4 + rng.permutation(4)])
+    filters_order = np.concatenate([rng.permutation(3), 3 + rng.permutation(3)])
+    copy = keras.models.clone_model(model)
+    kernel, bias = model.get_layer("conv").get_weights()
+    copy.get_layer("conv").set_weights([kernel[..., inputs_order], bias[inputs_order]])
+    kernel, bias = model.get_layer("grouped").get_weights()  # (3, 3, 4, 6): rows of each group's 4 inputs
+    kernel = np.concatenate([kernel[:, :, inputs_order[:4], :3], kernel[:, :, inputs_order[4:] - 4, 3:]], axis=-1)
+    copy.get_layer("grouped").set_weights([kernel[..., filters_order], bias[filters_order]])
+    kernel, bias = model.get_layer("head").get_weights()
+    copy.get_layer("head").set_weights([kernel[filters_order], bias])
+    data = np.random.default_rng(1).normal(size=(64, 8, 8, 3)).astype("float32")
+    expected = model.predict(data, verbose=0)
+    np.testing.assert_allclose(copy.predict(data, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, data, verbose=0)
+    for out in zipped.predict(data, verbose=0).values():
+        assert _relative_error(out, expected) < 1e-4
+
+
+def test_grouped_conv1d_and_a_grouped_convolution_on_the_input(rng):
+    keras.utils.set_random_seed(0)
+    x = inputs = keras.Input((16, 4))
+    x = keras.layers.Conv1D(8, 3, padding="same", groups=2, activation="relu", name="on_input")(x)
+    x = keras.layers.Conv1D(8, 3, padding="same", groups=4, activation="relu", name="grouped")(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    copy = tf_mtz.testing.permuted_copy(model, seed=2)
+    data = rng.normal(size=(64, 16, 4)).astype("float32")
+    expected = model.predict(data, verbose=0)
+    for sharing in (1.0, 0.5):
+        zipped = tf_mtz.zip_models({"a": model, "b": copy}, data, sharing=sharing, verbose=0)
+        for out in zipped.predict(data, verbose=0).values():
+            assert _relative_error(out, expected) < 1e-4, sharing
+
+
+def test_sharing_by_the_grouped_layers_name_applies_to_every_group(x):
+    model = resnext("resnext")
+    copy = tf_mtz.testing.permuted_copy(model, seed=1)
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing={"stem": 1.0, "reduce": 1.0, "grouped": 8}, verbose=0)
+    shared = {layer.name: layer.shared for layer in zipped.zip_report.layers}
+    assert [shared[f"grouped_group{k}"] for k in range(4)] == [2, 2, 2, 2]
+    # The residual stream is cut at stream_grouped's 8 groups; "stem" names all of its blocks, and
+    # "expand" (tied to it by the Add) follows.
+    assert [shared[f"{name}_block{k}"] for name in ("stem", "expand") for k in range(8)] == [2] * 16
+    assert all(shared[f"stream_grouped_group{k}"] == 0 for k in range(8))
+    with pytest.raises(ValueError, match=r"sharing\['grouped'\] asks for 17 shared units"):
+        tf_mtz.zip_models({"a": model, "b": copy}, x, sharing={"grouped": 17}, verbose=0)
+
+
+def test_to_tf_keras_rebuilds_the_group_slices(x):
+    """The zipped groups' channel slices become tf_keras slicing layers with the same outputs. (tfmot's
+    quantize_model of such a model is not supported: its cloning drops tf_keras slices; docs/api.md.)"""
+    pytest.importorskip("tf_keras")
+    model = resnext("resnext")
+    zipped = tf_mtz.zip_models({"a": model, "b": tf_mtz.testing.permuted_copy(model, seed=1)}, x, sharing=0.5,
+                               verbose=0)
+    legacy = tf_mtz.to_tf_keras(zipped)
+    expected = zipped.predict(x, verbose=0)
+    rebuilt = legacy.predict(x, verbose=0)
+    for task in ("a", "b"):
+        np.testing.assert_allclose(rebuilt[task], expected[task], rtol=1e-5, atol=1e-6)
