@@ -73,6 +73,16 @@ def to_tf_keras(model: keras.Model):
             clones[id(layer)] = (layer, clone)
         return clones[id(layer)][1]
 
+    def convert_operation(op, node_index):
+        # The zipped model slices a grouped convolution's input per group (`x[..., a:b]`); tf_keras writes
+        # the same slice as its own slicing layer.
+        call = keras_graph.OperationCall.of_node(op, node_index)
+        if call.operation_name == "GetItem" and call.tensor_count == 1:
+            source, key = call.arguments.args
+            return convert(source)[key]
+        raise ZipError(f"Operation '{op.name}' ({call.operation_name}) has no tf_keras counterpart; to_tf_keras "
+                       "rebuilds layers and channel slices only.")
+
     def convert(tensor):
         op, node_index, tensor_index = keras_graph.producer(tensor)
         key = (id(op), node_index, tensor_index)
@@ -82,8 +92,11 @@ def to_tf_keras(model: keras.Model):
             spec = model.inputs[0] if len(model.inputs) == 1 else tensor
             values[key] = tf_keras.Input(shape=tuple(spec.shape[1:]), dtype=spec.dtype, name=op.name)
             return values[key]
-        inputs = [convert(t) for t in keras_graph.call_inputs(op, node_index)]
-        output = clone_layer(op)(inputs if len(inputs) > 1 else inputs[0])
+        if not isinstance(op, keras.layers.Layer):  # a keras.ops call in the graph
+            output = convert_operation(op, node_index)
+        else:
+            inputs = [convert(t) for t in keras_graph.call_inputs(op, node_index)]
+            output = clone_layer(op)(inputs if len(inputs) > 1 else inputs[0])
         values[key] = output
         return output
 
