@@ -310,56 +310,49 @@ def _fold_batch_norms(ops: list, model_name: str, output_ops: list) -> tuple[lis
             keep.append(Op(layer, [new_index[p] for p in op.parents]))
             continue
         parent = op.parents[0]
-        previous = ops[parent].layer if not is_input(parent) else None
-        handler = registry.handler_for(previous) if previous is not None else None
-        joined = _foldable_concatenation(ops, parent, consumers, layer)
-        if joined is not None:
-            # A grouped convolution's groups (or any linear layers concatenated for this normalisation
-            # alone): each folds its slice of the scale and shift.
-            scale, shift, start = *registry.batch_norm_affine(layer), 0
-            for member in joined:
-                kernel, bias = registry.handler_for(member).kernel_and_bias(member)
-                stop = start + int(kernel.shape[-1])
-                folded[id(member)] = ((kernel * scale[start:stop]).astype(np.float32),
-                                      (bias * scale[start:stop] + shift[start:stop]).astype(np.float32))
-                start = stop
-            new_index[i] = new_index[parent]
-            continue
-        if (not isinstance(handler, (registry.UnitLayerHandler, registry.DepthwiseHandler))
-                or handler.activation(previous) != "linear" or len(consumers.get(parent, [])) != 1
-                or not registry.normalises_last_axis(layer)):
+        members = _fold_targets(ops, parent, consumers, layer)
+        if members is None:
             # Not foldable (pre-activation, after a merge or a pooling): kept as a per-unit affine map.
             new_index[i] = len(keep)
             keep.append(Op(layer, [new_index[p] for p in op.parents]))
             continue
-        kernel, bias = handler.kernel_and_bias(previous)
         scale, shift = registry.batch_norm_affine(layer)
-        kernel_scale = scale if kernel.shape[-1] == scale.shape[0] else scale[:, None]  # depthwise: (..., C, 1)
-        folded[id(previous)] = ((kernel * kernel_scale).astype(np.float32),
-                                (bias * scale + shift).astype(np.float32))
+        start = 0
+        for member in members:  # each folds its run of the normalisation's channels
+            kernel, bias = registry.handler_for(member).kernel_and_bias(member)
+            run = slice(start, start + int(bias.shape[0]))
+            # A depthwise kernel is (..., C, 1): its units are on the axis before the last.
+            kernel_scale = scale[run] if kernel.shape[-1] == bias.shape[0] else scale[run, None]
+            folded[id(member)] = ((kernel * kernel_scale).astype(np.float32),
+                                  (bias * scale[run] + shift[run]).astype(np.float32))
+            start = run.stop
         new_index[i] = new_index[parent]
     return keep, folded, [new_index[i] for i in output_ops]
 
 
-def _foldable_concatenation(ops: list, index: int, consumers: dict, batch_norm) -> list | None:
-    """The unit layers of a channel Concatenate (op `index`) that a BatchNormalization reading it alone can
-    be folded into: every input a Dense/Conv layer without activation read by the Concatenate alone.
-    None otherwise."""
-    if is_input(index) or not isinstance(ops[index].layer, keras.layers.Concatenate):
+def _fold_targets(ops: list, index: int, consumers: dict, batch_norm) -> list | None:
+    """The layers a BatchNormalization reading op `index` folds into, in channel order: that op's layer
+    when it is a linear Dense/Conv/DepthwiseConv2D read by the normalisation alone, or every input of a
+    channel Concatenate read by it alone when each is such a layer read by the Concatenate alone (a
+    grouped convolution's groups). None where it does not fold."""
+    if is_input(index) or not registry.normalises_last_axis(batch_norm):
         return None
-    if ops[index].layer.axis != -1 or len(consumers.get(index, [])) != 1:
-        return None
-    if not registry.normalises_last_axis(batch_norm):
-        return None
-    members = []
-    for p in ops[index].parents:
-        layer = ops[p].layer if not is_input(p) else None
+
+    def linear_with_one_reader(i, kinds):
+        layer = ops[i].layer if not is_input(i) else None
         handler = registry.handler_for(layer) if layer is not None else None
-        if (not isinstance(handler, registry.UnitLayerHandler) or handler.activation(layer) != "linear"
-                or len(consumers.get(p, [])) != 1):
-            return None
-        members.append(layer)
-    return members
+        return (isinstance(handler, kinds) and handler.activation(layer) == "linear"
+                and len(consumers.get(i, [])) == 1)
+
+    if linear_with_one_reader(index, (registry.UnitLayerHandler, registry.DepthwiseHandler)):
+        return [ops[index].layer]
+    joined = ops[index]
+    if (not isinstance(joined.layer, keras.layers.Concatenate) or joined.layer.axis != -1
+            or len(consumers.get(index, [])) != 1):
+        return None
+    if not all(linear_with_one_reader(p, registry.UnitLayerHandler) for p in joined.parents):
+        return None
+    return [ops[p].layer for p in joined.parents]
 
 
 def _handler(layer, model_name: str) -> registry.LayerHandler:

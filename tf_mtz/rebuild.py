@@ -146,7 +146,7 @@ class _Builder(registry.PositionVisitor):
             shared = [self.state.slots[self.plan.groups[part].members[0]].shared for part in parts]
             specific = [w - s for w, s in zip(widths, shared)]
             picked = []
-            for x, counts, label in ((feature[t][0], shared, "shared"), (feature[t][1], specific, t)):
+            for x, counts in ((feature[t][0], shared), (feature[t][1], specific)):
                 start, stop = sum(counts[:first]), sum(counts[:first + len(chosen)])
                 if x is None or start == stop:
                     picked.append(None)

@@ -74,8 +74,8 @@ def to_tf_keras(model: keras.Model):
         return clones[id(layer)][1]
 
     def convert_operation(op, node_index):
-        # The zipped model slices a grouped convolution's input per group (`x[..., a:b]`); tf_keras writes
-        # the same slice as its own slicing layer.
+        # The zipped model slices a grouped convolution's input per group (`registry.channel_slice`);
+        # tf_keras writes the same slice as its own slicing layer.
         call = keras_graph.OperationCall.of_node(op, node_index)
         if call.operation_name == "GetItem" and call.tensor_count == 1:
             source, key = call.arguments.args

@@ -312,14 +312,17 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
                            f"got {sharing!r}.")
         return _whole_where_mixed([to_count(sharing, w, "") for w in widths], plan, float(sharing))
 
-    names = {}  # a model's layer name -> the hidden slots computing it (a grouped convolution: one per group)
+    # A model's layer name -> the hidden slots computing it: its own slot (the first, where models reuse a
+    # name), or, for a layer tf_mtz computes in parts (a grouped convolution's groups, column blocks), all
+    # of theirs.
+    names, parts = {}, {}
     for i, slot in enumerate(hidden):
         for layer in slot.position.layers.values():
-            names.setdefault(layer.name, []).append(i)
+            names.setdefault(layer.name, [i])
             owner = plan.grouped.get(id(layer), (plan.split_layers.get(id(layer)),))[0]
-            if owner is not None and owner.name != layer.name:
-                names.setdefault(owner.name, []).append(i)
-    names = {name: sorted(set(slots)) for name, slots in names.items()}
+            if owner is not None and i not in parts.setdefault(owner.name, []):
+                parts[owner.name].append(i)
+    names = {**parts, **names}
     heads = {layer.name for output in plan.outputs for layer in plan.slots[output.slot].position.layers.values()}
     counts = [0] * len(hidden)
     named = {}
