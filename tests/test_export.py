@@ -2,6 +2,7 @@
 
 import shutil
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -63,6 +64,51 @@ def test_tflite_without_task_signatures_is_smaller_and_serves_every_task(zipped_
         np.testing.assert_allclose(both[task], expected[task], atol=1e-5)
     # The same weights, one operator table instead of three.
     assert weight_bytes(lean) == weight_bytes(full) and lean_bytes < full_bytes
+
+
+def _subgraph_count(content):
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    return schema.Model.GetRootAsModel(content, 0).SubgraphsLength()
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_fully_shared_task_signatures_read_the_all_tasks_graph(quantization):
+    # Every hidden layer shared: a task's own path would skip only the other head, so its signature runs
+    # the all-tasks subgraph and the file is no larger than the one without task signatures.
+    rng = np.random.default_rng(1)
+    a, b = small_cnn("a", seed=0), small_cnn("b", classes=4, seed=1)
+    x = rng.normal(size=(64, 12, 12, 1)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, sharing=1.0, verbose=0)
+    content = tf_mtz.tflite_bytes(zipped, quantization, representative_data=x)
+    lean = tf_mtz.tflite_bytes(zipped, quantization, representative_data=x, task_signatures=False)
+    assert _subgraph_count(content) == 1 and len(content) <= len(lean) + 256
+    interpreter = Interpreter(model_content=content)
+    assert set(interpreter.get_signature_list()) == {"serving_default", "a", "b"}
+    expected = zipped.predict(x[:4], verbose=0)
+    both = interpreter.get_signature_runner("serving_default")(image=x[:4])
+    for task in ("a", "b"):
+        alone = interpreter.get_signature_runner(task)(image=x[:4])
+        assert set(alone) == {task}
+        np.testing.assert_array_equal(alone[task], both[task])
+        np.testing.assert_allclose(alone[task], expected[task], atol=1e-5 if quantization is None else 0.05)
+
+
+def test_partly_shared_tasks_keep_their_own_subgraphs(zipped_and_data):
+    zipped, _, _ = zipped_and_data  # 75% shared: each task's path skips a quarter of the hidden units
+    assert _subgraph_count(tf_mtz.tflite_bytes(zipped)) == 3
+
+
+def test_subgraph_work_counts_multiply_adds():
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tf_mtz import flatbuffer
+
+    x = keras.Input((8,), name="x")
+    h = keras.layers.Dense(16, activation="relu")(x)
+    model = keras.Model(x, keras.layers.Dense(4)(h))
+    content = tf_mtz.tflite_bytes(model)
+    parsed = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(content, 0))
+    assert flatbuffer._work(parsed, parsed.subgraphs[0]) == 8 * 16 + 16 * 4
 
 
 @pytest.mark.parametrize("quantization,atol", [("dynamic", 0.02), ("float16", 1e-3), ("int8", 0.05)])
