@@ -3,9 +3,9 @@
 Two ResNeXt-style networks (different seeds, weights random, BatchNormalization statistics random; three
 bottleneck blocks with grouped 3x3 convolutions of `groups` groups, 32x32x3 inputs) zipped with every
 hidden layer shared, no retraining: zip time, parameters and `.tflite` bytes zipped / separate, and
-single-thread LiteRT latency of the zipped model against the two separate models. The zipped model
-computes each group as a standard convolution on a slice of its input, so its latency against one
-grouped convolution per layer is what this measures.
+single-thread LiteRT latency of the zipped model against the two separate models. tf_mtz zips a grouped
+convolution group by group; where every group ends fully shared the rebuild makes them one grouped
+Conv2D again, and this measures what the zipped model then costs against the separate ones.
 
     python benchmarks/grouped_scale.py [--groups 8,32]   # writes docs/grouped_scale.md
 """
@@ -74,7 +74,7 @@ def main(argv):
              "1x1 (128) -> grouped 3x3 (128) -> 1x1 (64) with BatchNormalization and identity shortcuts, 32x32x3 "
              "inputs), every hidden layer shared, default recipe, 64 random calibration images, no retraining. "
              "Latency: one frame, single-thread LiteRT (both tasks: the zipped model once, the separate models "
-             "one after the other). The zipped model computes each group as a Conv2D on a slice of its input.", "",
+             "one after the other). Fully shared groups are rebuilt as one grouped Conv2D (partly shared ones: one Conv2D per group on a slice of its input).", "",
              "| groups | zip (s) | parameters zipped / separate | .tflite bytes zipped / separate | "
              "latency zipped / separate (ms) | latency ratio |",
              "|---:|---:|---:|---:|---:|---:|"]

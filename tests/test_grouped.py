@@ -60,19 +60,51 @@ def test_resnext_block_zipped_with_its_permuted_copy_reproduces_it(x, sharing, t
     assert _relative_error(next(iter(runner(**{input_name: x[:4]}).values())), outputs["b"][:4]) < 1e-5
 
 
-def test_fully_shared_groups_hold_one_grouped_kernel_not_a_dense_one(x):
-    """Each group's shared convolution reads its group's channels only: the zipped groups together hold as
-    many weights as the grouped layer (its BatchNormalization folded in as a bias), not groups times more."""
+def test_fully_shared_groups_are_one_grouped_convolution_again(x):
+    """Zipped group by group, fully shared groups are rebuilt as one Conv2D(groups=4) on the trunk: as many
+    weights as the grouped layer (its BatchNormalization folded in as a bias), not groups times more, and
+    no per-group slices or concatenations left in the zipped model."""
     model = resnext("resnext")
     other = resnext("other", seed=3)
     zipped = tf_mtz.zip_models({"a": model, "b": other}, x, verbose=0)
     assert np.isfinite(zipped.predict(x, verbose=0)["a"]).all()
     grouped = model.get_layer("grouped")
-    kernel_size = int(np.prod(grouped.kernel.shape))
-    in_zipped = sum(layer.count_params() for layer in zipped.layers if layer.name.startswith("grouped_group"))
-    assert in_zipped == kernel_size + grouped.filters
+    (fused,) = [layer for layer in zipped.layers if layer.name.startswith("grouped")]
+    assert isinstance(fused, keras.layers.Conv2D) and fused.groups == 4
+    assert fused.count_params() == int(np.prod(grouped.kernel.shape)) + grouped.filters
+    assert not any(isinstance(layer, keras.layers.Concatenate) for layer in zipped.layers)
     groups_in_report = [layer for layer in zipped.zip_report.layers if layer.name.startswith("grouped_group")]
     assert len(groups_in_report) == 4 and all(layer.shared == 4 for layer in groups_in_report)
+
+
+def test_partly_shared_groups_stay_apart(x):
+    zipped = tf_mtz.zip_models({"a": resnext("a"), "b": resnext("b", seed=3)}, x, sharing=0.5, verbose=0)
+    assert not any(getattr(layer, "groups", 1) > 1 for layer in zipped.layers)
+    assert any(layer.name.startswith("grouped_group") for layer in zipped.layers)
+
+
+def test_retrained_weights_of_fused_groups_flow_back(x, monkeypatch):
+    """Retraining trains the fused Conv2D(groups=4); its weights go back to each group's slot. The trainer
+    is replaced by one that moves every weight at random: the model rebuilt from the zip state afterwards
+    must compute what the moved student computed."""
+    from tf_mtz import retrain as retrain_lib
+
+    moved = {}
+
+    def move_every_weight(self, steps, label="retrain", verbose=1):
+        rng = np.random.default_rng(steps)
+        for variable in self.variables:
+            variable.assign(variable.numpy() + 0.05 * rng.normal(size=variable.shape).astype("float32"))
+        moved.update({t: student(x, training=False).numpy() for t, student in self.students.items()})
+        return 0.0
+
+    monkeypatch.setattr(retrain_lib.JointTrainer, "run", move_every_weight)
+    retrain = tf_mtz.Retrain(data=x, steps_per_layer=0, final_steps=3)
+    zipped = tf_mtz.zip_models({"a": resnext("a"), "b": resnext("b", seed=3)}, x, retrain=retrain, verbose=0)
+    assert any(getattr(layer, "groups", 1) == 4 for layer in zipped.layers)
+    logits = {t: keras.Model(zipped.inputs, zipped.get_layer(f"{t}_head").output)(x).numpy() for t in ("a", "b")}
+    for t in ("a", "b"):
+        np.testing.assert_allclose(logits[t], moved[t], rtol=1e-5, atol=1e-5)
 
 
 def test_groups_permuted_by_hand_are_found():

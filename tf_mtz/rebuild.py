@@ -18,6 +18,7 @@ import dataclasses
 import gc
 
 import keras
+import numpy as np
 
 from tf_mtz import graph, registry
 from tf_mtz.graph import ZipPlan, input_ref, is_input
@@ -32,9 +33,14 @@ class Binding:
     target: object  # the SlotState or ChannelState holding the weights
     targets: list  # (task, kernel index, bias index or None)
     handler: object = None  # a unit layer's handler: its kernel back in tf_mtz's layout
+    columns: slice = None  # the layer's output units that are this target's (a fused layer's part)
 
     def state_kernel(self, weights: list):
-        return weights[0] if self.handler is None else self.handler.layout_kernel(weights[0])
+        kernel = weights[0] if self.columns is None else weights[0][..., self.columns]
+        return kernel if self.handler is None else self.handler.layout_kernel(kernel)
+
+    def state_bias(self, weights: list):
+        return weights[1] if self.columns is None else weights[1][self.columns]
 
 
 @dataclasses.dataclass
@@ -65,7 +71,8 @@ def build_model(plan: ZipPlan, state: ZipState, name: str = "zipped") -> BuiltMo
     gc.collect()
     builder = _Builder(plan, state)
     inputs = [keras.Input(shape=i.shape, dtype=i.dtype, name=builder.names(i.name)) for i in plan.inputs]
-    features = {input_ref(k): {t: (x, None) for t in plan.tasks} for k, x in enumerate(inputs)}
+    features = builder.features
+    features.update({input_ref(k): {t: (x, None) for t in plan.tasks} for k, x in enumerate(inputs)})
     for position in plan.body:
         parents = [features[p] for p in position.parents]
         if is_input(position.space) and not position.is_units:
@@ -94,6 +101,13 @@ class _Builder(registry.PositionVisitor):
         self.names = _Names()
         self.taps, self.parts = [None] * len(plan.slots), [None] * len(plan.slots)
         self.logits, self.bindings = {}, []
+        self.features = {}  # position index -> feature, filled in graph order by `build_model`
+        # id(tensor) -> (the tensor it is a channel slice of, start, stop): the slices this builder made,
+        # so that a Concatenate of consecutive slices is their source again.
+        self.slices = {}
+        self.slice_calls = {}  # (id(source), start, stop) -> the slice: one per distinct run
+        self.parts_of = _parts_of_layers(plan)
+        self.fused = {}  # slot index -> its output, where its layer's parts were built as one layer
 
     def replay(self, position, parents):
         """Before any unit layer the input is not split: the layer is replayed exactly, once."""
@@ -113,6 +127,10 @@ class _Builder(registry.PositionVisitor):
         (feature,) = parents
         self.taps[index] = {t: feature[t][0] if slot.shared_inputs else None for t in self.tasks}
         self.parts[index] = dict(feature)
+        if index not in self.fused and index in self.parts_of:
+            self._fuse(*self.parts_of[index])
+        if index in self.fused:
+            return self.fused[index]
         if self.plan.is_head(index):
             output = next(o for o in self.plan.outputs if o.slot == index)
             logits = {}
@@ -126,10 +144,10 @@ class _Builder(registry.PositionVisitor):
                               self.bindings)
 
     def merge(self, position, parents):
-        return _combine(position, parents, self.tasks, self.names, concatenates=False)
+        return _combine(position, parents, self.tasks, self.names, concatenates=False, slices=self.slices)
 
     def concatenate(self, position, parents):
-        return _combine(position, parents, self.tasks, self.names, concatenates=True)
+        return _combine(position, parents, self.tasks, self.names, concatenates=True, slices=self.slices)
 
     def select(self, position, parents):
         """A run of whole unit spaces of the input: its shared units from the input's shared part and its
@@ -153,12 +171,84 @@ class _Builder(registry.PositionVisitor):
                 elif stop - start == int(x.shape[-1]):
                     picked.append(x)
                 else:
-                    key = (id(x), start, stop)
-                    if key not in cache:  # tasks reading one tensor share one slice
-                        cache[key] = registry.channel_slice(x, start, stop)
-                    picked.append(cache[key])
+                    picked.append(self._slice(x, start, stop))
             out[t] = tuple(picked)
         return out
+
+    def _slice(self, x, start: int, stop: int):
+        """`x[..., start:stop]`, one slice per distinct run (tasks reading one tensor share it)."""
+        key = (id(x), start, stop)
+        if key not in self.slice_calls:
+            self.slice_calls[key] = registry.channel_slice(x, start, stop)
+            self.slices[id(self.slice_calls[key])] = (x, start, stop)
+        return self.slice_calls[key]
+
+    def _fuse(self, kind: str, members: list, layer_name: str) -> None:
+        """Builds the parts of one layer of the models, `layer_name` (a grouped convolution's groups, `kind`
+        "groups"; a layer's column blocks, "blocks"), each slot `members[k]`, as one layer where every part is fully
+        shared and reads the trunk alone: one `Conv2D(groups=g)` on the tensor the groups slice, or one
+        layer on the blocks' common input. Each part's output is then a slice of it (a Concatenate of them
+        all is the fused output again). Leaves `self.fused` unset where the parts do not qualify."""
+        plan, state, tasks = self.plan, self.state, self.tasks
+        inputs = []
+        for m in members:
+            slot, position = state.slots[m], plan.slots[m].position
+            feature = self._feature_of(position.parents[0])
+            if (feature is None or plan.is_head(m) or not slot.merged or slot.shared == 0
+                    or any(slot.units(t) != slot.shared for t in tasks)
+                    or slot.shared_rows != slot.kernels[tasks[0]].shape[-2]
+                    or any(feature[t][1] is not None or feature[t][0] is not feature[tasks[0]][0] for t in tasks)):
+                return
+            inputs.append(feature[tasks[0]][0])
+        handler = plan.slots[members[0]].position.handler
+        template = plan.slots[members[0]].position.layers[tasks[0]]
+        activation = handler.activation(template)
+        widths = [state.slots[m].shared for m in members]
+        name = self.names(f"{layer_name}_shared")
+        if kind == "groups":
+            runs = [self.slices.get(id(x)) for x in inputs]
+            if None in runs or len({id(r[0]) for r in runs}) != 1 or len(set(widths)) != 1:
+                return
+            source = runs[0][0]
+            step = runs[0][2] - runs[0][1]
+            if [r[1:] for r in runs] != [(k * step, (k + 1) * step) for k in range(len(runs))] \
+                    or len(runs) * step != int(source.shape[-1]):
+                return
+            layer = handler.build_grouped(template, sum(widths), len(members), activation=activation, name=name)
+            if layer is None:
+                return
+            x = source
+        else:
+            if len({id(x) for x in inputs}) != 1:
+                return
+            layer = handler.build_layer(template, sum(widths), use_bias=True, activation=activation, name=name)
+            x = inputs[0]
+        out = layer(x)
+        weights = [handler.layer_weights(state.slots[m].kernels[tasks[0]], state.slots[m].biases[tasks[0]])
+                   for m in members]
+        layer.set_weights([np.concatenate([w[0] for w in weights], axis=-1),
+                           np.concatenate([w[1] for w in weights])])
+        start = 0
+        for m, width in zip(members, widths):
+            columns = slice(start, start + width)
+            part = out if width == int(out.shape[-1]) else self._slice(out, start, start + width)
+            self.fused[m] = {t: (part, None) for t in tasks}
+            rows = state.slots[m].shared_rows
+            self.bindings.append(Binding(layer, state.slots[m],
+                                         [(t, (..., slice(0, rows), slice(0, width)), slice(0, width))
+                                          for t in tasks], handler, columns))
+            start += width
+
+    def _feature_of(self, index):
+        """The feature of position `index`, building a not yet visited channel slice early (a fused
+        grouped layer needs every group's input at its first group); None where it is not built yet."""
+        if index in self.features:
+            return self.features[index]
+        position = self.plan.body[index]
+        if not isinstance(position.handler, registry.SliceHandler) \
+                or any(p not in self.features for p in position.parents):
+            return None
+        return self.select(position, [self.features[p] for p in position.parents])
 
     def passthrough(self, position, parents):
         cache = {}
@@ -193,7 +283,7 @@ def _heads(position, slot, feature, tasks, names, bindings, logits):
     return out_features
 
 
-def _combine(position, parents, tasks, names, concatenates: bool):
+def _combine(position, parents, tasks, names, concatenates: bool, slices: dict):
     """A multi-input layer applied to its inputs' shared parts and, separately, to their specific parts.
 
     An element-wise merge needs every input split alike (tied inputs share the same number of units); a
@@ -210,11 +300,48 @@ def _combine(position, parents, tasks, names, concatenates: bool):
             raise AssertionError(f"Internal error: the inputs of '{ref.name}' are split differently.")
         key = tuple(id(x) for x in present)
         if key not in cache:
-            cache[key] = position.handler.apply_to_parts(ref, present, names(label))
+            whole = _whole_source(present, slices) if concatenates else None
+            cache[key] = whole if whole is not None else position.handler.apply_to_parts(ref, present, names(label))
         return cache[key]
 
     return {t: (combine([p[t][0] for p in parents], f"{ref.name}_shared"),
                 combine([p[t][1] for p in parents], f"{t}_{position.layers[t].name}")) for t in tasks}
+
+
+def _whole_source(parts: list, slices: dict):
+    """The tensor that `parts`, in order, slice from its first channel to its last, or None."""
+    runs = [slices.get(id(x)) for x in parts]
+    if None in runs or len({id(r[0]) for r in runs}) != 1:
+        return None
+    ends = [0] + [r[2] for r in runs]
+    if any(r[1] != end for r, end in zip(runs, ends)) or ends[-1] != int(runs[0][0].shape[-1]):
+        return None
+    return runs[0][0]
+
+
+def _parts_of_layers(plan: ZipPlan) -> dict:
+    """slot index -> ("groups" | "blocks", the slots computing parts of the same layer in order, that
+    layer's name), for the slots of grouped convolutions read group by group (all groups present) and of
+    layers cut into column blocks."""
+    first = plan.tasks[0]
+    groups, blocks = {}, {}
+    for index, slot in enumerate(plan.slots):
+        layer = slot.position.layers[first]
+        if id(layer) in plan.grouped:
+            owner, k = plan.grouped[id(layer)]
+            groups.setdefault(id(owner), (owner, {}))[1][k] = index
+        elif id(layer) in plan.split_layers:
+            owner = plan.split_layers[id(layer)]
+            blocks.setdefault(id(owner), (owner, []))[1].append(index)
+    result = {}
+    for owner, members in groups.values():
+        if sorted(members) == list(range(int(owner.groups))):
+            ordered = [members[k] for k in range(len(members))]
+            result.update({m: ("groups", ordered, owner.name) for m in ordered})
+    for owner, members in blocks.values():
+        if len(members) > 1:
+            result.update({m: ("blocks", members, owner.name) for m in members})
+    return result
 
 
 def _channel_layer(position, channel: ChannelState, feature, tasks, names, bindings):

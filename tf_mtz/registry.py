@@ -110,6 +110,14 @@ class UnitLayerHandler(LayerHandler):
         """Returns a new, unbuilt layer like `template` with `units` outputs."""
         raise NotImplementedError
 
+    def build_grouped(self, template, units: int, groups: int, *, activation, name: str):
+        """A new, unbuilt layer like `template` computing `groups` such layers side by side, each reading
+        its own 1/groups of the input channels and giving units/groups outputs (with a bias), or None
+        where the kind has no such form. The rebuild uses it where every group of a grouped layer is
+        fully shared; with None it builds the groups one by one."""
+        del template, units, groups, activation, name
+        return None
+
     def hessian_samples(self, template, x: tf.Tensor, mode: str) -> tf.Tensor:
         """Maps a batch of layer inputs to a `(samples, features)` matrix whose Gram matrix is the Hessian."""
         raise NotImplementedError
@@ -243,6 +251,12 @@ class Conv2DHandler(UnitLayerHandler):
             units, template.kernel_size, strides=template.strides, padding=template.padding,
             dilation_rate=template.dilation_rate, use_bias=use_bias, activation=activation, name=name,
             dtype=template.dtype_policy)
+
+    def build_grouped(self, template, units, groups, *, activation, name):
+        return self.layer_class(
+            units, template.kernel_size, strides=template.strides, padding=template.padding,
+            dilation_rate=template.dilation_rate, groups=groups, use_bias=True, activation=activation,
+            name=name, dtype=template.dtype_policy)
 
     def hessian_samples(self, template, x, mode):
         if mode == "channel":
@@ -382,6 +396,9 @@ class Conv2DTransposeHandler(Conv2DHandler):
 
     def layout_kernel(self, kernel):
         return np.swapaxes(kernel, -1, -2)
+
+    def build_grouped(self, template, units, groups, *, activation, name):
+        return None  # Keras has no grouped Conv2DTranspose
 
     def build_layer(self, template, units, *, use_bias, activation, name):
         return keras.layers.Conv2DTranspose(units, template.kernel_size, strides=template.strides,

@@ -247,4 +247,4 @@ def absorb_trained(state: ZipState, bindings: list) -> None:
         for task, kernel_index, bias_index in binding.targets:
             binding.target.kernels[task][kernel_index] = kernel
             if bias_index is not None:
-                binding.target.biases[task][bias_index] = weights[1]
+                binding.target.biases[task][bias_index] = binding.state_bias(weights)
