@@ -177,3 +177,22 @@ def test_to_tf_keras_rebuilds_the_group_slices(x):
     rebuilt = legacy.predict(x, verbose=0)
     for task in ("a", "b"):
         np.testing.assert_allclose(rebuilt[task], expected[task], rtol=1e-5, atol=1e-6)
+
+
+def test_fully_shared_grouped_model_takes_quantization_aware_training(x):
+    """Fused back into one grouped Conv2D, a fully shared model has no slices: tfmot's quantize_model
+    takes its tf_keras rebuild (partly shared ones, with slices, are refused by tfmot: docs/api.md)."""
+    tfmot = pytest.importorskip("tensorflow_model_optimization")
+    zipped = tf_mtz.zip_models({"a": resnext("a"), "b": resnext("b", seed=3)}, x, verbose=0)
+    legacy = tf_mtz.to_tf_keras(zipped)
+    qat = tfmot.quantization.keras.quantize_model(legacy)
+    assert sum(getattr(layer.layer, "groups", 1) == 4 for layer in qat.layers if hasattr(layer, "layer")) == 1
+    expected = zipped.predict(x, verbose=0)
+    import tf_keras
+
+    qat.compile(optimizer=tf_keras.optimizers.Adam(1e-4), loss={t: "mse" for t in ("a", "b")})
+    history = qat.fit(x, expected, epochs=5, batch_size=16, verbose=0)  # training sets the int8 ranges
+    assert np.isfinite(history.history["loss"]).all()
+    quantized = qat.predict(x, verbose=0)
+    for task in ("a", "b"):  # random models' outputs span little: int8 follows them, not exactly
+        assert np.corrcoef(quantized[task].ravel(), expected[task].ravel())[0, 1] > 0.7
