@@ -43,7 +43,10 @@ import scipy.linalg
 import tensorflow as tf
 
 from tf_mtz import tracing
-from tf_mtz.statistics import LowRankHessian
+from tf_mtz.statistics import LowRankHessian, TokenHessian
+
+# Hessians kept in a structured form, with `dense`, `matmul` and `quadratic`.
+_STRUCTURED = (LowRankHessian, TokenHessian)
 
 # Side of the diagonal blocks the recursion stops at: TensorFlow's own factorisation and triangular inverse
 # are quick at this size, and the zeros its full-block products carry are few. 128-256 measured alike.
@@ -248,6 +251,8 @@ def cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b, dtype=tf.float32) -> n
     """
     if isinstance(hessian_a, LowRankHessian) and isinstance(hessian_b, LowRankHessian):
         return _low_rank_cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b, dtype)
+    if isinstance(hessian_a, TokenHessian) and isinstance(hessian_b, TokenHessian):
+        return _diagonal_cost_matrix(blocks_a, blocks_b, hessian_a.diagonal(), hessian_b.diagonal(), dtype)
     np_dtype = dtype.as_numpy_dtype
     hessian_a = np.asarray(_dense(hessian_a), np_dtype)
     hessian_b = np.asarray(_dense(hessian_b), np_dtype)
@@ -290,8 +295,25 @@ def cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b, dtype=tf.float32) -> n
     return np.maximum(costs, 0.0, out=costs)
 
 
+def _diagonal_cost_matrix(blocks_a, blocks_b, diagonal_a, diagonal_b, dtype) -> np.ndarray:
+    """ΔE for diagonal Hessians a, b: H_A (H_A+H_B)⁻¹ H_B is diagonal, c = ab/(a+b), so the cost of a pair is
+    ½ Σ c (w_A − w_B)², a weighted squared distance: three matrix products, for any number of tokens."""
+    weight = tf.constant((diagonal_a * diagonal_b / (diagonal_a + diagonal_b))[None, :, None], dtype)
+    a, b = tf.constant(blocks_a, dtype), tf.constant(blocks_b, dtype)
+
+    def rows(x):  # (K, D, n) -> (K·D, n): a unit's weights in every block, one column per unit
+        return tf.reshape(x, (-1, x.shape[-1]))
+
+    weighted_a, flat_a, flat_b = rows(weight * a), rows(a), rows(b)
+    squared_a = tf.reduce_sum(weighted_a * flat_a, axis=0)
+    squared_b = tf.reduce_sum(rows(weight * b) * flat_b, axis=0)
+    cross = tf.matmul(weighted_a, flat_b, transpose_a=True)
+    costs = 0.5 * (squared_a[:, None] + squared_b[None, :] - 2.0 * cross)
+    return np.maximum(costs.numpy(), 0.0)
+
+
 def _dense(hessian):
-    return hessian.dense() if isinstance(hessian, LowRankHessian) else hessian
+    return hessian.dense() if isinstance(hessian, _STRUCTURED) else hessian
 
 
 def _row_space(hessian_a: LowRankHessian, hessian_b: LowRankHessian):
@@ -356,6 +378,9 @@ def merged_weights(blocks_a, blocks_b, hessian_a, hessian_b) -> np.ndarray:
     """Returns `(H_A + H_B)⁻¹ (H_A a + H_B b)` for matched columns of `blocks_a` and `blocks_b`, in float64."""
     if isinstance(hessian_a, LowRankHessian) and isinstance(hessian_b, LowRankHessian):
         return _low_rank_merged_weights(blocks_a, blocks_b, hessian_a, hessian_b)
+    if isinstance(hessian_a, TokenHessian) and isinstance(hessian_b, TokenHessian):
+        a, b = hessian_a.diagonal()[None, :, None], hessian_b.diagonal()[None, :, None]
+        return (a * np.asarray(blocks_a, np.float64) + b * np.asarray(blocks_b, np.float64)) / (a + b)
     hessian_a, hessian_b = _dense(hessian_a), _dense(hessian_b)
     a = tf.convert_to_tensor(blocks_a, tf.float64)
     b = tf.convert_to_tensor(blocks_b, tf.float64)
@@ -434,8 +459,8 @@ def merge_units(merge: str, blocks_a, blocks_b, hessian_a, hessian_b, tasks_in_a
 
 
 def _times(hessian, w: np.ndarray) -> np.ndarray:
-    """H @ w for a dense or low-rank Hessian."""
-    if isinstance(hessian, LowRankHessian):
+    """H @ w for a dense or structured Hessian."""
+    if isinstance(hessian, _STRUCTURED):
         return hessian.matmul(w)
     return np.asarray(hessian, np.float64) @ w
 
@@ -447,7 +472,7 @@ def merge_error(merged, blocks, hessian, dtype=tf.float32) -> np.ndarray:
     report's number: float32 is the weights' own precision), a low-rank one through its factor.
     """
     delta = np.asarray(merged, np.float64) - blocks
-    if isinstance(hessian, LowRankHessian):
+    if isinstance(hessian, _STRUCTURED):
         return 0.5 * sum(hessian.quadratic(delta[i]) for i in range(delta.shape[0]))
     k, d, n = delta.shape
     flat = tf.reshape(tf.transpose(tf.constant(delta, dtype), (1, 0, 2)), (d, k * n))

@@ -141,8 +141,9 @@ def export_saved_model(model: keras.Model, path: str, overwrite: bool = False) -
 
 
 def _representative_arrays(model: keras.Model, data) -> list:
-    """One float32 array per model input from `representative_data`: an array (or `(x, y)`) for a
-    single-input model; a list or a dict keyed by input name, one array per input, for several inputs."""
+    """One array per model input, in its dtype (token ids stay integers), from `representative_data`: an
+    array (or `(x, y)`) for a single-input model; a list or a dict keyed by input name, one array per
+    input, for several inputs."""
     names = input_names(model)
     if len(names) == 1:
         arrays = [data[0] if isinstance(data, (tuple, list)) else data]
@@ -156,8 +157,9 @@ def _representative_arrays(model: keras.Model, data) -> list:
     else:
         raise ZipError(f"Model '{model.name}' takes {len(names)} inputs {names}; give representative_data as a "
                        "list or a dict of one array per input.")
-    arrays = [np.asarray(x, np.float32) for x in arrays]
-    for x, tensor, name in zip(arrays, keras_graph.model_inputs(model), names):
+    tensors = keras_graph.model_inputs(model)
+    arrays = [np.asarray(x).astype(tensor.dtype, copy=False) for x, tensor in zip(arrays, tensors)]
+    for x, tensor, name in zip(arrays, tensors, names):
         if x.ndim == 0 or len(x) == 0:
             raise ZipError("representative_data for int8 quantization is empty.")
         expected = tuple(tensor.shape[1:])

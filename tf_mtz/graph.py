@@ -374,7 +374,8 @@ def _handler(layer, model_name: str) -> registry.LayerHandler:
 
 def _comparable_config(layer) -> dict:
     config = dict(layer.get_config())
-    for key in ("name", "units", "filters", "trainable", "dtype", "kernel_initializer", "bias_initializer",
+    for key in ("name", "units", "filters", "output_dim", "embeddings_initializer", "embeddings_regularizer",
+                "embeddings_constraint", "trainable", "dtype", "kernel_initializer", "bias_initializer",
                 "kernel_regularizer", "bias_regularizer", "activity_regularizer", "kernel_constraint",
                 "bias_constraint", "seed", "rate", "depthwise_initializer", "depthwise_regularizer",
                 "depthwise_constraint"):
@@ -726,6 +727,10 @@ def _plan_from_ops(tasks, names, ops, folded, output_ops, output_names, original
     plan = ZipPlan(tasks=tasks, inputs=inputs, body=body, outputs=outputs, slots=slots,
                    groups=groups, originals=originals, split_layers=dict(split_layers), grouped=dict(grouped))
     for slot in slots:
+        if slot.position.handler.token_vocabulary(slot.position.layers[first]) is not None \
+                and not is_input(slot.input_space):
+            raise ZipError(f"Layer '{slot.position.name}' of model '{names[first]}' reads token ids from another "
+                           "layer's output; tf_mtz zips token layers (Embedding) that read a model input.")
         if not is_input(slot.input_space):
             slot.rows_per_input_unit = _rows_per_unit(plan, slot, names)
     return plan

@@ -40,6 +40,9 @@ class Binding:
         return kernel if self.handler is None else self.handler.layout_kernel(kernel)
 
     def state_bias(self, weights: list):
+        """The layer's bias for the state, or None for a layer built without one (an Embedding)."""
+        if len(weights) < 2:
+            return None
         return weights[1] if self.columns is None else weights[1][self.columns]
 
 

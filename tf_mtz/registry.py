@@ -118,6 +118,13 @@ class UnitLayerHandler(LayerHandler):
         del template, units, groups, activation, name
         return None
 
+    def token_vocabulary(self, template) -> int | None:
+        """The number of tokens, where the layer reads token ids (an Embedding): its Hessian is then the
+        tokens' frequencies on the calibration data (`statistics.TokenHessian`), not a Gram matrix of
+        `hessian_samples`. None for layers reading features."""
+        del template
+        return None
+
     def hessian_samples(self, template, x: tf.Tensor, mode: str) -> tf.Tensor:
         """Maps a batch of layer inputs to a `(samples, features)` matrix whose Gram matrix is the Hessian."""
         raise NotImplementedError
@@ -215,6 +222,59 @@ class DenseHandler(UnitLayerHandler):
 
     def input_moments(self, template, x, targets, mode):
         return statistics.vector_moments(tf.reshape(x, (-1, x.shape[-1])), targets)
+
+    def to_blocks(self, kernel, bias, mode):
+        return np.concatenate([kernel, bias[None, :]], axis=0)[None]
+
+    def from_blocks(self, blocks, kernel_shape, mode):
+        return blocks[0, :-1].reshape(kernel_shape), blocks[0, -1]
+
+
+class EmbeddingHandler(UnitLayerHandler):
+    """Embedding: its units are the embedding dimensions, a unit's incoming weights its column of the
+    table (one row per token: the layer is a Dense layer on one-hot tokens, without bias). It reads the
+    model's token ids, identical for every task, so tables of the same vocabulary zip; the Hessian is the
+    tokens' frequencies."""
+
+    hessian_modes = ("tokens",)
+
+    def check(self, layer, model_name):
+        if getattr(layer, "mask_zero", False):
+            raise ZipError(f"Embedding '{layer.name}' of model '{model_name}' has mask_zero=True; tf_mtz does not "
+                           "carry Keras masks through its layer statistics yet. Zip a copy without the mask (pad "
+                           "with a token the model has learnt to ignore) or mask the padding in the data.")
+        if getattr(layer, "sparse", False):
+            raise ZipError(f"Embedding '{layer.name}' of model '{model_name}' has sparse=True; tf_mtz zips dense "
+                           "embeddings only.")
+
+    def token_vocabulary(self, template):
+        return int(template.input_dim)
+
+    def kernel_and_bias(self, layer):
+        table = np.asarray(keras.ops.convert_to_numpy(layer.embeddings), np.float32)
+        return table, np.zeros(table.shape[-1], np.float32)
+
+    def activation(self, layer):
+        return "linear"
+
+    def layer_weights(self, kernel, bias=None):
+        if bias is not None and np.any(bias):
+            raise AssertionError("Internal error: an Embedding was given a non-zero bias.")
+        return [kernel]
+
+    def build_layer(self, template, units, *, use_bias, activation, name):
+        del use_bias, activation  # an embedding has neither
+        return keras.layers.Embedding(template.input_dim, units, name=name, dtype=template.dtype_policy)
+
+    def hessian_samples(self, template, x, mode):
+        return tf.one_hot(tf.reshape(tf.cast(x, tf.int32), (-1,)), template.input_dim)
+
+    def sample_count(self, template, x, mode):
+        return prod(x.shape)
+
+    def pre_activations(self, template, x, block, mode):
+        ids = tf.reshape(tf.cast(x, tf.int32), (-1,))
+        return tf.gather(block[:-1], ids) + block[-1]
 
     def to_blocks(self, kernel, bias, mode):
         return np.concatenate([kernel, bias[None, :]], axis=0)[None]
@@ -1004,6 +1064,7 @@ for _cls in (keras.layers.Rescaling, keras.layers.Normalization):
 register_layer_handler(keras.layers.Flatten, FlattenHandler())
 register_layer_handler(keras.layers.Reshape, ReshapeHandler())
 register_layer_handler(keras.layers.Dense, DenseHandler())
+register_layer_handler(keras.layers.Embedding, EmbeddingHandler())
 register_layer_handler(keras.layers.Conv2D, Conv2DHandler())
 register_layer_handler(keras.layers.Conv2DTranspose, Conv2DTransposeHandler())
 register_layer_handler(keras.layers.Conv1D, Conv1DHandler())

@@ -246,5 +246,6 @@ def absorb_trained(state: ZipState, bindings: list) -> None:
         kernel = binding.state_kernel(weights)
         for task, kernel_index, bias_index in binding.targets:
             binding.target.kernels[task][kernel_index] = kernel
-            if bias_index is not None:
-                binding.target.biases[task][bias_index] = binding.state_bias(weights)
+            bias = binding.state_bias(weights)
+            if bias_index is not None and bias is not None:
+                binding.target.biases[task][bias_index] = bias

@@ -73,6 +73,82 @@ class LowRankHessian:
     __radd__ = __add__
 
 
+class TokenHessian:
+    """The Hessian of a layer whose inputs are token ids (an Embedding): its input is the one-hot e_v of
+    token v, so H = E[e_v e_vᵀ] = diag(f), the tokens' frequencies, kept as f and a damping λ (H + λI). An
+    Embedding has no bias: its bias coordinate (last, as for every layer) is a dummy with curvature 1,
+    decoupled, so that merges keep it at 0. Diagonal, so the pair costs and the merge are per token."""
+
+    def __init__(self, frequencies: np.ndarray, samples: int, damping: float = 0.0, bias_curvature: float = 1.0):
+        self.frequencies = np.asarray(frequencies, np.float64)
+        self.samples, self.damping, self.bias_curvature = int(samples), float(damping), float(bias_curvature)
+        self.factor = None  # not a low-rank LayerHessian
+
+    @property
+    def dim(self) -> int:
+        return len(self.frequencies) + 1
+
+    @property
+    def shape(self) -> tuple:
+        return (self.dim, self.dim)
+
+    @property
+    def rank_deficient(self) -> bool:
+        return False  # an unseen token has no curvature, and its embedding does not matter on this data
+
+    def diagonal(self) -> np.ndarray:
+        return np.append(self.frequencies, self.bias_curvature) + self.damping
+
+    def dense(self) -> np.ndarray:
+        return np.diag(self.diagonal())
+
+    @property
+    def matrix(self) -> np.ndarray:
+        return self.dense()
+
+    def damped(self, damping: float) -> "TokenHessian":
+        """H + λI with λ = damping · trace(H)/dim, as `damped` does for a matrix."""
+        scale = max(float(self.frequencies.sum() + self.bias_curvature) / self.dim, 1e-12)
+        return TokenHessian(self.frequencies, self.samples, self.damping + damping * scale + 1e-12 * scale,
+                            self.bias_curvature)
+
+    def quadratic(self, w: np.ndarray) -> np.ndarray:
+        """wᵀHw per column of a `(dim, n)` matrix."""
+        w = np.asarray(w, np.float64)
+        return self.diagonal() @ (w * w)
+
+    def matmul(self, w: np.ndarray) -> np.ndarray:
+        """H @ w for a `(dim, n)` matrix."""
+        return self.diagonal()[:, None] * np.asarray(w, np.float64)
+
+    def __add__(self, other):
+        if isinstance(other, TokenHessian):
+            return TokenHessian(self.frequencies + other.frequencies, self.samples + other.samples,
+                                self.damping + other.damping, self.bias_curvature + other.bias_curvature)
+        return self.dense() + other
+
+    __radd__ = __add__
+
+
+def token_hessian(batches: list, vocabulary: int, *, task: str, layer_name: str) -> TokenHessian:
+    """The `TokenHessian` of an Embedding's token ids, already computed as a list of batches.
+
+    Raises:
+        ZipError: ids outside [0, vocabulary) or not whole numbers, empty data.
+    """
+    counts = np.zeros(vocabulary, np.float64)
+    for batch in batches:
+        ids = np.asarray(batch).reshape(-1)
+        if ids.size and (not np.all(np.equal(np.mod(ids, 1), 0)) or ids.min() < 0 or ids.max() >= vocabulary):
+            raise ZipError(f"Calibration data for task '{task}' holds token ids outside 0..{vocabulary - 1} (or not "
+                           f"whole numbers) for layer '{layer_name}', which embeds {vocabulary} tokens.")
+        counts += np.bincount(ids.astype(np.int64), minlength=vocabulary)
+    total = counts.sum()
+    if total == 0:
+        raise ZipError(f"Calibration data for task '{task}' is empty.")
+    return TokenHessian(counts / total, int(total))
+
+
 class StreamedGram:
     """Σ XᵀX (and Σ XᵀT when targets come along) over batches of rows X, or, while there are fewer rows
     than columns, the rows themselves: whichever is smaller, so memory stays within one d×d matrix."""
@@ -224,6 +300,8 @@ def damped(hessian, damping: float):
     Takes a matrix or a `LayerHessian`; a low-rank one gives a `LowRankHessian` (with a floor on λ of
     1e-9 · trace/dim, since its unseen directions have no curvature at all).
     """
+    if isinstance(hessian, TokenHessian):
+        return hessian.damped(damping)
     if isinstance(hessian, LayerHessian):
         if hessian.factor is None:
             hessian = hessian.matrix

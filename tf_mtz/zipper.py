@@ -393,6 +393,12 @@ def _hessians(plan, indices, probe, config) -> dict:
         result[index] = {}
         for tasks in probe.input_groups(index):  # tasks reading one input have one Hessian
             template = position.layers[tasks[0]]
+            vocabulary = handler.token_vocabulary(template)
+            if vocabulary is not None:
+                hessian = statistics.token_hessian(probe.shared_inputs(index, tasks[0]), vocabulary, task=tasks[0],
+                                                   layer_name=position.name)
+                result[index].update({t: hessian for t in tasks})
+                continue
             hessian = statistics.hessian_of_inputs(
                 probe.shared_inputs(index, tasks[0]),
                 lambda x, template=template: handler.hessian_samples(template, x, mode), task=tasks[0],
