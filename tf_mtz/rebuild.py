@@ -161,7 +161,7 @@ class _Builder(registry.PositionVisitor):
         parts = parent_space if isinstance(parent_space, tuple) else (parent_space,)
         chosen = position.space if isinstance(position.space, tuple) else (position.space,)
         first = next(i for i in range(len(parts)) if parts[i:i + len(chosen)] == chosen)
-        cache, out = {}, {}
+        out = {}
         for t in self.tasks:
             widths = [graph.space_width(self.plan, part, t) for part in parts]
             shared = [self.state.slots[self.plan.groups[part].members[0]].shared for part in parts]
@@ -229,8 +229,8 @@ class _Builder(registry.PositionVisitor):
         out = layer(x)
         weights = [handler.layer_weights(state.slots[m].kernels[tasks[0]], state.slots[m].biases[tasks[0]])
                    for m in members]
-        layer.set_weights([np.concatenate([w[0] for w in weights], axis=-1),
-                           np.concatenate([w[1] for w in weights])])
+        # Each weight (kernel, and bias where the layer has one) side by side along the output units.
+        layer.set_weights([np.concatenate(parts, axis=-1) for parts in zip(*weights)])
         start = 0
         for m, width in zip(members, widths):
             columns = slice(start, start + width)

@@ -102,10 +102,6 @@ class TokenHessian:
     def dense(self) -> np.ndarray:
         return np.diag(self.diagonal())
 
-    @property
-    def matrix(self) -> np.ndarray:
-        return self.dense()
-
     def damped(self, damping: float) -> "TokenHessian":
         """H + λI with λ = damping · trace(H)/dim, as `damped` does for a matrix."""
         scale = max(float(self.frequencies.sum() + self.bias_curvature) / self.dim, 1e-12)
