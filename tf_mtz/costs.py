@@ -442,6 +442,34 @@ def pairing_costs(pairing: str, blocks_a, blocks_b, hessian_a, hessian_b, pooled
     raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}.")
 
 
+def recurrent_matching_costs(recurrent_a, recurrent_b, partner) -> np.ndarray:
+    """Weight-matching costs (−aᵀb) of a recurrent layer's recurrent weights for every unit pair of A and B,
+    given a pairing of all units (`partner[i]`: the unit of B paired with unit i of A), under which the
+    recurrent kernels' rows (the same units) line up.
+
+    A unit's incoming recurrent weights are its column (every unit's previous state into its gates, and the
+    recurrent bias); its outgoing ones its row (its previous state into every unit's gates). Both count.
+
+    Args:
+        recurrent_a, recurrent_b: `(G, units + 1, units)` recurrent kernels, the recurrent bias last.
+        partner: `(units,)` indices into B's units.
+
+    Returns:
+        `(units, units)` numpy array, to add to the input weights' costs.
+    """
+    a = tf.constant(recurrent_a, tf.float32)
+    b = tf.constant(recurrent_b, tf.float32)
+    rows = np.concatenate([partner, [int(recurrent_b.shape[1]) - 1]])
+    width = int(a.shape[-1])
+    incoming_a = tf.reshape(a, (-1, width))  # (G·(units + 1), units): a column per unit
+    incoming_b = tf.reshape(tf.gather(b, rows, axis=1), (-1, tf.shape(b)[-1]))
+    # Outgoing: (units, G·units), a row per unit, the columns in A's unit order.
+    outgoing_a = tf.reshape(tf.transpose(a[:, :-1], (1, 0, 2)), (width, -1))
+    outgoing_b = tf.reshape(tf.transpose(tf.gather(b[:, :-1], partner, axis=2), (1, 0, 2)), (int(b.shape[1]) - 1, -1))
+    return -(tf.matmul(incoming_a, incoming_b, transpose_a=True)
+             + tf.matmul(outgoing_a, outgoing_b, transpose_b=True)).numpy().astype(np.float64)
+
+
 def merge_units(merge: str, blocks_a, blocks_b, hessian_a, hessian_b, tasks_in_a: int = 1) -> np.ndarray:
     """Merged incoming weights of matched columns: "hessian" (the paper's update), "average" (all tasks
     merged so far weigh the same; `tasks_in_a` counts those already in A), or "first" (keep A's)."""

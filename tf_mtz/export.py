@@ -59,11 +59,12 @@ def _exportable(model) -> None:
     keras_graph.check_graph_model(model, f"Model '{getattr(model, 'name', model)}'")
 
 
-def _signatures(model: keras.Model) -> dict:
+def _signatures(model: keras.Model, batch_size: int | None = None) -> dict:
     """`{signature name: tf.function}`: all tasks, plus one per task computing only that task's path (with
-    every output of that task when the models had several: keys "task/output")."""
+    every output of that task when the models had several: keys "task/output"), for batches of
+    `batch_size` (None: any)."""
     inputs = keras_graph.model_inputs(model)
-    signature = [tf.TensorSpec((None,) + tuple(x.shape[1:]), x.dtype, name=name)
+    signature = [tf.TensorSpec((batch_size,) + tuple(x.shape[1:]), x.dtype, name=name)
                  for x, name in zip(inputs, input_names(model))]
     outputs = task_outputs(model)
     for task in outputs:
@@ -140,6 +141,31 @@ def export_saved_model(model: keras.Model, path: str, overwrite: bool = False) -
     return path
 
 
+def _frozen_saved_model(model: keras.Model, path: str) -> str:
+    """A SavedModel of the export signatures for one sample per call, with the weights as constants.
+
+    For models with recurrent layers: Keras runs them as a `while` loop that reads the weights inside its
+    body, and LiteRT's builtin WHILE runs it only with a static batch and frozen weights (with a free batch
+    the converter needs TensorFlow's own list ops, Select TF ops; with variables the loop body reads
+    resource variables LiteRT never initialises)."""
+    signatures = {name: _frozen(function) for name, function in _signatures(model, batch_size=1).items()}
+    tf.saved_model.save(tf.Module(), path, signatures=signatures)
+    return path
+
+
+def _frozen(function):
+    """A signature function with its weights as constants, returning the same dict."""
+    concrete = function.get_concrete_function()
+    frozen = keras_graph.frozen_function(concrete)
+    names = sorted(concrete.structured_outputs)  # a frozen function returns them flat, keys sorted
+
+    @tf.function(input_signature=concrete.structured_input_signature[0])
+    def serve(*xs):
+        return dict(zip(names, frozen(*xs)))
+
+    return serve
+
+
 def _representative_arrays(model: keras.Model, data) -> list:
     """One array per model input, in its dtype (token ids stay integers), from `representative_data`: an
     array (or `(x, y)`) for a single-input model; a list or a dict keyed by input name, one array per
@@ -206,7 +232,10 @@ def tflite_bytes(model: keras.Model, quantization: str | None = None, representa
     if quantization == "int8" and representative_data is None:
         raise ZipError("quantization='int8' needs representative_data (e.g. the calibration inputs).")
     with tempfile.TemporaryDirectory() as tmp, _quiet():
-        saved = export_saved_model(model, os.path.join(tmp, "saved"))
+        if keras_graph.has_recurrent_layers(model):
+            saved = _frozen_saved_model(model, os.path.join(tmp, "frozen"))
+        else:
+            saved = export_saved_model(model, os.path.join(tmp, "saved"))
         # Each signature becomes a subgraph of its own: the weights are shared, the operator tables are not.
         keys = list(_signatures(model)) if task_signatures else [DEFAULT_SIGNATURE]
         converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=keys)

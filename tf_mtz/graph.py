@@ -341,8 +341,9 @@ def _fold_targets(ops: list, index: int, consumers: dict, batch_norm) -> list | 
     def linear_with_one_reader(i, kinds):
         layer = ops[i].layer if not is_input(i) else None
         handler = registry.handler_for(layer) if layer is not None else None
-        return (isinstance(handler, kinds) and handler.activation(layer) == "linear"
-                and len(consumers.get(i, [])) == 1)
+        # A recurrent layer is never linear: its outputs feed back into it.
+        return (isinstance(handler, kinds) and not isinstance(handler, registry.RecurrentHandler)
+                and handler.activation(layer) == "linear" and len(consumers.get(i, [])) == 1)
 
     if linear_with_one_reader(index, (registry.UnitLayerHandler, registry.DepthwiseHandler)):
         return [ops[index].layer]
@@ -373,13 +374,24 @@ def _handler(layer, model_name: str) -> registry.LayerHandler:
 
 
 def _comparable_config(layer) -> dict:
-    config = dict(layer.get_config())
+    return _comparable(dict(layer.get_config()))
+
+
+def _comparable(config: dict) -> dict:
+    """A layer configuration without what may differ between zipped models (widths, names, initialisers),
+    nested layers' (a Bidirectional's) alike."""
     for key in ("name", "units", "filters", "output_dim", "embeddings_initializer", "embeddings_regularizer",
                 "embeddings_constraint", "trainable", "dtype", "kernel_initializer", "bias_initializer",
                 "kernel_regularizer", "bias_regularizer", "activity_regularizer", "kernel_constraint",
                 "bias_constraint", "seed", "rate", "depthwise_initializer", "depthwise_regularizer",
-                "depthwise_constraint"):
+                "depthwise_constraint", "recurrent_initializer", "recurrent_regularizer", "recurrent_constraint",
+                "build_config"):
         config.pop(key, None)
+    for key in ("layer", "backward_layer"):
+        nested = config.get(key)
+        if isinstance(nested, dict) and isinstance(nested.get("config"), dict):
+            config[key] = {**nested, "config": _comparable(dict(nested["config"]))}
+            config[key].pop("build_config", None)
     return config
 
 
@@ -562,6 +574,10 @@ def _cut_unit_layers(ops: list, output_ops: list, folded: dict, layers: list, wi
             result.append(Op(op.layer, parents))
             continue
         layer, handler = op.layer, registry.handler_for(op.layer)
+        if isinstance(handler, registry.RecurrentHandler):
+            raise ZipError(f"A merge ties some of the units of recurrent layer '{layer.name}' "
+                           f"({type(layer).__name__}) to other layers' units; tf_mtz would have to cut it into "
+                           "blocks of units, which a recurrence does not allow.")
         kernel, bias = handler.kernel_and_bias(layer)
         cut_folded = folded.get(id(layer))
         owner = split_layers.get(id(layer), layer)
@@ -726,6 +742,12 @@ def _plan_from_ops(tasks, names, ops, folded, output_ops, output_names, original
                for k in range(len(output_names))]
     plan = ZipPlan(tasks=tasks, inputs=inputs, body=body, outputs=outputs, slots=slots,
                    groups=groups, originals=originals, split_layers=dict(split_layers), grouped=dict(grouped))
+    for output in outputs:
+        head = slots[output.slot].position
+        if isinstance(head.handler, registry.RecurrentHandler):
+            raise ZipError(f"Output '{output.name}' of model '{names[first]}' comes from recurrent layer "
+                           f"'{head.name}' ({type(head.layers[first]).__name__}); tf_mtz keeps each task's output "
+                           "layer apart and needs it to be a Dense/Conv layer: add one after the recurrent layer.")
     for slot in slots:
         if slot.position.handler.token_vocabulary(slot.position.layers[first]) is not None \
                 and not is_input(slot.input_space):

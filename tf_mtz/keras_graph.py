@@ -168,3 +168,19 @@ def _describe(value):
         array = np.asarray(value)
         return ("array", array.shape, array.tolist())
     return value
+
+
+def has_recurrent_layers(model) -> bool:
+    """Whether a model (nested models included) runs a recurrent layer (an RNN or a Bidirectional one)."""
+    for layer in model._flatten_layers(include_self=False):  # Keras internals: every nested layer
+        if isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional)):
+            return True
+    return False
+
+
+def frozen_function(concrete_function):
+    """`concrete_function` with its variables folded in as constants, control flow kept as it is (what
+    LiteRT's builtin WHILE reads)."""
+    from tensorflow.python.framework import convert_to_constants  # TensorFlow internals: no public v2 API
+
+    return convert_to_constants.convert_variables_to_constants_v2(concrete_function, lower_control_flow=False)

@@ -35,15 +35,17 @@ class Binding:
     handler: object = None  # a unit layer's handler: its kernel back in tf_mtz's layout
     columns: slice = None  # the layer's output units that are this target's (a fused layer's part)
 
-    def state_kernel(self, weights: list):
-        kernel = weights[0] if self.columns is None else weights[0][..., self.columns]
-        return kernel if self.handler is None else self.handler.layout_kernel(kernel)
-
-    def state_bias(self, weights: list):
-        """The layer's bias for the state, or None for a layer built without one (an Embedding)."""
-        if len(weights) < 2:
-            return None
-        return weights[1] if self.columns is None else weights[1][self.columns]
+    def state_weights(self) -> tuple:
+        """The layer's `(kernel, bias, recurrent weights)` in the state's layout, this target's columns;
+        the bias None for a layer built without one (an Embedding), the recurrent weights None but for a
+        recurrent layer."""
+        if self.handler is None:  # a per-channel layer: its weights are the state's
+            weights = self.layer.get_weights()
+            return weights[0], (weights[1] if len(weights) > 1 else None), None
+        kernel, bias, recurrent = self.handler.trained_weights(self.layer)
+        if self.columns is not None:
+            kernel, bias = kernel[..., self.columns], (None if bias is None else bias[self.columns])
+        return kernel, bias, recurrent
 
 
 @dataclasses.dataclass
@@ -141,6 +143,40 @@ class _Builder(registry.PositionVisitor):
             self.logits.update({self.plan.output_key(t, output): logits[t] for t in self.tasks})
             return heads
         return _zipped_layer(position, slot, feature, self.tasks, self.names, self.bindings)
+
+    def recurrent_units(self, position, parents):
+        """A recurrent layer, built whole: one layer for every task where its units are shared (they read
+        the fully shared input), else one per task with its own weights."""
+        index = self.plan.slot_indices[position.index]
+        slot = self.state.slots[index]
+        (feature,) = parents
+        self.taps[index] = {t: feature[t][0] if slot.shared_inputs else None for t in self.tasks}
+        self.parts[index] = dict(feature)
+        handler, tasks = position.handler, self.tasks
+        if slot.shared and slot.merged:
+            if any(feature[t][1] is not None for t in tasks):
+                raise AssertionError(f"Internal error: shared recurrent layer '{position.name}' reads task units.")
+            template = position.layers[tasks[0]]
+            layer = handler.build_layer(template, slot.units(tasks[0]), use_bias=True, activation=None,
+                                        name=self.names(f"{template.name}_shared"))
+            calls = {}
+            for t in tasks:  # one call per distinct input tensor, all with the common weights
+                calls.setdefault(id(feature[t][0]), layer(feature[t][0]))
+            t0 = tasks[0]
+            handler.assign(layer, slot.kernels[t0], slot.biases[t0], slot.recurrent[t0])
+            self.bindings.append(Binding(layer, slot, [(t, (...,), (...,)) for t in tasks], handler))
+            return {t: (calls[id(feature[t][0])], None) for t in tasks}
+        out = {}
+        for t in tasks:
+            template = position.layers[t]
+            layer = handler.build_layer(template, slot.units(t), use_bias=True, activation=None,
+                                        name=self.names(f"{t}_{template.name}"))
+            y = layer(_join(feature[t], self.names(f"{t}_{template.name}_input")))
+            handler.assign(layer, slot.kernels[t], slot.biases[t], slot.recurrent[t])
+            self.bindings.append(Binding(layer, slot, [(t, (...,), (...,))], handler))
+            # Paired but not merged yet (tied to a layer zipped earlier): the paired units come first.
+            out[t] = (y, None) if slot.shared else (None, y)
+        return out
 
     def channel_units(self, position, parents):
         return _channel_layer(position, self.state.channels[position.index], parents[0], self.tasks, self.names,

@@ -55,6 +55,9 @@ class PositionVisitor:
     def select(self, *args):
         return self.passthrough(*args)
 
+    def recurrent_units(self, *args):
+        return self.units(*args)
+
     def passthrough(self, *args):
         raise NotImplementedError
 
@@ -83,6 +86,12 @@ class UnitLayerHandler(LayerHandler):
     def visit(self, visitor, *args):
         return visitor.units(*args)
 
+    @property
+    def refit_mode(self) -> str:
+        """The mode of the refit's statistics: the exact rows of the layer's pre-activations, one block
+        (a convolution's patches)."""
+        return "patch" if "patch" in self.hessian_modes else self.hessian_modes[0]
+
     def kernel_and_bias(self, layer) -> tuple[np.ndarray, np.ndarray]:
         """Returns `(kernel, bias)` as float32 numpy arrays; a layer without bias gets zeros."""
         kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float32)
@@ -102,6 +111,12 @@ class UnitLayerHandler(LayerHandler):
     def layout_kernel(self, kernel: np.ndarray) -> np.ndarray:
         """A built layer's kernel in tf_mtz's layout (the inverse of `layer_weights` on the kernel)."""
         return kernel
+
+    def trained_weights(self, layer) -> tuple:
+        """`(kernel, bias or None, recurrent weights or None)` of a layer that `build_layer` made, in
+        tf_mtz's layout: what retraining changed, read back into the zip state."""
+        weights = layer.get_weights()
+        return self.layout_kernel(weights[0]), (weights[1] if len(weights) > 1 else None), None
 
     def activation(self, layer) -> str | dict:
         return keras.activations.serialize(layer.activation)
@@ -281,6 +296,170 @@ class EmbeddingHandler(UnitLayerHandler):
 
     def from_blocks(self, blocks, kernel_shape, mode):
         return blocks[0, :-1].reshape(kernel_shape), blocks[0, -1]
+
+
+class RecurrentHandler(UnitLayerHandler):
+    """SimpleRNN, LSTM and GRU (`return_sequences` either way), and `Bidirectional` of them.
+
+    A unit is one hidden unit across the layer's G gates (1, 4, 3): in tf_mtz's layout the kernel is
+    `(G, inputs, units)`, the gates on the leading axis as a convolution's kernel offsets, the bias
+    `(units, G)`, and the recurrent weights `(G, units + 1, units)`: the recurrent kernel, whose rows are
+    the layer's own units, so it is permuted on both axes, and below it the recurrent bias (a GRU with
+    `reset_after`; zeros otherwise). A Bidirectional layer's units are its forward units, then its
+    backward ones (`unit_blocks`), its recurrent weights block-diagonal.
+
+    The Hessian is that of the inputs [x_t; 1] over every time step, shared by the G gate blocks; the refit
+    fits the gate pre-activations' input part W x_t + b to the original layer's (as a Dense layer on the
+    steps), keeping the recurrent kernel. Standard Keras layers cannot keep some units out of the others'
+    recurrence, so the units are shared all or none, and only from a fully shared input.
+    """
+
+    hessian_modes = ("steps",)
+    refit_mode = "stacked"
+    gates = {keras.layers.SimpleRNN: 1, keras.layers.LSTM: 4, keras.layers.GRU: 3}
+
+    def visit(self, visitor, *args):
+        return visitor.recurrent_units(*args)
+
+    def check(self, layer, model_name):
+        where = f"Layer '{layer.name}' ({type(layer).__name__}) of model '{model_name}'"
+        if isinstance(layer, keras.layers.Bidirectional) and layer.merge_mode != "concat":
+            raise ZipError(f"{where} merges its directions with merge_mode='{layer.merge_mode}'; tf_mtz zips "
+                           "Bidirectional layers with merge_mode='concat' (the default), whose units stay apart.")
+        for direction in self._directions(layer):
+            if type(direction) not in self.gates:
+                raise ZipError(f"{where} wraps a {type(direction).__name__}; tf_mtz zips Bidirectional "
+                               "SimpleRNN, LSTM and GRU layers.")
+            if direction.stateful or direction.return_state:
+                raise ZipError(f"{where} has stateful=True or return_state=True; tf_mtz zips recurrent layers "
+                               "that return their outputs only and start every sequence afresh.")
+
+    @staticmethod
+    def _directions(layer) -> list:
+        if isinstance(layer, keras.layers.Bidirectional):
+            return [layer.forward_layer, layer.backward_layer]
+        return [layer]
+
+    def _gate_count(self, layer) -> int:
+        return self.gates[type(self._directions(layer)[0])]
+
+    def unit_blocks(self, layer) -> list:
+        """Unit counts of the runs of units that must stay apart (a Bidirectional's directions)."""
+        return [int(direction.units) for direction in self._directions(layer)]
+
+    def _read(self, rnn) -> tuple:
+        gates, units = self._gate_count(rnn), int(rnn.units)
+        cell = rnn.cell
+        kernel = np.asarray(keras.ops.convert_to_numpy(cell.kernel), np.float32)
+        recurrent = np.asarray(keras.ops.convert_to_numpy(cell.recurrent_kernel), np.float32)
+        bias = (np.asarray(keras.ops.convert_to_numpy(cell.bias), np.float32) if cell.use_bias
+                else np.zeros(gates * units, np.float32))
+        recurrent_bias = np.zeros(gates * units, np.float32)
+        if bias.ndim == 2:  # a GRU with reset_after: input and recurrent bias
+            bias, recurrent_bias = bias[0], bias[1]
+        by_gate = lambda w: np.moveaxis(w.reshape(w.shape[0], gates, units), 1, 0)  # noqa: E731
+        return (by_gate(kernel), bias.reshape(gates, units).T.copy(),
+                np.concatenate([by_gate(recurrent), recurrent_bias.reshape(gates, 1, units)], axis=1))
+
+    def kernel_and_bias(self, layer):
+        parts = [self._read(direction) for direction in self._directions(layer)]
+        return np.concatenate([p[0] for p in parts], axis=-1), np.concatenate([p[1] for p in parts], axis=0)
+
+    def recurrent_weights(self, layer) -> np.ndarray:
+        """The recurrent kernel and bias `(G, units + 1, units)` (block-diagonal over directions)."""
+        parts = [self._read(direction)[2] for direction in self._directions(layer)]
+        if len(parts) == 1:
+            return parts[0]
+        gates, total = parts[0].shape[0], sum(p.shape[-1] for p in parts)
+        recurrent = np.zeros((gates, total + 1, total), np.float32)
+        start = 0
+        for part in parts:
+            width = part.shape[-1]
+            recurrent[:, start:start + width, start:start + width] = part[:, :-1]
+            recurrent[:, -1, start:start + width] = part[:, -1]
+            start += width
+        return recurrent
+
+    def trained_weights(self, layer):
+        kernel, bias = self.kernel_and_bias(layer)
+        return kernel, bias, self.recurrent_weights(layer)
+
+    def assign(self, layer, kernel: np.ndarray, bias: np.ndarray, recurrent: np.ndarray) -> None:
+        """Sets a built layer's weights from tf_mtz's layout (`kernel_and_bias` and `recurrent_weights`)."""
+        start = 0
+        for direction in self._directions(layer):
+            units = int(direction.units)
+            columns = slice(start, start + units)
+            gates = self._gate_count(direction)
+            flat = lambda w: np.moveaxis(w, 0, 1).reshape(w.shape[1], gates * units)  # noqa: E731
+            weights = [flat(kernel[..., columns]), flat(recurrent[:, :-1][:, columns, columns])]
+            input_bias = bias[columns].T.reshape(-1)
+            recurrent_bias = recurrent[:, -1, columns].reshape(-1)
+            if getattr(direction.cell, "reset_after", False):
+                weights.append(np.stack([input_bias, recurrent_bias]))
+            else:
+                if np.any(recurrent_bias):
+                    raise AssertionError(f"Internal error: '{layer.name}' has no recurrent bias to hold one.")
+                weights.append(input_bias)
+            for variable, value in zip(direction.weights, weights):
+                variable.assign(value.astype(np.float32))
+            start += units
+
+    def layer_weights(self, kernel, bias=None):
+        raise NotImplementedError("A recurrent layer's weights are set with RecurrentHandler.assign.")
+
+    def activation(self, layer):
+        return keras.activations.serialize(self._directions(layer)[0].activation)
+
+    def build_layer(self, template, units, *, use_bias, activation, name):
+        del use_bias, activation  # always with a bias; the gates' activations are the template's
+        def rebuilt(rnn, width, direction_name):
+            config = dict(rnn.get_config(), units=width, use_bias=True, name=direction_name)
+            return type(rnn).from_config(config)
+        if not isinstance(template, keras.layers.Bidirectional):
+            return rebuilt(template, units, name)
+        forward, backward = self._directions(template)
+        widths = self._split_units(template, units)
+        return keras.layers.Bidirectional(
+            rebuilt(forward, widths[0], f"{name}_forward"), backward_layer=rebuilt(backward, widths[1], f"{name}_backward"),
+            merge_mode="concat", name=name, dtype=template.dtype_policy)
+
+    def _split_units(self, template, units: int) -> list:
+        blocks = self.unit_blocks(template)
+        if units != sum(blocks):
+            raise AssertionError(f"Internal error: '{template.name}' rebuilt with {units} of {sum(blocks)} units.")
+        return blocks
+
+    def hessian_samples(self, template, x, mode):
+        return tf.reshape(x, (-1, x.shape[-1]))
+
+    def sample_count(self, template, x, mode):
+        return prod(x.shape[:-1])
+
+    def pre_activations(self, template, x, block, mode):
+        return tf.matmul(tf.reshape(x, (-1, x.shape[-1])), block[:-1]) + block[-1]
+
+    def hessian_is_refit_gram(self, template, mode):
+        return True  # both are the Gram matrix of the steps' inputs [x_t; 1]
+
+    def input_moments(self, template, x, targets, mode):
+        return statistics.vector_moments(tf.reshape(x, (-1, x.shape[-1])), targets)
+
+    def to_blocks(self, kernel, bias, mode):
+        # "steps": one block per gate, each with the same Hessian; "stacked" (the refit): every gate's
+        # columns side by side, gate-major, as one Dense layer on the steps.
+        blocks = np.concatenate([kernel, bias.T[:, None, :]], axis=1)
+        if mode == "stacked":
+            return np.concatenate(list(blocks), axis=-1)[None]
+        return blocks
+
+    def from_blocks(self, blocks, kernel_shape, mode):
+        if mode == "stacked":
+            gates, units = kernel_shape[0], kernel_shape[-1]
+            blocks = np.stack(np.split(blocks[0], gates, axis=-1))
+            if blocks.shape[-1] != units:
+                raise AssertionError("Internal error: a stacked recurrent block of the wrong width.")
+        return blocks[:, :-1].reshape(kernel_shape), blocks[:, -1].T.copy()
 
 
 class Conv2DHandler(UnitLayerHandler):
@@ -1065,6 +1244,8 @@ register_layer_handler(keras.layers.Flatten, FlattenHandler())
 register_layer_handler(keras.layers.Reshape, ReshapeHandler())
 register_layer_handler(keras.layers.Dense, DenseHandler())
 register_layer_handler(keras.layers.Embedding, EmbeddingHandler())
+for _cls in (keras.layers.SimpleRNN, keras.layers.LSTM, keras.layers.GRU, keras.layers.Bidirectional):
+    register_layer_handler(_cls, RecurrentHandler())
 register_layer_handler(keras.layers.Conv2D, Conv2DHandler())
 register_layer_handler(keras.layers.Conv2DTranspose, Conv2DTransposeHandler())
 register_layer_handler(keras.layers.Conv1D, Conv1DHandler())

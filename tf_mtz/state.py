@@ -29,6 +29,9 @@ class SlotState:
     merged: bool = True  # whether the paired units already have common weights (a tied layer pairs first)
     column_order: dict = None  # task -> original unit of each current column
     input_order: dict = None  # after a Concatenate: task -> original input unit of each current input unit
+    # A recurrent layer: task -> (G, units + 1, units), rows its own units (then the recurrent bias), columns
+    # its units: permuted on both axes with the layer's units.
+    recurrent: dict = None
 
     @property
     def shared_rows(self) -> int:
@@ -62,9 +65,14 @@ class ZipState:
             biases = {t: b.copy() for t, (_, b) in weights.items()}
             first_kernel = next(iter(kernels.values()))
             from_input = is_input(slot.input_space)
+            recurrent = None
+            if hasattr(slot.position.handler, "recurrent_weights"):
+                recurrent = {t: slot.position.handler.recurrent_weights(layer)
+                             for t, layer in slot.position.layers.items()}
             slots.append(SlotState(kernels, biases, 0, first_kernel.shape[-2] if from_input else 0,
                                    1 if from_input else slot.rows_per_input_unit,
-                                   column_order={t: np.arange(k.shape[-1]) for t, k in kernels.items()}))
+                                   column_order={t: np.arange(k.shape[-1]) for t, k in kernels.items()},
+                                   recurrent=recurrent))
         state = cls(slots, {})
         for index, slot in enumerate(plan.slots):
             if isinstance(slot.input_space, tuple):
@@ -164,7 +172,10 @@ def count_shared_parameters(state: ZipState) -> int:
         if slot.shared and slot.merged:
             kernel = next(iter(slot.kernels.values()))
             spatial = int(np.prod(kernel.shape[:-2]))
-            total += spatial * slot.shared_rows * slot.shared + slot.shared
+            bias = next(iter(slot.biases.values()))
+            total += spatial * slot.shared_rows * slot.shared + slot.shared * (bias.size // max(bias.shape[0], 1))
+            if slot.recurrent is not None:
+                total += next(iter(slot.recurrent.values()))[:, :-1].size
     for channel in state.channels.values():
         if channel.shared:
             bias = next(iter(channel.biases.values()))
@@ -189,6 +200,8 @@ def permute_group(plan: ZipPlan, state: ZipState, group, permutations: dict, cou
             slot.kernels[t] = slot.kernels[t][..., permutations[t]]
             slot.biases[t] = slot.biases[t][permutations[t]]
             slot.column_order[t] = slot.column_order[t][permutations[t]]
+            if slot.recurrent is not None:
+                slot.recurrent[t] = permuted_recurrent(slot.recurrent[t], permutations[t])
         slot.shared, slot.merged = count, False
     for position_index in plan.groups[group].channel_positions:
         channel = state.channels[position_index]
@@ -210,13 +223,26 @@ def permute_group(plan: ZipPlan, state: ZipState, group, permutations: dict, cou
         consumer.shared_inputs = count
 
 
-def merge_shared(state: ZipState, index: int, kernel: np.ndarray, bias: np.ndarray) -> None:
-    """Gives the paired units of slot `index` (from its shared inputs) the common weights of their merge."""
+def permuted_recurrent(recurrent: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Recurrent weights `(G, units + 1, units)` with the units in `order`: rows (but the bias row last) and
+    columns alike."""
+    rows = np.concatenate([order, [recurrent.shape[1] - 1]])
+    return recurrent[:, rows][..., order]
+
+
+def merge_shared(state: ZipState, index: int, kernel: np.ndarray, bias: np.ndarray,
+                 recurrent: np.ndarray | None = None) -> None:
+    """Gives the paired units of slot `index` (from its shared inputs) the common weights of their merge
+    (and a recurrent layer, whose units are all paired, its common recurrent weights)."""
     slot = state.slots[index]
     rows, count = slot.shared_rows, slot.shared
+    if (recurrent is None) != (slot.recurrent is None):
+        raise AssertionError("Internal error: recurrent weights merged for a layer without them, or missing.")
     for t in slot.kernels:
         slot.kernels[t][..., :rows, :count] = kernel
         slot.biases[t][:count] = bias
+        if recurrent is not None:
+            slot.recurrent[t] = np.array(recurrent, np.float32)
     slot.merged = True
 
 
@@ -242,10 +268,10 @@ def absorb_trained(state: ZipState, bindings: list) -> None:
     """Copies the (retrained) weights of a built model's layers back into the state (`rebuild.Binding`s:
     each names its layer, the slot or channel state, and the task slices it holds)."""
     for binding in bindings:
-        weights = binding.layer.get_weights()
-        kernel = binding.state_kernel(weights)
+        kernel, bias, recurrent = binding.state_weights()
         for task, kernel_index, bias_index in binding.targets:
             binding.target.kernels[task][kernel_index] = kernel
-            bias = binding.state_bias(weights)
             if bias_index is not None and bias is not None:
                 binding.target.biases[task][bias_index] = bias
+            if recurrent is not None:
+                binding.target.recurrent[task] = recurrent

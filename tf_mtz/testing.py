@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from tf_mtz import graph, registry
+from tf_mtz import state as state_lib
 from tf_mtz.errors import ZipError
 
 
@@ -43,7 +44,7 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
     clone.set_weights(model.get_weights())
     plan = graph.read_models({"original": model, "copy": clone})
     rng = np.random.default_rng(seed)
-    permutations = {group: rng.permutation(graph.group_width(plan, group, "copy")) for group in plan.groups
+    permutations = {group: _group_permutation(plan, group, rng) for group in plan.groups
                     if plan.groups[group].members}
     ops = plan.originals["copy"]
     position_of = {id(position.layers["copy"]): position for position in plan.body}
@@ -91,6 +92,10 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
             owner, group = plan.grouped[id(layer)]
             grouped.setdefault(id(owner), (owner, {}))[1][group] = (inputs, outputs)
             continue
+        handler = registry.handler_for(layer)
+        if isinstance(handler, registry.RecurrentHandler):
+            _permute_recurrent(handler, layer, inputs, outputs)
+            continue
         layer.set_weights(_permuted_weights(layer, weights, inputs, outputs, spaces[index]))
     for owner, groups in grouped.values():
         owner.set_weights(_permuted_groups(owner.get_weights(), groups))
@@ -133,6 +138,29 @@ def randomize_batch_norms(model: keras.Model, seed: int = 0) -> keras.Model:
             # scale=False or center=False layers (InceptionV3) lack gamma or beta.
             layer.set_weights([draws[w.path.split("/")[-1]] for w in layer.weights])
     return model
+
+
+def _group_permutation(plan, group, rng) -> np.ndarray:
+    """A random order of a unit group's units that keeps apart the runs a member holds apart (a
+    Bidirectional layer's directions)."""
+    sizes = [graph.group_width(plan, group, "copy")]
+    for m in plan.groups[group].members:
+        position = plan.slots[m].position
+        if isinstance(position.handler, registry.RecurrentHandler):
+            sizes = position.handler.unit_blocks(position.layers["copy"])
+    starts = np.cumsum([0] + sizes[:-1])
+    return np.concatenate([start + rng.permutation(size) for start, size in zip(starts, sizes)])
+
+
+def _permute_recurrent(handler, layer, inputs, outputs) -> None:
+    kernel, bias = handler.kernel_and_bias(layer)
+    recurrent = handler.recurrent_weights(layer)
+    if inputs is not None:
+        kernel = kernel[..., inputs, :]
+    if outputs is not None:
+        kernel, bias = kernel[..., outputs], bias[outputs]
+        recurrent = state_lib.permuted_recurrent(recurrent, outputs)
+    handler.assign(layer, kernel, bias, recurrent)
 
 
 def _permuted_weights(layer, weights: list, inputs, outputs, space) -> list:

@@ -21,7 +21,7 @@ import tensorflow as tf
 from tf_mtz import config as config_lib
 from tf_mtz import costs as costs_lib
 from tf_mtz import data as data_lib
-from tf_mtz import graph, keras_graph, matching, rebuild, statistics
+from tf_mtz import graph, keras_graph, matching, rebuild, registry, statistics
 from tf_mtz import probe as probe_lib
 from tf_mtz import report as report_lib
 from tf_mtz import retrain as retrain_lib
@@ -220,7 +220,8 @@ class _LayerSteps:
             with stages("merge"):
                 hessians = hessians or measured
                 chosen, hessians = _merge_slot(plan, state, index, probe, config, hessians)
-                if getattr(config, "repair", False):  # tf_mtz.experimental.ExperimentalConfig
+                # tf_mtz.experimental.ExperimentalConfig; a recurrent layer's pre-activations are its gates'
+                if getattr(config, "repair", False) and state.slots[index].recurrent is None:
                     _repair(plan, state, index, probe)
             _warn_rank_deficient(position.name, hessians)
         hessians = hessians or {}
@@ -254,6 +255,7 @@ class _LayerSteps:
                 raise ZipError(
                     f"Layer '{name}' is set to share {count} units but the layer before it shares none, so its "
                     "shared units would have no shared inputs; share some units of the previous layer.")
+            _check_recurrent(plan, self.state, index, count)
             if count and self.verbose:
                 keras_graph.print_message(f"tf_mtz: zipping layer {index + 1}/{last} '{name}': sharing {count} units")
             return count, bool(count)
@@ -263,6 +265,7 @@ class _LayerSteps:
             raise ZipError(
                 f"Layer '{name}' is tied by a residual merge to '{first}', which shares {count} units, but its "
                 "own input shares none; share units of the layer feeding it too.")
+        _check_recurrent(plan, self.state, index, count)
         if count and self.verbose:
             keras_graph.print_message(f"tf_mtz: zipping layer {index + 1}/{last} '{name}': {count} units paired "
                                       f"with '{first}'")
@@ -310,7 +313,8 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
         if not isinstance(sharing, (float, np.floating)):
             raise ZipError(f"sharing must be a fraction in [0, 1] or a dict {{layer_name: fraction | count}}, "
                            f"got {sharing!r}.")
-        return _whole_where_mixed([to_count(sharing, w, "") for w in widths], plan, float(sharing))
+        counts = _whole_where_mixed([to_count(sharing, w, "") for w in widths], plan, float(sharing))
+        return _whole_where_recurrent(counts, plan, float(sharing))
 
     # A model's layer name -> the hidden slots computing it: its own slot (the first, where models reuse a
     # name), or, for a layer tf_mtz computes in parts (a grouped convolution's groups, column blocks), all
@@ -383,6 +387,57 @@ def _whole_where_mixed(counts: list, plan: graph.ZipPlan, fraction: float) -> li
     return counts
 
 
+def _whole_where_recurrent(counts: list, plan: graph.ZipPlan, fraction: float) -> list:
+    """A uniform sharing fraction, applied to recurrent layers: they are shared all or none and only from a
+    fully shared input, so any fraction above 0 shares them and the layers feeding them whole (log lines
+    name them). Groups of unequal widths are left as they are: the zipper names the layer."""
+    counts = list(counts)
+    hidden = len(counts)
+
+    def make_whole(group_id, reason):
+        members = [m for m in plan.groups[group_id].members if m < hidden]
+        widths = {graph.group_width(plan, group_id, t) for t in plan.tasks}
+        if not members or len(widths) > 1 or counts[members[0]] == 0:
+            return
+        width = widths.pop()
+        if counts[members[0]] != width:
+            logging.info("tf_mtz: sharing all units of '%s' instead of %g of them: %s.",
+                         plan.slots[members[0]].position.name, fraction, reason)
+        for m in members:
+            counts[m] = width
+
+    for index in range(hidden):
+        slot = plan.slots[index]
+        if not isinstance(slot.position.handler, registry.RecurrentHandler) or counts[index] == 0:
+            continue
+        kind = type(slot.position.layers[plan.tasks[0]]).__name__
+        make_whole(slot.group, f"{kind} layers share their units all or none")
+        spaces = slot.input_space if isinstance(slot.input_space, tuple) else (slot.input_space,)
+        for space in spaces:
+            if not graph.is_input(space):
+                make_whole(space, f"'{slot.position.name}' ({kind}) is shared only from a fully shared input")
+    return counts
+
+
+def _check_recurrent(plan, state, index, count) -> None:
+    """Raises `ZipError` where a recurrent layer would share some of its units, or share them from an input
+    that is not fully shared: standard Keras layers cannot keep units out of the others' recurrence."""
+    slot, position = state.slots[index], plan.slots[index].position
+    if slot.recurrent is None or count == 0:
+        return
+    kind = type(position.layers[plan.tasks[0]]).__name__
+    widths = [slot.units(t) for t in plan.tasks]
+    if any(w != count for w in widths):
+        raise ZipError(f"Layer '{position.name}' ({kind}) is set to share {count} of its units {widths}; recurrent "
+                       "layers share their units all or none (every task's recurrence reads all of them), so "
+                       "share all of them, with the same width in every model, or none.")
+    rows = {t: int(slot.kernels[t].shape[-2]) for t in plan.tasks}
+    if any(r != slot.shared_rows for r in rows.values()):
+        raise ZipError(f"Layer '{position.name}' ({kind}) is set to be shared, but only {slot.shared_rows} of its "
+                       f"{max(rows.values())} inputs are shared; a shared recurrent layer reads a fully shared "
+                       "input, so share the layer feeding it fully too (a uniform sharing fraction does this).")
+
+
 def _hessians(plan, indices, probe, config) -> dict:
     """`{slot index: {task: LayerHessian}}` of the shared inputs of unit layers, in the current network."""
     result = {}
@@ -450,17 +505,21 @@ def _pair_group(plan, state, group, index, count, probe, config):
         if config.pairing == "correlation":
             pooled[m] = _pooled(list(hessians[m].values()))
 
-    def pair(merged, merged_hessian, t):
+    first, second = tasks[0], tasks[1]
+    recurrent = [m for m in ready if state.slots[m].recurrent is not None]
+
+    def pair(merged, merged_hessian, t, reference):
         cost = sum(costs_lib.pairing_costs(config.pairing, merged[m], blocks[m][t], merged_hessian[m],
                                            damped[m][t], pooled[m], seed=config.seed + index)
                    for m in ready)
-        return matching.match(cost, count, config.matching)
+        if not recurrent:
+            return matching.match(cost, count, config.matching)
+        return _pair_recurrent(plan, state, recurrent, cost, count, config, t, reference)
 
     # The first two tasks pick `count` pairs; each further task is matched against those shared units,
     # whose Hessian is the sum of the merged tasks' (as in the reference code).
-    first, second = tasks[0], tasks[1]
     pick_first, pick_second = pair({m: blocks[m][first] for m in ready}, {m: damped[m][first] for m in ready},
-                                   second)
+                                   second, np.arange(graph.group_width(plan, group, first)))
     orders = {first: pick_first, second: pick_second}
     if len(tasks) > 2:  # the merged units matter only for matching further tasks; `_merge_slot` merges
         merged = {m: costs_lib.merge_units(config.merge, blocks[m][first][:, :, pick_first],
@@ -468,7 +527,7 @@ def _pair_group(plan, state, group, index, count, probe, config):
                                            damped[m][second]) for m in ready}
         accumulated = {m: _summed(damped[m][first], damped[m][second]) for m in ready}
     for count_merged, t in enumerate(tasks[2:], start=2):
-        shared_index, picks = pair(merged, accumulated, t)
+        shared_index, picks = pair(merged, accumulated, t, pick_first)
         order = np.empty(count, np.int64)
         order[shared_index] = picks
         orders[t] = order
@@ -477,6 +536,10 @@ def _pair_group(plan, state, group, index, count, probe, config):
                                               accumulated[m], damped[m][t], tasks_in_a=count_merged)
             accumulated[m] = _summed(accumulated[m], damped[m][t])
 
+    if recurrent:
+        # In the first task's unit order: a Bidirectional layer's forward units then stay first.
+        by_first = np.argsort(orders[first], kind="stable")
+        orders = {t: np.asarray(order)[by_first] for t, order in orders.items()}
     permutations = {}
     for t in tasks:
         width = graph.group_width(plan, group, t)
@@ -484,6 +547,47 @@ def _pair_group(plan, state, group, index, count, probe, config):
         permutations[t] = np.concatenate([orders[t], rest]).astype(np.int64)
     state_lib.permute_group(plan, state, group, permutations, count, keep_first=config.merge == "first")
     return hessians.get(index)  # None when not measured: `_merge_slot` measures this layer's
+
+
+def _pair_recurrent(plan, state, recurrent, cost, count, config, task, reference):
+    """Pairs a group holding recurrent layers (all its units): no unit pairs across a Bidirectional layer's
+    directions, and with weight matching the pairing alternates with the recurrent kernels, whose rows are
+    the units being paired (each pass matches their incoming and outgoing recurrent weights under the
+    previous pairing, as Git Re-Basin does for a permutation on both sides of a layer), until it settles.
+
+    `reference`: the first task's unit at each row of `cost` (the units already paired, for a third task).
+    """
+    first = plan.tasks[0]
+    cost = np.array(cost, np.float64)
+    for m in recurrent:
+        handler, layers = plan.slots[m].position.handler, plan.slots[m].position.layers
+        blocks_a = _block_ids(handler.unit_blocks(layers[first]))[reference]
+        blocks_b = _block_ids(handler.unit_blocks(layers[task]))
+        apart = blocks_a[:, None] != blocks_b[None, :]
+        if apart.any():
+            # Larger than any difference of the costs of two complete pairings: none crosses directions.
+            cost[apart] += (np.ptp(cost) + 1.0) * (cost.shape[0] + 1)
+    rows, columns = matching.match(cost, count, config.matching)
+    if config.pairing != "weights":
+        return rows, columns
+    recurrent_a = {m: state_lib.permuted_recurrent(state.slots[m].recurrent[first], reference) for m in recurrent}
+    for _ in range(_RECURRENT_ROUNDS):
+        partner = np.empty(cost.shape[0], np.int64)
+        partner[rows] = columns
+        total = cost + sum(costs_lib.recurrent_matching_costs(recurrent_a[m], state.slots[m].recurrent[task], partner)
+                           for m in recurrent)
+        new_rows, new_columns = matching.match(total, count, config.matching)
+        if np.array_equal(new_rows, rows) and np.array_equal(new_columns, columns):
+            break
+        rows, columns = new_rows, new_columns
+    return rows, columns
+
+
+_RECURRENT_ROUNDS = 10  # a permuted copy settles in one or two; trained pairs in a few
+
+
+def _block_ids(sizes: list) -> np.ndarray:
+    return np.repeat(np.arange(len(sizes)), sizes)
 
 
 def _summed(hessian_a, hessian_b):
@@ -536,13 +640,24 @@ def _merge_slot(plan, state, index, probe, config, hessians=None):
     chosen = sum(costs_lib.merge_error(merged, blocks[t], damped[t]) for t in tasks)
     kernel_shape = slot.kernels[first][..., :rows, :count].shape
     merged_kernel, merged_bias = handler.from_blocks(merged, kernel_shape, mode)
-    state_lib.merge_shared(state, index, merged_kernel, merged_bias)
+    state_lib.merge_shared(state, index, merged_kernel, merged_bias, _merged_recurrent(plan, slot, config))
     return chosen, hessians
 
 
+def _merged_recurrent(plan, slot, config):
+    """The common recurrent weights of a recurrent layer's units (all paired, in one order): the tasks'
+    average, whatever the merge of the input weights (the Hessian of [x_t; 1] says nothing of them), or the
+    first task's for the "first" merge; None for other layers."""
+    if slot.recurrent is None:
+        return None
+    if config.merge == "first":
+        return slot.recurrent[plan.tasks[0]]
+    return np.mean([slot.recurrent[t] for t in plan.tasks], axis=0)
+
+
 def _exact_mode(handler) -> str:
-    """The refit and repair work with the exact (patch) inputs of a convolution."""
-    return "patch" if "patch" in handler.hessian_modes else handler.hessian_modes[0]
+    """The refit and repair work with the exact (patch) inputs of a convolution, one block of weights."""
+    return handler.refit_mode
 
 
 def _layer_samples(plan, probe, index, t, mode):
@@ -558,7 +673,9 @@ def _layer_samples(plan, probe, index, t, mode):
 def _original_blocks(plan, state, index, t, mode) -> np.ndarray:
     """The original layer's weights as one block, its units in the state's current column order."""
     position = plan.slots[index].position
-    return position.handler.to_blocks(*position.weights[t], mode)[0][:, state.slots[index].column_order[t]]
+    kernel, bias = position.weights[t]
+    order = state.slots[index].column_order[t]
+    return position.handler.to_blocks(kernel[..., order], bias[order], mode)[0]
 
 
 def _repair(plan, state, index, probe) -> None:
@@ -818,6 +935,10 @@ def _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, se
         after += spatial[t0] * shared_rows * k + k
         after += sum(spatial[t] * (rows[t] - shared_rows) * k for t in tasks)
     after += sum(spatial[t] * rows[t] * (slot.units(t) - k) + (slot.units(t) - k) for t in tasks)
+    if slot.recurrent is not None:  # shared all or none
+        recurrent = {t: slot.recurrent[t][:, :-1].size for t in tasks}
+        before += sum(recurrent.values())
+        after += recurrent[tasks[0]] if k else sum(recurrent.values())
     return report_lib.LayerReport(
         name=position.name, kind=type(position.layers[tasks[0]]).__name__, head=is_head,
         units={t: slot.units(t) for t in tasks}, shared=k,
