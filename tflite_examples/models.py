@@ -69,7 +69,18 @@ def mobilenet_v2(name: str, classes: int = 10) -> keras.Model:
     return model
 
 
-ARCHITECTURES = {"lenet300": lenet_300_100, "lenet5": lenet_5, "resnet": residual_cnn, "mobilenetv2": mobilenet_v2}
+def sequence_lstm(name: str, classes: int = 10) -> keras.Model:
+    """MNIST read as a sequence of 28 rows of 28 pixels: an LSTM of 64 units, a Dense layer, the head."""
+    inputs = keras.Input((784,), name="image")
+    h = keras.layers.Reshape((28, 28), name="rows")(inputs)
+    h = keras.layers.LSTM(64, name="lstm")(h)
+    h = keras.layers.Dense(64, activation="relu", name="fc")(h)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="logits")(h)
+    return keras.Model(inputs, outputs, name=name)
+
+
+ARCHITECTURES = {"lenet300": lenet_300_100, "lenet5": lenet_5, "resnet": residual_cnn, "mobilenetv2": mobilenet_v2,
+                 "sequence_lstm": sequence_lstm}
 
 
 def trained_model(arch: str, seed: int, x: np.ndarray, y: np.ndarray, epochs: int, tag: str = "all",
