@@ -222,6 +222,8 @@ def _read_ops(model, task: str, ops: list, input_indices: list | None, top_name:
                 raise ZipError(
                     f"Layer '{op.name}' of model '{top_name}' (task '{task}') is called more than once; tf_mtz "
                     "needs each layer used once (use separate layers, or zip the shared part yourself).")
+            if isinstance(op, keras.layers.MultiHeadAttention) and len(set(parents)) == 1:
+                parents = parents[:1]  # self-attention reads one tensor (`keras_graph.positional_inputs`)
             ops.append(Op(op, parents))
             index = len(ops) - 1
         memo[id(tensor)] = index
@@ -341,8 +343,8 @@ def _fold_targets(ops: list, index: int, consumers: dict, batch_norm) -> list | 
     def linear_with_one_reader(i, kinds):
         layer = ops[i].layer if not is_input(i) else None
         handler = registry.handler_for(layer) if layer is not None else None
-        # A recurrent layer is never linear: its outputs feed back into it.
-        return (isinstance(handler, kinds) and not isinstance(handler, registry.RecurrentHandler)
+        # Recurrent and attention layers are not linear maps of their inputs, whatever their activation.
+        return (isinstance(handler, kinds) and not getattr(handler, "all_or_none", False)
                 and handler.activation(layer) == "linear" and len(consumers.get(i, [])) == 1)
 
     if linear_with_one_reader(index, (registry.UnitLayerHandler, registry.DepthwiseHandler)):
@@ -574,10 +576,10 @@ def _cut_unit_layers(ops: list, output_ops: list, folded: dict, layers: list, wi
             result.append(Op(op.layer, parents))
             continue
         layer, handler = op.layer, registry.handler_for(op.layer)
-        if isinstance(handler, registry.RecurrentHandler):
-            raise ZipError(f"A merge ties some of the units of recurrent layer '{layer.name}' "
-                           f"({type(layer).__name__}) to other layers' units; tf_mtz would have to cut it into "
-                           "blocks of units, which a recurrence does not allow.")
+        if handler.all_or_none:
+            raise ZipError(f"A merge ties some of the units of layer '{layer.name}' ({type(layer).__name__}) to "
+                           "other layers' units; tf_mtz would have to cut it into blocks of units, which a "
+                           "recurrent or attention layer does not allow.")
         kernel, bias = handler.kernel_and_bias(layer)
         cut_folded = folded.get(id(layer))
         owner = split_layers.get(id(layer), layer)
@@ -744,11 +746,15 @@ def _plan_from_ops(tasks, names, ops, folded, output_ops, output_names, original
                    groups=groups, originals=originals, split_layers=dict(split_layers), grouped=dict(grouped))
     for output in outputs:
         head = slots[output.slot].position
-        if isinstance(head.handler, registry.RecurrentHandler):
-            raise ZipError(f"Output '{output.name}' of model '{names[first]}' comes from recurrent layer "
-                           f"'{head.name}' ({type(head.layers[first]).__name__}); tf_mtz keeps each task's output "
-                           "layer apart and needs it to be a Dense/Conv layer: add one after the recurrent layer.")
+        if head.handler.all_or_none:
+            raise ZipError(f"Output '{output.name}' of model '{names[first]}' comes from layer '{head.name}' "
+                           f"({type(head.layers[first]).__name__}); tf_mtz keeps each task's output layer apart and "
+                           "needs it to be a Dense/Conv layer: add one after the recurrent or attention layer.")
     for slot in slots:
+        if hasattr(slot.position.handler, "attention_weights") and slot.group != slot.input_space:
+            raise ZipError(f"Layer '{slot.position.name}' (MultiHeadAttention) of model '{names[first]}' is not inside a "
+                           "residual block: tf_mtz zips attention whose output is added to the stream it reads "
+                           "(x + mha(x, x), before or after a LayerNormalization), as in transformer blocks.")
         if slot.position.handler.token_vocabulary(slot.position.layers[first]) is not None \
                 and not is_input(slot.input_space):
             raise ZipError(f"Layer '{slot.position.name}' of model '{names[first]}' reads token ids from another "
@@ -861,7 +867,8 @@ def run_prefix(plan: ZipPlan, task: str, layer, x):
         args = [values[p] for p in op.parents]
         if op.layer is layer:
             return args[0] if len(args) == 1 else args
-        values[i] = op.layer(args[0] if len(args) == 1 else args, training=False)
+        values[i] = op.layer(*keras_graph.positional_inputs(op.layer, args[0] if len(args) == 1 else args),
+                             training=False)
     raise KeyError(f"Layer '{layer.name}' is not in the model of task '{task}'.")
 
 

@@ -184,3 +184,17 @@ def frozen_function(concrete_function):
     from tensorflow.python.framework import convert_to_constants  # TensorFlow internals: no public v2 API
 
     return convert_to_constants.convert_variables_to_constants_v2(concrete_function, lower_control_flow=False)
+
+
+def call_arguments(layer, node_index: int) -> tuple:
+    """`(input tensors, keyword arguments)` of call `node_index` of `layer`."""
+    node = layer._inbound_nodes[node_index]  # Keras internals
+    return list(node.input_tensors), dict(node.arguments.kwargs)
+
+
+def positional_inputs(layer, inputs) -> tuple:
+    """The positional arguments that call `layer` on `inputs` (a tensor, or a list for a layer taking
+    several): self-attention, read from one tensor, takes it as its query and its value."""
+    if isinstance(layer, keras.layers.MultiHeadAttention) and not isinstance(inputs, (list, tuple)):
+        return inputs, inputs
+    return (inputs,)

@@ -85,3 +85,47 @@ def _optimal(costs: np.ndarray, count: int):
     rows, cols = linear_sum_assignment(padded)
     real = (rows < n_rows) & (cols < n_cols)
     return rows[real], cols[real]
+
+
+def match_heads(key_a: np.ndarray, value_a: np.ndarray, key_b: np.ndarray, value_b: np.ndarray) -> tuple:
+    """Matches B's attention heads to A's by weight matching, and within each matched pair the query/key
+    dims and the value dims (exact assignments, as Git Re-Basin matches units).
+
+    A head pair's cost is the best −aᵀb of its query/key dims plus the best of its value dims, each found by
+    its own assignment; the heads are then assigned on those costs.
+
+    Args:
+        key_a, key_b: `(heads, features, key_dim)`: per head and query/key dim, its query and key weights.
+        value_a, value_b: `(heads, features, value_dim)`: per head and value dim, its value weights and its
+            row of the output projection.
+
+    Returns:
+        `(heads, key_dims, value_dims, costs)`: B's head at each of A's head positions `(heads,)`, B's dims
+        in A's order within each of them `(heads, key_dim)` and `(heads, value_dim)`, and each matched
+        pair's cost `(heads,)`.
+
+    Example:
+
+    >>> rng = np.random.default_rng(0)
+    >>> key, value = rng.normal(size=(2, 5, 3)), rng.normal(size=(2, 7, 3))
+    >>> heads, key_dims, _, _ = match_heads(key, value, key[::-1, :, ::-1], value[::-1])
+    >>> heads.tolist(), key_dims[0].tolist()
+    ([1, 0], [2, 1, 0])
+    """
+    count = key_a.shape[0]
+    costs = np.zeros((count, count))
+    orders = {}
+    for i in range(count):
+        for j in range(count):
+            total = 0.0
+            for name, a, b in (("key", key_a, key_b), ("value", value_a, value_b)):
+                pair_cost = -(a[i].T.astype(np.float64) @ b[j])
+                rows, cols = linear_sum_assignment(pair_cost)
+                orders[name, i, j] = cols[np.argsort(rows)]
+                total += float(pair_cost[rows, cols].sum())
+            costs[i, j] = total
+    rows, heads = linear_sum_assignment(costs)
+    heads = heads[np.argsort(rows)]
+    key_dims = np.stack([orders["key", i, heads[i]] for i in range(count)])
+    value_dims = np.stack([orders["value", i, heads[i]] for i in range(count)])
+    return heads, key_dims, value_dims, costs[np.arange(count), heads]

@@ -333,6 +333,8 @@ class _Agreement(registry.PositionVisitor):
         return (_equal_or_none(slot.kernels[first], slot.kernels[second])
                 and _equal_or_none(slot.biases[first], slot.biases[second])
                 and (slot.recurrent is None or _equal_or_none(slot.recurrent[first], slot.recurrent[second]))
+                and (slot.attention is None or all(_equal_or_none(slot.attention[first][k], slot.attention[second][k])
+                                                   for k in slot.attention[first]))
                 and _equal_or_none(input_rows(self.plan, self.state, slot_index, first),
                                    input_rows(self.plan, self.state, slot_index, second))
                 and _same_config(position.layers[first], position.layers[second]))
@@ -379,6 +381,16 @@ class _TaskRunner(registry.PositionVisitor):
                                     name=f"probe_{position.name}")
         layer.build(tuple(values[0][0].shape))
         handler.assign(layer, slot.kernels[task], slot.biases[task], slot.recurrent[task])
+        return _call_each(self.spill, self.calls, layer, values)
+
+    def attention_units(self, task, position, values):
+        slot = self.state.slots[self.plan.slot_indices[position.index]]
+        handler, template = position.handler, position.layers[task]
+        layer = handler.build_layer(template, slot.units(task), use_bias=True, activation=None,
+                                    name=f"probe_{position.name}")
+        shape = tuple(values[0][0].shape)
+        layer.build(shape, shape)
+        handler.assign(layer, slot.kernels[task], slot.biases[task], slot.attention[task])
         return _call_each(self.spill, self.calls, layer, values)
 
     def channel_units(self, task, position, values):

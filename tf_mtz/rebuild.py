@@ -36,9 +36,9 @@ class Binding:
     columns: slice = None  # the layer's output units that are this target's (a fused layer's part)
 
     def state_weights(self) -> tuple:
-        """The layer's `(kernel, bias, recurrent weights)` in the state's layout, this target's columns;
-        the bias None for a layer built without one (an Embedding), the recurrent weights None but for a
-        recurrent layer."""
+        """The layer's `(kernel, bias, inner weights)` in the state's layout, this target's columns; the bias
+        None for a layer built without one (an Embedding), the inner weights None but for a recurrent
+        layer (its recurrent kernel) or an attention layer (its query, key and value projections)."""
         if self.handler is None:  # a per-channel layer: its weights are the state's
             weights = self.layer.get_weights()
             return weights[0], (weights[1] if len(weights) > 1 else None), None
@@ -161,7 +161,8 @@ class _Builder(registry.PositionVisitor):
                                         name=self.names(f"{template.name}_shared"))
             calls = {}
             for t in tasks:  # one call per distinct input tensor, all with the common weights
-                calls.setdefault(id(feature[t][0]), layer(feature[t][0]))
+                if id(feature[t][0]) not in calls:
+                    calls[id(feature[t][0])] = layer(feature[t][0])
             t0 = tasks[0]
             handler.assign(layer, slot.kernels[t0], slot.biases[t0], slot.recurrent[t0])
             self.bindings.append(Binding(layer, slot, [(t, (...,), (...,)) for t in tasks], handler))
@@ -175,6 +176,42 @@ class _Builder(registry.PositionVisitor):
             handler.assign(layer, slot.kernels[t], slot.biases[t], slot.recurrent[t])
             self.bindings.append(Binding(layer, slot, [(t, (...,), (...,))], handler))
             # Paired but not merged yet (tied to a layer zipped earlier): the paired units come first.
+            out[t] = (y, None) if slot.shared else (None, y)
+        return out
+
+    def attention_units(self, position, parents):
+        """A self-attention layer, built whole: one layer where its units are shared (from the fully shared
+        stream), else one per task with its own weights."""
+        index = self.plan.slot_indices[position.index]
+        slot = self.state.slots[index]
+        feature = parents[0]
+        self.taps[index] = {t: feature[t][0] if slot.shared_inputs else None for t in self.tasks}
+        self.parts[index] = dict(feature)
+        handler, tasks = position.handler, self.tasks
+        if slot.shared and slot.merged:
+            if any(feature[t][1] is not None for t in tasks):
+                raise AssertionError(f"Internal error: shared attention layer '{position.name}' reads task units.")
+            template = position.layers[tasks[0]]
+            layer = handler.build_layer(template, slot.units(tasks[0]), use_bias=True, activation=None,
+                                        name=self.names(f"{template.name}_shared"))
+            calls = {}
+            for t in tasks:
+                x = feature[t][0]
+                if id(x) not in calls:
+                    calls[id(x)] = layer(x, x)
+            t0 = tasks[0]
+            handler.assign(layer, slot.kernels[t0], slot.biases[t0], slot.attention[t0])
+            self.bindings.append(Binding(layer, slot, [(t, (...,), (...,)) for t in tasks], handler))
+            return {t: (calls[id(feature[t][0])], None) for t in tasks}
+        out = {}
+        for t in tasks:
+            template = position.layers[t]
+            layer = handler.build_layer(template, slot.units(t), use_bias=True, activation=None,
+                                        name=self.names(f"{t}_{template.name}"))
+            x = _join(feature[t], self.names(f"{t}_{template.name}_input"))
+            y = layer(x, x)
+            handler.assign(layer, slot.kernels[t], slot.biases[t], slot.attention[t])
+            self.bindings.append(Binding(layer, slot, [(t, (...,), (...,))], handler))
             out[t] = (y, None) if slot.shared else (None, y)
         return out
 

@@ -58,6 +58,9 @@ class PositionVisitor:
     def recurrent_units(self, *args):
         return self.units(*args)
 
+    def attention_units(self, *args):
+        return self.units(*args)
+
     def passthrough(self, *args):
         raise NotImplementedError
 
@@ -82,6 +85,10 @@ class UnitLayerHandler(LayerHandler):
 
     #: Hessian modes this layer supports; the first is its default.
     hessian_modes = ("exact",)
+    #: Whether the layer's units can only be shared all together, and only from a fully shared input.
+    all_or_none = False
+    #: Whether the refit can fit its weights by least squares on its inputs.
+    refits = True
 
     def visit(self, visitor, *args):
         return visitor.units(*args)
@@ -316,6 +323,7 @@ class RecurrentHandler(UnitLayerHandler):
 
     hessian_modes = ("steps",)
     refit_mode = "stacked"
+    all_or_none = True
     gates = {keras.layers.SimpleRNN: 1, keras.layers.LSTM: 4, keras.layers.GRU: 3}
 
     def visit(self, visitor, *args):
@@ -460,6 +468,102 @@ class RecurrentHandler(UnitLayerHandler):
             if blocks.shape[-1] != units:
                 raise AssertionError("Internal error: a stacked recurrent block of the wrong width.")
         return blocks[:, :-1].reshape(kernel_shape), blocks[:, -1].T.copy()
+
+
+class AttentionHandler(UnitLayerHandler):
+    """MultiHeadAttention as self-attention (`mha(x, x)`): its units are its outputs, the residual stream's
+    (the output projection's columns), and its heads are matched inside the layer.
+
+    tf_mtz's layout: the kernel is the output projection `(heads · value_dim, outputs)`, rows head-major, its
+    bias the output bias; `attention_weights` holds the query, key and value projections `(inputs, heads,
+    dim)` with their biases `(heads, dim)`, whose rows follow the input's units. Zipping the layer pairs
+    heads (a head's query/key dims, value dims and output-projection rows move together) and, inside each
+    pair of heads, the query/key dims (one order for both) and the value dims, by weight matching, then
+    averages. Shared all or none, from a fully shared input, as the LayerNormalizations on a transformer's
+    stream are.
+    """
+
+    hessian_modes = ("none",)
+    all_or_none = True
+    refits = False  # its pre-activations are not linear in its inputs' units
+    _PROJECTIONS = ("query", "key", "value")
+
+    def visit(self, visitor, *args):
+        return visitor.attention_units(*args)
+
+    def check(self, layer, model_name):
+        where = f"Layer '{layer.name}' (MultiHeadAttention) of model '{model_name}'"
+        config = layer.get_config()
+        if config.get("use_gate"):
+            raise ZipError(f"{where} has use_gate=True; tf_mtz zips MultiHeadAttention without the gate.")
+        if config.get("output_shape") is not None:
+            raise ZipError(f"{where} sets output_shape; tf_mtz zips attention whose outputs are the query's units.")
+        for node in range(len(layer._inbound_nodes)):  # Keras internals: the layer's calls
+            tensors, keywords = keras_graph.call_arguments(layer, node)
+            if len({id(t) for t in tensors}) != 1 or any(value is not None and value is not False
+                                                         for value in keywords.values()):
+                raise ZipError(
+                    f"{where} is called as cross-attention or with a mask or other call options "
+                    f"({sorted(k for k, v in keywords.items() if v is not None and v is not False)}); tf_mtz "
+                    "zips self-attention, mha(x, x), without masks so far.")
+
+    def _dense(self, layer, part: str):
+        return getattr(layer, f"_{part}_dense")  # Keras internals: the projections of MultiHeadAttention
+
+    def _read(self, dense) -> tuple:
+        kernel = np.asarray(keras.ops.convert_to_numpy(dense.kernel), np.float32)
+        bias = (np.asarray(keras.ops.convert_to_numpy(dense.bias), np.float32) if dense.bias is not None
+                else np.zeros(kernel.shape[1:], np.float32))
+        return kernel, bias
+
+    def kernel_and_bias(self, layer):
+        kernel, bias = self._read(self._dense(layer, "output"))
+        heads, dim, outputs = kernel.shape
+        return kernel.reshape(heads * dim, outputs), bias
+
+    def attention_weights(self, layer) -> dict:
+        """`{"query": (inputs, heads, key_dim), "query_bias": (heads, key_dim), ...}` for query, key, value."""
+        weights = {}
+        for part in self._PROJECTIONS:
+            weights[part], weights[f"{part}_bias"] = self._read(self._dense(layer, part))
+        return weights
+
+    def trained_weights(self, layer):
+        kernel, bias = self.kernel_and_bias(layer)
+        return kernel, bias, self.attention_weights(layer)
+
+    def assign(self, layer, kernel: np.ndarray, bias: np.ndarray, attention: dict) -> None:
+        """Sets a built layer's weights from tf_mtz's layout (`kernel_and_bias`, `attention_weights`)."""
+        for part in self._PROJECTIONS:
+            dense = self._dense(layer, part)
+            dense.kernel.assign(attention[part])
+            dense.bias.assign(attention[f"{part}_bias"])
+        output = self._dense(layer, "output")
+        output.kernel.assign(kernel.reshape(tuple(output.kernel.shape)))
+        output.bias.assign(bias)
+
+    def layer_weights(self, kernel, bias=None):
+        raise NotImplementedError("An attention layer's weights are set with AttentionHandler.assign.")
+
+    def activation(self, layer):
+        return "attention"  # not an activation: nothing folds into it or splits it off
+
+    def build_layer(self, template, units, *, use_bias, activation, name):
+        del units, use_bias, activation  # its outputs are its query's units; biases kept as they are
+        config = dict(template.get_config(), name=name, use_bias=True)
+        return type(template).from_config(config)
+
+    def head_blocks(self, kernel: np.ndarray, bias: np.ndarray, attention: dict) -> tuple:
+        """Per head and dim, the weights that move together, as columns: `(query/key (heads, features,
+        key_dim), value/output (heads, features, value_dim))`: a query/key dim's query and key columns with
+        their biases; a value dim's value column, its bias and its row of the output projection."""
+        heads = attention["query"].shape[1]
+        qk = np.concatenate([np.moveaxis(attention["query"], 0, 1), attention["query_bias"][:, None],
+                             np.moveaxis(attention["key"], 0, 1), attention["key_bias"][:, None]], axis=1)
+        output = kernel.reshape(heads, -1, kernel.shape[-1])
+        vo = np.concatenate([np.moveaxis(attention["value"], 0, 1), attention["value_bias"][:, None],
+                             np.moveaxis(output, 2, 1)], axis=1)
+        return qk, vo
 
 
 class Conv2DHandler(UnitLayerHandler):
@@ -1246,6 +1350,7 @@ register_layer_handler(keras.layers.Dense, DenseHandler())
 register_layer_handler(keras.layers.Embedding, EmbeddingHandler())
 for _cls in (keras.layers.SimpleRNN, keras.layers.LSTM, keras.layers.GRU, keras.layers.Bidirectional):
     register_layer_handler(_cls, RecurrentHandler())
+register_layer_handler(keras.layers.MultiHeadAttention, AttentionHandler())
 register_layer_handler(keras.layers.Conv2D, Conv2DHandler())
 register_layer_handler(keras.layers.Conv2DTranspose, Conv2DTransposeHandler())
 register_layer_handler(keras.layers.Conv1D, Conv1DHandler())

@@ -32,6 +32,9 @@ class SlotState:
     # A recurrent layer: task -> (G, units + 1, units), rows its own units (then the recurrent bias), columns
     # its units: permuted on both axes with the layer's units.
     recurrent: dict = None
+    # An attention layer: task -> {"query", "key", "value": (inputs, heads, dim), and their "<part>_bias"}, rows
+    # its input's units; its kernel is the output projection (heads · value_dim rows, head-major).
+    attention: dict = None
 
     @property
     def shared_rows(self) -> int:
@@ -65,14 +68,18 @@ class ZipState:
             biases = {t: b.copy() for t, (_, b) in weights.items()}
             first_kernel = next(iter(kernels.values()))
             from_input = is_input(slot.input_space)
-            recurrent = None
-            if hasattr(slot.position.handler, "recurrent_weights"):
-                recurrent = {t: slot.position.handler.recurrent_weights(layer)
-                             for t, layer in slot.position.layers.items()}
-            slots.append(SlotState(kernels, biases, 0, first_kernel.shape[-2] if from_input else 0,
-                                   1 if from_input else slot.rows_per_input_unit,
+            handler, layers = slot.position.handler, slot.position.layers
+            recurrent = attention = None
+            if hasattr(handler, "recurrent_weights"):
+                recurrent = {t: handler.recurrent_weights(layer) for t, layer in layers.items()}
+            if hasattr(handler, "attention_weights"):
+                attention = {t: handler.attention_weights(layer) for t, layer in layers.items()}
+            inputs = (next(iter(attention.values()))["query"].shape[0] if attention is not None
+                      else first_kernel.shape[-2])
+            slots.append(SlotState(kernels, biases, 0, inputs if from_input else 0,
+                                   1 if from_input or attention is not None else slot.rows_per_input_unit,
                                    column_order={t: np.arange(k.shape[-1]) for t, k in kernels.items()},
-                                   recurrent=recurrent))
+                                   recurrent=recurrent, attention=attention))
         state = cls(slots, {})
         for index, slot in enumerate(plan.slots):
             if isinstance(slot.input_space, tuple):
@@ -176,6 +183,8 @@ def count_shared_parameters(state: ZipState) -> int:
             total += spatial * slot.shared_rows * slot.shared + slot.shared * (bias.size // max(bias.shape[0], 1))
             if slot.recurrent is not None:
                 total += next(iter(slot.recurrent.values()))[:, :-1].size
+            if slot.attention is not None:
+                total += sum(w.size for w in next(iter(slot.attention.values())).values())
     for channel in state.channels.values():
         if channel.shared:
             bias = next(iter(channel.biases.values()))
@@ -214,6 +223,12 @@ def permute_group(plan: ZipPlan, state: ZipState, group, permutations: dict, cou
         reorder_concatenated_channels(plan, state, position_index, keep_first)
     for c in plan.groups[group].consumers:
         consumer = state.slots[c]
+        if consumer.attention is not None:  # the query, key and value projections read the group's units
+            for t in tasks:
+                consumer.attention[t] = {name: (w[permutations[t]] if name in ATTENTION_INPUTS else w)
+                                         for name, w in consumer.attention[t].items()}
+            consumer.shared_inputs = count
+            continue
         if isinstance(plan.slots[c].input_space, tuple):
             reorder_concatenated_rows(plan, state, c)
             continue
@@ -221,6 +236,45 @@ def permute_group(plan: ZipPlan, state: ZipState, group, permutations: dict, cou
             consumer.kernels[t] = consumer.kernels[t][..., row_order(permutations[t], count,
                                                                       consumer.rows_per_input_unit), :]
         consumer.shared_inputs = count
+
+
+ATTENTION_INPUTS = ("query", "key", "value")  # the attention weights whose rows are the input's units
+
+
+def input_width(slot: SlotState, task: str) -> int:
+    """How many input rows a task's layer reads (its kernel's rows; an attention layer's projections')."""
+    if slot.attention is not None:
+        return int(slot.attention[task]["query"].shape[0])
+    return int(slot.kernels[task].shape[-2])
+
+
+def permute_heads(state: ZipState, index: int, task: str, heads: np.ndarray, key_dims: np.ndarray,
+                  value_dims: np.ndarray) -> None:
+    """Reorders one task's attention heads of slot `index` (`heads[h]`: the task's head at position h) and,
+    within each head position, its query/key dims (`key_dims[h]`, one order for both) and value dims
+    (`value_dims[h]`, with the output projection's rows): the layer computes the same function."""
+    slot = state.slots[index]
+    weights = slot.attention[task]
+    reordered = {}
+    for name in ("query", "key"):
+        reordered[name] = weights[name][:, heads[:, None], key_dims]
+        reordered[f"{name}_bias"] = weights[f"{name}_bias"][heads[:, None], key_dims]
+    reordered["value"] = weights["value"][:, heads[:, None], value_dims]
+    reordered["value_bias"] = weights["value_bias"][heads[:, None], value_dims]
+    kernel = slot.kernels[task]
+    output = kernel.reshape(len(heads), -1, kernel.shape[-1])[heads[:, None], value_dims]
+    slot.attention[task] = {name: np.ascontiguousarray(w, np.float32) for name, w in reordered.items()}
+    slot.kernels[task] = np.ascontiguousarray(output.reshape(kernel.shape), np.float32)
+
+
+def merge_attention(state: ZipState, index: int, kernel: np.ndarray, bias: np.ndarray, attention: dict) -> None:
+    """Gives every task the common weights of a shared attention layer (all its units are shared)."""
+    slot = state.slots[index]
+    for t in slot.kernels:
+        slot.kernels[t] = np.array(kernel, np.float32)
+        slot.biases[t] = np.array(bias, np.float32)
+        slot.attention[t] = {name: np.array(w, np.float32) for name, w in attention.items()}
+    slot.merged = True
 
 
 def permuted_recurrent(recurrent: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -268,10 +322,12 @@ def absorb_trained(state: ZipState, bindings: list) -> None:
     """Copies the (retrained) weights of a built model's layers back into the state (`rebuild.Binding`s:
     each names its layer, the slot or channel state, and the task slices it holds)."""
     for binding in bindings:
-        kernel, bias, recurrent = binding.state_weights()
+        kernel, bias, inner = binding.state_weights()
         for task, kernel_index, bias_index in binding.targets:
             binding.target.kernels[task][kernel_index] = kernel
             if bias_index is not None and bias is not None:
                 binding.target.biases[task][bias_index] = bias
-            if recurrent is not None:
-                binding.target.recurrent[task] = recurrent
+            if isinstance(inner, dict):  # an attention layer's projections
+                binding.target.attention[task] = inner
+            elif inner is not None:  # a recurrent layer's recurrent kernel
+                binding.target.recurrent[task] = inner

@@ -96,6 +96,9 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
         if isinstance(handler, registry.RecurrentHandler):
             _permute_recurrent(handler, layer, inputs, outputs)
             continue
+        if isinstance(handler, registry.AttentionHandler):
+            _permute_attention(handler, layer, inputs, outputs, rng)
+            continue
         layer.set_weights(_permuted_weights(layer, weights, inputs, outputs, spaces[index]))
     for owner, groups in grouped.values():
         owner.set_weights(_permuted_groups(owner.get_weights(), groups))
@@ -161,6 +164,27 @@ def _permute_recurrent(handler, layer, inputs, outputs) -> None:
         kernel, bias = kernel[..., outputs], bias[outputs]
         recurrent = state_lib.permuted_recurrent(recurrent, outputs)
     handler.assign(layer, kernel, bias, recurrent)
+
+
+def _permute_attention(handler, layer, inputs, outputs, rng) -> None:
+    """An attention layer's inputs and outputs permuted with their groups, and its heads, and the query/key
+    and value dims within each head, permuted at random (the same function)."""
+    kernel, bias = handler.kernel_and_bias(layer)
+    attention = handler.attention_weights(layer)
+    if inputs is not None:
+        attention = {name: (w[inputs] if name in state_lib.ATTENTION_INPUTS else w) for name, w in attention.items()}
+    if outputs is not None:
+        kernel, bias = kernel[:, outputs], bias[outputs]
+    heads, key_dim = attention["query_bias"].shape
+    value_dim = attention["value_bias"].shape[1]
+    order = rng.permutation(heads)
+    key_dims = np.stack([rng.permutation(key_dim) for _ in range(heads)])
+    value_dims = np.stack([rng.permutation(value_dim) for _ in range(heads)])
+    state = state_lib.ZipState([state_lib.SlotState({"copy": kernel}, {"copy": bias}, 0, 0, 1,
+                                                    attention={"copy": attention})], {})
+    state_lib.permute_heads(state, 0, "copy", order, key_dims, value_dims)
+    slot = state.slots[0]
+    handler.assign(layer, slot.kernels["copy"], slot.biases["copy"], slot.attention["copy"])
 
 
 def _permuted_weights(layer, weights: list, inputs, outputs, space) -> list:

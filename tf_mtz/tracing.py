@@ -69,22 +69,25 @@ class LayerCalls:
     def __call__(self, layer, inputs):
         import keras
 
+        from tf_mtz import keras_graph
+
         key = self._key(layer, inputs) if isinstance(layer, keras.layers.Layer) and layer.built else None
+        arguments = keras_graph.positional_inputs(layer, inputs)
         if key is None or key in self._eager_keys:
-            return layer(inputs, training=False)
+            return layer(*arguments, training=False)
         training = {"training": False} if _takes_training(type(layer)) else {}
 
         def make(template=layer):
             def run(trainable, non_trainable, values):
-                return template.stateless_call(trainable, non_trainable, values, **training)[0]
+                return template.stateless_call(trainable, non_trainable, *values, **training)[0]
             return run
 
         try:
             return self._functions.run(key, make, [v.value for v in layer.trainable_variables],
-                                       [v.value for v in layer.non_trainable_variables], inputs)
+                                       [v.value for v in layer.non_trainable_variables], list(arguments))
         except (TypeError, ValueError, NotImplementedError, tf.errors.OpError):
             self._eager_keys.add(key)  # e.g. a custom call that needs Keras's own __call__
-            return layer(inputs, training=False)
+            return layer(*arguments, training=False)
 
     @staticmethod
     def _key(layer, inputs):

@@ -219,13 +219,16 @@ class _LayerSteps:
                     hessians = _pair_group(plan, state, plan.slots[index].group, index, count, probe, config)
             with stages("merge"):
                 hessians = hessians or measured
-                chosen, hessians = _merge_slot(plan, state, index, probe, config, hessians)
+                if state.slots[index].attention is not None:
+                    chosen, hessians = _merge_attention(plan, state, index, config), {}
+                else:
+                    chosen, hessians = _merge_slot(plan, state, index, probe, config, hessians)
                 # tf_mtz.experimental.ExperimentalConfig; a recurrent layer's pre-activations are its gates'
                 if getattr(config, "repair", False) and state.slots[index].recurrent is None:
                     _repair(plan, state, index, probe)
             _warn_rank_deficient(position.name, hessians)
         hessians = hessians or {}
-        if config.refit and index + 1 < len(plan.slots):
+        if config.refit and index + 1 < len(plan.slots) and plan.slots[index + 1].position.handler.refits:
             # The next layer's inputs are final now: refit it before any retraining, which then starts from
             # the refit weights. (After the first head come only heads, whose inputs are final too.)
             with stages("inputs"):
@@ -255,7 +258,7 @@ class _LayerSteps:
                 raise ZipError(
                     f"Layer '{name}' is set to share {count} units but the layer before it shares none, so its "
                     "shared units would have no shared inputs; share some units of the previous layer.")
-            _check_recurrent(plan, self.state, index, count)
+            _check_all_or_none(plan, self.state, index, count)
             if count and self.verbose:
                 keras_graph.print_message(f"tf_mtz: zipping layer {index + 1}/{last} '{name}': sharing {count} units")
             return count, bool(count)
@@ -265,7 +268,7 @@ class _LayerSteps:
             raise ZipError(
                 f"Layer '{name}' is tied by a residual merge to '{first}', which shares {count} units, but its "
                 "own input shares none; share units of the layer feeding it too.")
-        _check_recurrent(plan, self.state, index, count)
+        _check_all_or_none(plan, self.state, index, count)
         if count and self.verbose:
             keras_graph.print_message(f"tf_mtz: zipping layer {index + 1}/{last} '{name}': {count} units paired "
                                       f"with '{first}'")
@@ -408,7 +411,7 @@ def _whole_where_recurrent(counts: list, plan: graph.ZipPlan, fraction: float) -
 
     for index in range(hidden):
         slot = plan.slots[index]
-        if not isinstance(slot.position.handler, registry.RecurrentHandler) or counts[index] == 0:
+        if not slot.position.handler.all_or_none or counts[index] == 0:
             continue
         kind = type(slot.position.layers[plan.tasks[0]]).__name__
         make_whole(slot.group, f"{kind} layers share their units all or none")
@@ -419,23 +422,25 @@ def _whole_where_recurrent(counts: list, plan: graph.ZipPlan, fraction: float) -
     return counts
 
 
-def _check_recurrent(plan, state, index, count) -> None:
-    """Raises `ZipError` where a recurrent layer would share some of its units, or share them from an input
-    that is not fully shared: standard Keras layers cannot keep units out of the others' recurrence."""
+def _check_all_or_none(plan, state, index, count) -> None:
+    """Raises `ZipError` where a recurrent or attention layer would share some of its units, or share them
+    from an input that is not fully shared: standard Keras layers cannot keep some units out of the others'
+    recurrence or attention."""
     slot, position = state.slots[index], plan.slots[index].position
-    if slot.recurrent is None or count == 0:
+    if not position.handler.all_or_none or count == 0:
         return
     kind = type(position.layers[plan.tasks[0]]).__name__
     widths = [slot.units(t) for t in plan.tasks]
     if any(w != count for w in widths):
         raise ZipError(f"Layer '{position.name}' ({kind}) is set to share {count} of its units {widths}; recurrent "
-                       "layers share their units all or none (every task's recurrence reads all of them), so "
+                       "and attention layers share their units all or none (each unit reads all of them), so "
                        "share all of them, with the same width in every model, or none.")
-    rows = {t: int(slot.kernels[t].shape[-2]) for t in plan.tasks}
+    rows = {t: state_lib.input_width(slot, t) for t in plan.tasks}
     if any(r != slot.shared_rows for r in rows.values()):
         raise ZipError(f"Layer '{position.name}' ({kind}) is set to be shared, but only {slot.shared_rows} of its "
-                       f"{max(rows.values())} inputs are shared; a shared recurrent layer reads a fully shared "
-                       "input, so share the layer feeding it fully too (a uniform sharing fraction does this).")
+                       f"{max(rows.values())} inputs are shared; a shared recurrent or attention layer reads a "
+                       "fully shared input, so share the layer feeding it fully too (a uniform sharing fraction "
+                       "does this).")
 
 
 def _hessians(plan, indices, probe, config) -> dict:
@@ -653,6 +658,28 @@ def _merged_recurrent(plan, slot, config):
     if config.merge == "first":
         return slot.recurrent[plan.tasks[0]]
     return np.mean([slot.recurrent[t] for t in plan.tasks], axis=0)
+
+
+def _merge_attention(plan, state, index, config) -> np.ndarray:
+    """Zips an attention layer whose units (the stream's) are all paired: matches each further task's heads,
+    and within them the query/key and value dims, to the first task's by weight matching (their inputs and
+    outputs already in the shared order), reorders them, and gives every task the average (the first task's
+    for the "first" merge). Returns per head the matching cost −aᵀb, summed over the tasks matched."""
+    tasks, slot = plan.tasks, state.slots[index]
+    handler = plan.slots[index].position.handler
+    first = tasks[0]
+    reference = handler.head_blocks(slot.kernels[first], slot.biases[first], slot.attention[first])
+    chosen = np.zeros(reference[0].shape[0])
+    for t in tasks[1:]:
+        heads, key_dims, value_dims, head_costs = matching.match_heads(
+            *reference, *handler.head_blocks(slot.kernels[t], slot.biases[t], slot.attention[t]))
+        state_lib.permute_heads(state, index, t, heads, key_dims, value_dims)
+        chosen += head_costs
+    pick = (lambda values: values[0]) if config.merge == "first" else (lambda values: np.mean(values, axis=0))
+    attention = {name: pick([slot.attention[t][name] for t in tasks]) for name in slot.attention[first]}
+    state_lib.merge_attention(state, index, pick([slot.kernels[t] for t in tasks]),
+                              pick([slot.biases[t] for t in tasks]), attention)
+    return chosen
 
 
 def _exact_mode(handler) -> str:
@@ -935,6 +962,10 @@ def _layer_report(position, slot, is_head, tasks, chosen, samples, deficient, se
         after += spatial[t0] * shared_rows * k + k
         after += sum(spatial[t] * (rows[t] - shared_rows) * k for t in tasks)
     after += sum(spatial[t] * rows[t] * (slot.units(t) - k) + (slot.units(t) - k) for t in tasks)
+    if slot.attention is not None:  # shared all or none
+        size = {t: slot.kernels[t].size + slot.biases[t].size + sum(w.size for w in slot.attention[t].values())
+                for t in tasks}
+        before, after = sum(size.values()), (size[tasks[0]] if k else sum(size.values()))
     if slot.recurrent is not None:  # shared all or none
         recurrent = {t: slot.recurrent[t][:, :-1].size for t in tasks}
         before += sum(recurrent.values())

@@ -1,0 +1,176 @@
+"""MultiHeadAttention (self-attention in residual blocks): its units are the stream's, its heads are matched
+inside the layer (query/key dims, value dims and output-projection rows moving together)."""
+
+import keras
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+
+import tf_mtz
+from tf_mtz import matching
+
+WIDTH, HEADS = 16, 4
+
+
+def _randomize(model, seed):
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if weights:
+            layer.set_weights([w + rng.normal(0, 0.2, w.shape).astype("float32") for w in weights])
+    return model
+
+
+def encoder_block(h, label, post_norm, ff_width):
+    """A pre-LN (ViT) or post-LN (BERT) encoder block on the stream `h`."""
+    if post_norm:
+        a = keras.layers.MultiHeadAttention(HEADS, WIDTH // HEADS, name=f"{label}_mha")(h, h)
+        h = keras.layers.LayerNormalization(name=f"{label}_ln1")(keras.layers.Add()([h, a]))
+        f = keras.layers.Dense(ff_width, activation="gelu", name=f"{label}_ff1")(h)
+        f = keras.layers.Dense(WIDTH, name=f"{label}_ff2")(f)
+        return keras.layers.LayerNormalization(name=f"{label}_ln2")(keras.layers.Add()([h, f]))
+    y = keras.layers.LayerNormalization(name=f"{label}_ln1")(h)
+    h = keras.layers.Add()([h, keras.layers.MultiHeadAttention(HEADS, WIDTH // HEADS, name=f"{label}_mha")(y, y)])
+    y = keras.layers.LayerNormalization(name=f"{label}_ln2")(h)
+    y = keras.layers.Dense(ff_width, activation="gelu", name=f"{label}_ff1")(y)
+    return keras.layers.Add()([h, keras.layers.Dense(WIDTH, name=f"{label}_ff2")(y)])
+
+
+def vit(name="vit", seed=0, blocks=2, ff_width=32):
+    """ViT-style: 7x7 patches of a 28x28 image (a strided Conv2D), pre-LN blocks, a final LayerNorm,
+    pooled output, 5 classes."""
+    keras.utils.set_random_seed(seed)
+    x = inputs = keras.Input((28, 28, 1), name="image")
+    h = keras.layers.Reshape((16, WIDTH))(keras.layers.Conv2D(WIDTH, 7, strides=7, name="patches")(x))
+    for block in range(blocks):
+        h = encoder_block(h, f"block{block}", post_norm=False, ff_width=ff_width)
+    h = keras.layers.GlobalAveragePooling1D()(keras.layers.LayerNormalization(name="final_ln")(h))
+    return _randomize(keras.Model(inputs, keras.layers.Dense(5, name="head")(h), name=name), seed)
+
+
+def bert(name="bert", seed=0):
+    """BERT-style: token embedding, two post-LN blocks, pooled output, 3 classes."""
+    keras.utils.set_random_seed(seed)
+    x = inputs = keras.Input((12,), dtype="int32", name="tokens")
+    h = keras.layers.Embedding(50, WIDTH, name="embed")(x)
+    for block in range(2):
+        h = encoder_block(h, f"block{block}", post_norm=True, ff_width=24)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return _randomize(keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name=name), seed)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).normal(size=(128, 28, 28, 1)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return np.random.default_rng(1).integers(0, 50, (128, 12)).astype("int32")
+
+
+def _relative_error(out, expected) -> float:
+    return float(np.abs(out - expected).max() / np.abs(expected).max())
+
+
+@pytest.mark.parametrize("sharing", [1.0, 0.5])
+@pytest.mark.parametrize("architecture", ["vit", "bert"])
+def test_permuted_copy_gives_back_the_outputs(images, tokens, architecture, sharing):
+    model, x = (vit(), images) if architecture == "vit" else (bert(), tokens)
+    copy = tf_mtz.testing.permuted_copy(model, seed=1)
+    expected = model.predict(x, verbose=0)
+    assert _relative_error(copy.predict(x, verbose=0), expected) < 1e-5
+    # The copy's heads and the dims within them are reordered, not only the stream's units.
+    query = [m.get_layer("block0_mha")._query_dense.kernel.numpy() for m in (model, copy)]
+    assert not np.allclose(np.sort(np.abs(query[0]), axis=0)[..., 0], np.sort(np.abs(query[1]), axis=0)[..., 0])
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=sharing, verbose=0)
+    outputs = zipped.predict(x, verbose=0)
+    for task in ("a", "b"):
+        assert _relative_error(outputs[task], expected) < 1e-4
+    # The stream and its attention are shared whole (LayerNormalizations mix all its units); the
+    # feed-forward hidden layers by the fraction.
+    assert isinstance(zipped.get_layer("block0_mha_shared"), keras.layers.MultiHeadAttention)
+    assert zipped.get_layer("block1_ff1_shared").units == round((32 if architecture == "vit" else 24) * sharing)
+
+
+def test_tflite_reproduces_keras_with_builtin_ops(images):
+    model = vit()
+    zipped = tf_mtz.zip_models({"a": model, "b": tf_mtz.testing.permuted_copy(model, seed=2)}, images,
+                               sharing=0.5, verbose=0)
+    outputs = zipped.predict(images[:8], verbose=0)
+    interpreter = Interpreter(model_content=tf_mtz.tflite_bytes(zipped))
+    operators = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert "SOFTMAX" in operators and not any(op.startswith("Flex") or op == "CUSTOM" for op in operators)
+    for signature, tasks in (("serving_default", ("a", "b")), ("a", ("a",))):
+        lite = interpreter.get_signature_runner(signature)(image=images[:8])
+        for task in tasks:
+            np.testing.assert_allclose(lite[task], outputs[task], atol=1e-5)
+
+
+def test_three_models_zip_with_both_recipes_and_reload(images, tmp_path):
+    models = {t: vit(t, seed=s) for t, s in (("a", 0), ("b", 3), ("c", 4))}
+    for config in (None, tf_mtz.ZipConfig.paper()):
+        zipped = tf_mtz.zip_models(models, images, config=config, verbose=0)
+        outputs = zipped.predict(images, verbose=0)
+        assert all(np.isfinite(outputs[t]).all() for t in models)
+        mha = next(layer for layer in zipped.zip_report.layers if layer.name == "block0_mha")
+        assert mha.shared == WIDTH and mha.kind == "MultiHeadAttention"
+    # One attention layer for three tasks: its parameters counted once in the model and the report.
+    attention = models["a"].get_layer("block0_mha").count_params()
+    assert zipped.get_layer("block0_mha_shared").count_params() == attention
+    assert mha.params_before == 3 * attention and mha.params_after == attention
+    path = str(tmp_path / "zipped.keras")
+    zipped.save(path)
+    again = keras.models.load_model(path).predict(images, verbose=0)
+    for task in models:
+        np.testing.assert_array_equal(again[task], outputs[task])
+
+
+def test_retrained_attention_weights_reach_the_result(images):
+    models = {"a": vit("a", seed=0, blocks=1), "b": vit("b", seed=3, blocks=1)}
+    plain = tf_mtz.zip_models(models, images, verbose=0)
+    retrained = tf_mtz.zip_models(models, images, verbose=0,
+                                  retrain=tf_mtz.Retrain(data=images, steps_per_layer=0, final_steps=10))
+    before = plain.get_layer("block0_mha_shared").get_weights()
+    after = retrained.get_layer("block0_mha_shared").get_weights()
+    assert [w.shape for w in before] == [w.shape for w in after]
+    assert not np.allclose(before[0], after[0])  # the query projection was trained, and kept
+
+
+def test_match_heads_recovers_permuted_heads_and_dims():
+    rng = np.random.default_rng(0)
+    heads, key_dim, value_dim = 4, 5, 3
+    key, value = rng.normal(size=(heads, 9, key_dim)), rng.normal(size=(heads, 11, value_dim))
+    order = rng.permutation(heads)
+    key_orders = np.stack([rng.permutation(key_dim) for _ in range(heads)])
+    value_orders = np.stack([rng.permutation(value_dim) for _ in range(heads)])
+    # B's head h is A's head order[h], its dims within reordered.
+    key_b = np.stack([key[order[h]][:, key_orders[h]] for h in range(heads)])
+    value_b = np.stack([value[order[h]][:, value_orders[h]] for h in range(heads)])
+    found, key_dims, value_dims, costs = matching.match_heads(key, value, key_b, value_b)
+    inverse = np.argsort(order)
+    np.testing.assert_array_equal(found, inverse)
+    for h in range(heads):
+        np.testing.assert_array_equal(key_b[found[h]][:, key_dims[h]], key[h])
+        np.testing.assert_array_equal(value_b[found[h]][:, value_dims[h]], value[h])
+    # A matched pair's cost is −aᵀb of its matched columns: −‖a‖² for a copy.
+    np.testing.assert_allclose(costs, -(np.sum(key ** 2, axis=(1, 2)) + np.sum(value ** 2, axis=(1, 2))))
+
+
+def test_unsupported_attention_gets_clear_errors(images):
+    def build(call):
+        x = inputs = keras.Input((16, WIDTH), name="sequence")
+        h = keras.layers.Dense(WIDTH, name="project")(x)
+        h = call(h)
+        return keras.Model(inputs, keras.layers.Dense(2, name="head")(keras.layers.GlobalAveragePooling1D()(h)))
+
+    sequences = images.reshape(-1, 16, 49)[..., :WIDTH]
+    cases = [
+        (lambda h: keras.layers.Add()([h, keras.layers.MultiHeadAttention(2, 8)(h, keras.layers.Dense(WIDTH)(h))]), "cross-attention"),
+        (lambda h: keras.layers.Add()([h, keras.layers.MultiHeadAttention(2, 8)(h, h, use_causal_mask=True)]),
+         "use_causal_mask"),
+        (lambda h: keras.layers.MultiHeadAttention(2, 8)(h, h), "not inside a residual block"),
+    ]
+    for call, message in cases:
+        with pytest.raises(tf_mtz.ZipError, match=message):
+            tf_mtz.zip_models({"a": build(call), "b": build(call)}, sequences, verbose=0)
