@@ -82,6 +82,11 @@ def test_tflite_reproduces_keras_with_builtin_ops(tokens, kind):
     interpreter = Interpreter(model_content=tf_mtz.tflite_bytes(zipped))
     operators = {op["op_name"] for op in interpreter._get_ops_details()}
     assert "WHILE" in operators and not any(op.startswith("Flex") or op == "CUSTOM" for op in operators)
+    dynamic = Interpreter(model_content=tf_mtz.tflite_bytes(zipped, quantization="dynamic"))
+    lite = dynamic.get_signature_runner("serving_default")(tokens=tokens[:1])
+    np.testing.assert_allclose(lite["a"], outputs["a"][:1], atol=0.05)
+    with pytest.raises(tf_mtz.ZipError, match="int8"):
+        tf_mtz.tflite_bytes(zipped, quantization="int8", representative_data=tokens)
     for signature, tasks in (("serving_default", ("a", "b")), ("b", ("b",))):
         runner = interpreter.get_signature_runner(signature)
         for row in range(4):  # the recurrent TFLite model takes one sample per call

@@ -229,6 +229,10 @@ def tflite_bytes(model: keras.Model, quantization: str | None = None, representa
     _exportable(model)
     if quantization not in QUANTIZATIONS:
         raise ZipError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
+    if quantization == "int8" and keras_graph.has_recurrent_layers(model):
+        # TensorFlow's int8 calibration of the frozen recurrent loop crashes the process (TF 2.20, measured).
+        raise ZipError(f"Model '{model.name}' has recurrent layers, whose int8 conversion TensorFlow does not "
+                       "support; use quantization='dynamic' (int8 weights) or 'float16'.")
     if quantization == "int8" and representative_data is None:
         raise ZipError("quantization='int8' needs representative_data (e.g. the calibration inputs).")
     with tempfile.TemporaryDirectory() as tmp, _quiet():
