@@ -35,10 +35,11 @@ import shutil
 import tempfile
 import weakref
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_mtz import graph, registry, state as state_lib, tracing
+from tf_mtz import graph, keras_graph, registry, state as state_lib, tracing
 from tf_mtz.graph import is_input
 
 
@@ -374,24 +375,18 @@ class _TaskRunner(registry.PositionVisitor):
         layer.set_weights(handler.layer_weights(slot.kernels[task], slot.biases[task]))
         return _call_each(self.spill, self.calls, layer, [inputs])
 
-    def recurrent_units(self, task, position, values):
+    def whole_units(self, task, position, values):
+        """A recurrent or attention layer with the task's weights: it always reads its whole input."""
         slot = self.state.slots[self.plan.slot_indices[position.index]]
         handler, template = position.handler, position.layers[task]
         layer = handler.build_layer(template, slot.units(task), use_bias=True, activation=None,
                                     name=f"probe_{position.name}")
-        layer.build(tuple(values[0][0].shape))
-        handler.assign(layer, slot.kernels[task], slot.biases[task], slot.recurrent[task])
+        sample = values[0][0]
+        layer(*keras_graph.positional_inputs(layer, keras.KerasTensor(sample.shape, sample.dtype)))  # builds it
+        handler.assign(layer, slot.kernels[task], slot.biases[task], state_lib.inner_weights(slot, task))
         return _call_each(self.spill, self.calls, layer, values)
 
-    def attention_units(self, task, position, values):
-        slot = self.state.slots[self.plan.slot_indices[position.index]]
-        handler, template = position.handler, position.layers[task]
-        layer = handler.build_layer(template, slot.units(task), use_bias=True, activation=None,
-                                    name=f"probe_{position.name}")
-        shape = tuple(values[0][0].shape)
-        layer.build(shape, shape)
-        handler.assign(layer, slot.kernels[task], slot.biases[task], slot.attention[task])
-        return _call_each(self.spill, self.calls, layer, values)
+    recurrent_units = attention_units = whole_units
 
     def channel_units(self, task, position, values):
         handler = position.handler

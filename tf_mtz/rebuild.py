@@ -20,7 +20,8 @@ import gc
 import keras
 import numpy as np
 
-from tf_mtz import graph, registry
+from tf_mtz import graph, keras_graph, registry
+from tf_mtz import state as state_lib
 from tf_mtz.graph import ZipPlan, input_ref, is_input
 from tf_mtz.state import ChannelState, SlotState, ZipState
 
@@ -144,27 +145,32 @@ class _Builder(registry.PositionVisitor):
             return heads
         return _zipped_layer(position, slot, feature, self.tasks, self.names, self.bindings)
 
-    def recurrent_units(self, position, parents):
-        """A recurrent layer, built whole: one layer for every task where its units are shared (they read
-        the fully shared input), else one per task with its own weights."""
+    def whole_units(self, position, parents):
+        """A layer whose units are shared all or none (recurrent, attention), built whole: one layer for
+        every task where its units are shared (they read the fully shared input), else one per task with
+        its own weights."""
         index = self.plan.slot_indices[position.index]
         slot = self.state.slots[index]
-        (feature,) = parents
+        feature = parents[0]  # self-attention reads one tensor as query and value
         self.taps[index] = {t: feature[t][0] if slot.shared_inputs else None for t in self.tasks}
         self.parts[index] = dict(feature)
         handler, tasks = position.handler, self.tasks
+
+        def call(layer, x):
+            return layer(*keras_graph.positional_inputs(layer, x))
+
         if slot.shared and slot.merged:
             if any(feature[t][1] is not None for t in tasks):
-                raise AssertionError(f"Internal error: shared recurrent layer '{position.name}' reads task units.")
+                raise AssertionError(f"Internal error: shared layer '{position.name}' reads task units.")
             template = position.layers[tasks[0]]
             layer = handler.build_layer(template, slot.units(tasks[0]), use_bias=True, activation=None,
                                         name=self.names(f"{template.name}_shared"))
             calls = {}
             for t in tasks:  # one call per distinct input tensor, all with the common weights
                 if id(feature[t][0]) not in calls:
-                    calls[id(feature[t][0])] = layer(feature[t][0])
+                    calls[id(feature[t][0])] = call(layer, feature[t][0])
             t0 = tasks[0]
-            handler.assign(layer, slot.kernels[t0], slot.biases[t0], slot.recurrent[t0])
+            handler.assign(layer, slot.kernels[t0], slot.biases[t0], state_lib.inner_weights(slot, t0))
             self.bindings.append(Binding(layer, slot, [(t, (...,), (...,)) for t in tasks], handler))
             return {t: (calls[id(feature[t][0])], None) for t in tasks}
         out = {}
@@ -172,48 +178,14 @@ class _Builder(registry.PositionVisitor):
             template = position.layers[t]
             layer = handler.build_layer(template, slot.units(t), use_bias=True, activation=None,
                                         name=self.names(f"{t}_{template.name}"))
-            y = layer(_join(feature[t], self.names(f"{t}_{template.name}_input")))
-            handler.assign(layer, slot.kernels[t], slot.biases[t], slot.recurrent[t])
+            y = call(layer, _join(feature[t], self.names(f"{t}_{template.name}_input")))
+            handler.assign(layer, slot.kernels[t], slot.biases[t], state_lib.inner_weights(slot, t))
             self.bindings.append(Binding(layer, slot, [(t, (...,), (...,))], handler))
             # Paired but not merged yet (tied to a layer zipped earlier): the paired units come first.
             out[t] = (y, None) if slot.shared else (None, y)
         return out
 
-    def attention_units(self, position, parents):
-        """A self-attention layer, built whole: one layer where its units are shared (from the fully shared
-        stream), else one per task with its own weights."""
-        index = self.plan.slot_indices[position.index]
-        slot = self.state.slots[index]
-        feature = parents[0]
-        self.taps[index] = {t: feature[t][0] if slot.shared_inputs else None for t in self.tasks}
-        self.parts[index] = dict(feature)
-        handler, tasks = position.handler, self.tasks
-        if slot.shared and slot.merged:
-            if any(feature[t][1] is not None for t in tasks):
-                raise AssertionError(f"Internal error: shared attention layer '{position.name}' reads task units.")
-            template = position.layers[tasks[0]]
-            layer = handler.build_layer(template, slot.units(tasks[0]), use_bias=True, activation=None,
-                                        name=self.names(f"{template.name}_shared"))
-            calls = {}
-            for t in tasks:
-                x = feature[t][0]
-                if id(x) not in calls:
-                    calls[id(x)] = layer(x, x)
-            t0 = tasks[0]
-            handler.assign(layer, slot.kernels[t0], slot.biases[t0], slot.attention[t0])
-            self.bindings.append(Binding(layer, slot, [(t, (...,), (...,)) for t in tasks], handler))
-            return {t: (calls[id(feature[t][0])], None) for t in tasks}
-        out = {}
-        for t in tasks:
-            template = position.layers[t]
-            layer = handler.build_layer(template, slot.units(t), use_bias=True, activation=None,
-                                        name=self.names(f"{t}_{template.name}"))
-            x = _join(feature[t], self.names(f"{t}_{template.name}_input"))
-            y = layer(x, x)
-            handler.assign(layer, slot.kernels[t], slot.biases[t], slot.attention[t])
-            self.bindings.append(Binding(layer, slot, [(t, (...,), (...,))], handler))
-            out[t] = (y, None) if slot.shared else (None, y)
-        return out
+    recurrent_units = attention_units = whole_units
 
     def channel_units(self, position, parents):
         return _channel_layer(position, self.state.channels[position.index], parents[0], self.tasks, self.names,

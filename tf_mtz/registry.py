@@ -225,10 +225,9 @@ def _activation_name(layer) -> str:
     return act if isinstance(act, str) else str(act.get("config", act))
 
 
-class DenseHandler(UnitLayerHandler):
-    def build_layer(self, template, units, *, use_bias, activation, name):
-        return keras.layers.Dense(units, use_bias=use_bias, activation=activation, name=name,
-                                  dtype=template.dtype_policy)
+class _LastAxisInputs:
+    """Inputs read along their last axis, every other axis a sample (a Dense layer on a batch or a sequence,
+    a recurrent layer's steps): the Hessian samples are the input vectors themselves."""
 
     def hessian_samples(self, template, x, mode):
         return tf.reshape(x, (-1, x.shape[-1]))
@@ -239,11 +238,17 @@ class DenseHandler(UnitLayerHandler):
     def pre_activations(self, template, x, block, mode):
         return tf.matmul(tf.reshape(x, (-1, x.shape[-1])), block[:-1]) + block[-1]
 
-    def hessian_is_refit_gram(self, template, mode):
-        return type(self) is DenseHandler  # a subclass may sample its inputs otherwise
-
     def input_moments(self, template, x, targets, mode):
         return statistics.vector_moments(tf.reshape(x, (-1, x.shape[-1])), targets)
+
+
+class DenseHandler(_LastAxisInputs, UnitLayerHandler):
+    def build_layer(self, template, units, *, use_bias, activation, name):
+        return keras.layers.Dense(units, use_bias=use_bias, activation=activation, name=name,
+                                  dtype=template.dtype_policy)
+
+    def hessian_is_refit_gram(self, template, mode):
+        return type(self) is DenseHandler  # a subclass may sample its inputs otherwise
 
     def to_blocks(self, kernel, bias, mode):
         return np.concatenate([kernel, bias[None, :]], axis=0)[None]
@@ -305,7 +310,7 @@ class EmbeddingHandler(UnitLayerHandler):
         return blocks[0, :-1].reshape(kernel_shape), blocks[0, -1]
 
 
-class RecurrentHandler(UnitLayerHandler):
+class RecurrentHandler(_LastAxisInputs, UnitLayerHandler):
     """SimpleRNN, LSTM and GRU (`return_sequences` either way), and `Bidirectional` of them.
 
     A unit is one hidden unit across the layer's G gates (1, 4, 3): in tf_mtz's layout the kernel is
@@ -438,20 +443,8 @@ class RecurrentHandler(UnitLayerHandler):
             raise AssertionError(f"Internal error: '{template.name}' rebuilt with {units} of {sum(blocks)} units.")
         return blocks
 
-    def hessian_samples(self, template, x, mode):
-        return tf.reshape(x, (-1, x.shape[-1]))
-
-    def sample_count(self, template, x, mode):
-        return prod(x.shape[:-1])
-
-    def pre_activations(self, template, x, block, mode):
-        return tf.matmul(tf.reshape(x, (-1, x.shape[-1])), block[:-1]) + block[-1]
-
     def hessian_is_refit_gram(self, template, mode):
         return True  # both are the Gram matrix of the steps' inputs [x_t; 1]
-
-    def input_moments(self, template, x, targets, mode):
-        return statistics.vector_moments(tf.reshape(x, (-1, x.shape[-1])), targets)
 
     def to_blocks(self, kernel, bias, mode):
         # "steps": one block per gate, each with the same Hessian; "stacked" (the refit): every gate's

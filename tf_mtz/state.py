@@ -241,6 +241,14 @@ def permute_group(plan: ZipPlan, state: ZipState, group, permutations: dict, cou
 ATTENTION_INPUTS = ("query", "key", "value")  # the attention weights whose rows are the input's units
 
 
+def inner_weights(slot: SlotState, task: str):
+    """A recurrent or attention layer's weights besides its kernel and bias (its recurrent kernel, or its
+    query, key and value projections) for one task; None for other layers."""
+    if slot.attention is not None:
+        return slot.attention[task]
+    return None if slot.recurrent is None else slot.recurrent[task]
+
+
 def input_width(slot: SlotState, task: str) -> int:
     """How many input rows a task's layer reads (its kernel's rows; an attention layer's projections')."""
     if slot.attention is not None:
