@@ -4,8 +4,9 @@ change a number unnoticed.
 Each case's digest is the SHA-256 of its zipped model's weight arrays (float32 bytes, each array hashed on
 its own and the digests sorted, so layer names and order do not count), with the pairing (the report's
 shared units) and the norm of every weight stored beside it for a readable diff. The last bits depend on
-the CPU's vector instructions (oneDNN picks other kernels with AVX-512), so digests are kept per machine
-class (`machine()`); on a class with none recorded, the pairing and the norms are still checked. A change
+the CPU's vector instructions and vendor (oneDNN picks other kernels with AVX-512, and Intel's and AMD's
+AVX-512 CPUs differ too), so digests are kept per machine class (`machine()`); on a class with none
+recorded, the pairing and the norms are still checked. A change
 meant to alter numbers regenerates the file in a commit of its own that says why (dropping the digests
 of other machine classes, which it makes stale):
 
@@ -67,7 +68,8 @@ def zip_case(case: str):
 
 
 def machine() -> str:
-    """The TensorFlow version and the widest vector instructions of this CPU: what the last bits depend on."""
+    """The TensorFlow version, the widest vector instructions and the vendor of this CPU: what the last bits
+    depend on."""
     import tensorflow as tf
 
     try:
@@ -76,7 +78,10 @@ def machine() -> str:
     except OSError:
         flags = ""
     simd = "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "other"
-    return f"tf{tf.__version__}-{simd}"
+    # Intel and AMD CPUs with the same instructions still differ in the last bits (oneDNN's kernels).
+    vendor = next((line.split(":")[1].strip() for line in flags.splitlines() if line.startswith("vendor_id")),
+                  "unknown")
+    return f"tf{tf.__version__}-{simd}-{vendor}"
 
 
 def summary(zipped) -> dict:
