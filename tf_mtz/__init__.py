@@ -14,8 +14,10 @@ from tf_mtz.config import ZipConfig  # noqa: E402
 from tf_mtz.errors import RankDeficientWarning, ZipError  # noqa: E402
 from tf_mtz.export import export_saved_model, export_tflite, tflite_bytes  # noqa: E402
 from tf_mtz.registry import (  # noqa: E402
+    ClassTokenHandler,
     LayerHandler,
     PassThroughHandler,
+    PositionEmbeddingHandler,
     UnitLayerHandler,
     register_layer_handler,
     unregister_layer_handler,
@@ -32,4 +34,5 @@ __all__ = [
     "export_tflite", "export_saved_model", "tflite_bytes", "to_tf_keras",
     "ZipReport", "LayerReport", "ZipError", "RankDeficientWarning",
     "register_layer_handler", "unregister_layer_handler", "LayerHandler", "UnitLayerHandler", "PassThroughHandler",
+    "PositionEmbeddingHandler", "ClassTokenHandler",
 ]

@@ -989,6 +989,141 @@ class LayerScaleHandler(ChannelUnitsHandler):
         return keras.layers.DepthwiseConv2D(1, use_bias=True, name=name, dtype=template.dtype_policy)
 
 
+class PositionEmbeddingHandler(ChannelUnitsHandler):
+    """A learnt table of one vector per sequence position, on a `(batch, positions, units)` stream: the layer
+    returns `x + P` (`adds_input=True`, a ViT's or a Keras example's position embedding) or `P` broadcast to
+    `x`'s shape (`adds_input=False`, keras-hub's `PositionEmbedding`, which the model then adds). Column u of
+    the table belongs to unit u of the stream, so paired units get the average column.
+
+    The zipped model computes it with standard layers (`PositionTable`: an `Embedding` of the positions
+    0…T−1 read off the stream, added to it). A table longer than the model's sequence is cut to its length.
+
+    Args:
+        table: the name of the layer's weight holding the table, `(positions, units)`.
+        adds_input: whether the layer adds the table to its input or returns the table alone.
+
+    Example:
+
+    ```python
+    class PositionEmbedding(keras.layers.Layer):  # y = x + P
+        def build(self, input_shape):
+            self.table = self.add_weight(shape=tuple(input_shape[1:]), name="table")
+        def call(self, x):
+            return x + self.table
+
+    tf_mtz.register_layer_handler(PositionEmbedding, tf_mtz.PositionEmbeddingHandler("table"))
+    ```
+    """
+
+    def __init__(self, table: str = "position_embeddings", adds_input: bool = True):
+        self.table, self.adds_input = table, bool(adds_input)
+
+    def _where(self, layer, model_name) -> str:
+        return f"Layer '{layer.name}' ({type(layer).__name__}) of model '{model_name}'"
+
+    def check(self, layer, model_name):
+        shape = tuple(layer.input.shape) if _has_input(layer) else None
+        if shape is None or len(shape) != 3 or shape[1] is None:
+            raise ZipError(f"{self._where(layer, model_name)} reads a tensor of shape {shape}; tf_mtz zips "
+                           "position embeddings on (batch, positions, units) sequences of a fixed length.")
+        table = getattr(layer, self.table, None)
+        if table is None or len(table.shape) != 2:
+            raise ZipError(f"{self._where(layer, model_name)} has no 2-D weight '{self.table}' holding its table; "
+                           "give PositionEmbeddingHandler the name of the (positions, units) weight.")
+        if int(table.shape[0]) < shape[1] or int(table.shape[1]) != shape[2]:
+            raise ZipError(f"{self._where(layer, model_name)} holds a {tuple(table.shape)} table for a sequence "
+                           f"of {shape[1]} positions and {shape[2]} units.")
+
+    def kernel_and_bias(self, layer):
+        positions = int(layer.input.shape[1])
+        table = np.asarray(keras.ops.convert_to_numpy(getattr(layer, self.table)), np.float32)[:positions]
+        return table, np.zeros(table.shape[-1], np.float32)
+
+    def build_layer(self, template, *, name: str):
+        return PositionTable(int(template.input.shape[1]), self.adds_input, name, template.dtype_policy)
+
+    def layer_weights(self, template, kernel, bias):
+        return [kernel]  # the table has no bias: `kernel_and_bias` gives zeros
+
+
+class ClassTokenHandler(PositionEmbeddingHandler):
+    """A learnt vector put before a `(batch, positions, units)` sequence (a ViT's class token): `[c; x]`.
+
+    The zipped model pads the sequence with one zero position and adds the table `[c; 0; …; 0]`
+    (`PositionTable` with `prepend=1`), so it needs no custom layer; retraining may then move the zero rows,
+    which act as a position embedding.
+
+    Args:
+        token: the name of the layer's weight holding the token (`(units,)`, `(1, units)` or `(1, 1, units)`).
+    """
+
+    def __init__(self, token: str = "token"):
+        super().__init__(table=token, adds_input=True)
+
+    def check(self, layer, model_name):
+        shape = tuple(layer.input.shape) if _has_input(layer) else None
+        if shape is None or len(shape) != 3 or shape[1] is None:
+            raise ZipError(f"{self._where(layer, model_name)} reads a tensor of shape {shape}; tf_mtz zips class "
+                           "tokens on (batch, positions, units) sequences of a fixed length.")
+        token = getattr(layer, self.table, None)
+        if token is None or int(np.prod(token.shape)) != shape[2]:
+            raise ZipError(f"{self._where(layer, model_name)} has no weight '{self.table}' of {shape[2]} values "
+                           "holding its token; give ClassTokenHandler the name of that weight.")
+
+    def kernel_and_bias(self, layer):
+        positions = int(layer.input.shape[1])
+        token = np.asarray(keras.ops.convert_to_numpy(getattr(layer, self.table)), np.float32).reshape(1, -1)
+        return np.concatenate([token, np.zeros((positions, token.shape[1]), np.float32)]), np.zeros(
+            token.shape[1], np.float32)
+
+    def build_layer(self, template, *, name: str):
+        return PositionTable(int(template.input.shape[1]) + 1, True, name, template.dtype_policy, prepend=1)
+
+
+class PositionTable:
+    """`x + P` (or `P` alone, broadcast over the batch) for a `(batch, positions, units)` stream, written with
+    standard Keras layers and operations: the positions 0…T−1 are counted off the stream (`cumsum` of ones),
+    an `Embedding(T, units)` looks them up, an `Add` adds them. `prepend` zero positions are put before
+    the sequence first (a class token's place). What a `PositionEmbeddingHandler` layer is in the zipped
+    model; built on the first call, its weights are the table alone.
+
+    Not a Keras layer itself, so that nothing custom reaches the zipped model (as `ChannelSlice`).
+    """
+
+    def __init__(self, positions: int, adds_input: bool, name: str, dtype=None, prepend: int = 0):
+        self.positions, self.adds_input, self.name, self.prepend = int(positions), adds_input, name, int(prepend)
+        self.dtype = dtype
+        self.embedding = None
+        self.calls = 0  # the shared part's table is called once per distinct input: its helpers need new names
+
+    @property
+    def weights(self) -> list:
+        return [] if self.embedding is None else self.embedding.weights
+
+    def build(self, input_shape) -> None:
+        if self.embedding is None:
+            self.embedding = keras.layers.Embedding(self.positions, int(input_shape[-1]), name=f"{self.name}_table",
+                                                    dtype=self.dtype)
+            self.embedding.build((None, self.positions))
+
+    def __call__(self, x, training=None):
+        del training
+        self.build(tuple(x.shape))
+        suffix = f"_{self.calls}" if self.calls else ""
+        self.calls += 1
+        if self.prepend:
+            x = keras.layers.ZeroPadding1D((self.prepend, 0), name=f"{self.name}_pad{suffix}")(x)
+        counted = keras.ops.cumsum(keras.ops.ones_like(x[:, :, 0], dtype="int32"), axis=1)
+        table = self.embedding(counted - 1)
+        return keras.layers.Add(name=f"{self.name}_add{suffix}")([x, table]) if self.adds_input else table
+
+    def set_weights(self, weights: list) -> None:
+        self.embedding.set_weights(weights)
+
+    def get_weights(self) -> list:
+        return self.embedding.get_weights()
+
+
 class InferenceIdentityHandler(PassThroughHandler):
     """Layers that are the identity at inference (ConvNeXt's stochastic depth): left out of the zipped
     model, which therefore trains without them."""
@@ -1170,7 +1305,25 @@ class OperationMergeHandler(MergeHandler):
                 "only where every tensor has the same last axis (broadcasting over the other axes).")
 
 
+def keeps_last_axis(layer) -> bool:
+    """Whether an indexing operation (`h[:, 0]`, a ViT's class-token readout) leaves the last axis whole:
+    it then picks positions, never units, and is applied unit by unit."""
+    if layer.operation_name != "GetItem" or layer.tensor_count != 1 or len(layer.arguments.args) != 2:
+        return False
+    key = layer.arguments.args[1]
+    key = key if isinstance(key, tuple) else (key,)
+    if any(isinstance(k, keras.KerasTensor) for k in key):
+        return False
+    if Ellipsis in key:
+        return key.index(Ellipsis) == len(key) - 1
+    entries = [k for k in key if k is not None]
+    rank = len(layer.tensor_shapes()[0])
+    return len(entries) < rank or (len(entries) == rank and entries[-1] == slice(None))
+
+
 def _check_unit_wise(layer, model_name: str) -> None:
+    if keeps_last_axis(layer):
+        return
     if layer.operation_name not in UNIT_WISE_OPERATIONS:
         raise ZipError(
             f"Operation '{layer.name}' ({layer.operation_name}) of model '{model_name}' is a keras.ops call in the "

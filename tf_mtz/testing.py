@@ -207,8 +207,9 @@ def _permuted_weights(layer, weights: list, inputs, outputs, space) -> list:
     if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
         return [w[outputs] for w in weights]
     if isinstance(handler, registry.ChannelUnitsHandler) and all(
-            w.ndim == 1 and w.shape[0] == outputs.size for w in weights):
-        return [w[outputs] for w in weights]  # a custom per-channel layer: one value per unit (LayerScale)
+            w.ndim >= 1 and w.shape[-1] == outputs.size for w in weights):
+        # A custom per-channel layer whose weights end in one value per unit (LayerScale, a position table).
+        return [w[..., outputs] for w in weights]
     raise ZipError(f"permuted_copy cannot permute the weights of layer '{layer.name}' "
                    f"({type(layer).__name__}).")
 
