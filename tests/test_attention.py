@@ -167,10 +167,69 @@ def test_unsupported_attention_gets_clear_errors(images):
     sequences = images.reshape(-1, 16, 49)[..., :WIDTH]
     cases = [
         (lambda h: keras.layers.Add()([h, keras.layers.MultiHeadAttention(2, 8)(h, keras.layers.Dense(WIDTH)(h))]), "cross-attention"),
-        (lambda h: keras.layers.Add()([h, keras.layers.MultiHeadAttention(2, 8)(h, h, use_causal_mask=True)]),
-         "use_causal_mask"),
+        (lambda h: keras.layers.Add()([h, keras.layers.MultiHeadAttention(2, 8)(
+            h, h, attention_mask=keras.layers.Dense(16)(h))]), "mask computed from a layer"),
         (lambda h: keras.layers.MultiHeadAttention(2, 8)(h, h), "not inside a residual block"),
     ]
     for call, message in cases:
         with pytest.raises(tf_mtz.ZipError, match=message):
             tf_mtz.zip_models({"a": build(call), "b": build(call)}, sequences, verbose=0)
+
+
+def masked_encoder(name="masked", seed=0, mask="padding"):
+    """Post-LN encoder blocks over token ids with 0 as padding: the attention mask keeps padded keys out
+    (`mask="padding"`, computed from the ids with keras.ops), or each position sees only those before it
+    (`"causal"`), or the mask is a model input of its own (`"input"`), or there is none (`"none"`)."""
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((12,), dtype="int32", name="tokens")
+    inputs = tokens
+    if mask == "input":
+        padding = keras.Input((12,), dtype="bool", name="padding_mask")
+        inputs = [tokens, padding]
+    else:
+        padding = keras.ops.not_equal(tokens, 0)
+    attention_mask = keras.ops.expand_dims(padding, axis=1)  # (batch, 1, keys): every query alike
+    h = keras.layers.Embedding(50, WIDTH, name="embed")(tokens)
+    for block in range(2):
+        options = ({"use_causal_mask": True} if mask == "causal" else {} if mask == "none"
+                   else {"attention_mask": attention_mask})
+        a = keras.layers.MultiHeadAttention(HEADS, WIDTH // HEADS, name=f"block{block}_mha")(h, h, **options)
+        h = keras.layers.LayerNormalization(name=f"block{block}_ln1")(keras.layers.Add()([h, a]))
+        f = keras.layers.Dense(24, activation="gelu", name=f"block{block}_ff1")(h)
+        h = keras.layers.LayerNormalization(name=f"block{block}_ln2")(
+            keras.layers.Add()([h, keras.layers.Dense(WIDTH, name=f"block{block}_ff2")(f)]))
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return _randomize(keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name=name), seed)
+
+
+def _padded_tokens(count=96, seed=2):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 50, (count, 12)).astype("int32")
+    lengths = rng.integers(3, 13, count)
+    ids[np.arange(12)[None, :] >= lengths[:, None]] = 0
+    return ids
+
+
+@pytest.mark.parametrize("sharing", [1.0, 0.5])
+@pytest.mark.parametrize("mask", ["padding", "causal", "input"])
+def test_masked_attention_zips_with_its_mask(mask, sharing):
+    model = masked_encoder(mask=mask)
+    ids = _padded_tokens()
+    x = [ids, ids != 0] if mask == "input" else ids
+    expected = model.predict(x, verbose=0)
+    # The mask matters: the same ids with the padding attended to give other outputs.
+    unmasked = masked_encoder(mask="none" if mask != "causal" else "padding")
+    unmasked.set_weights(model.get_weights())
+    assert _relative_error(unmasked.predict(ids, verbose=0), expected) > 1e-3
+    copy = tf_mtz.testing.permuted_copy(model, seed=1)
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=sharing, verbose=0)
+    outputs = zipped.predict(x, verbose=0)
+    for task in ("a", "b"):
+        assert _relative_error(outputs[task], expected) < 1e-4
+    interpreter = Interpreter(model_content=tf_mtz.tflite_bytes(zipped))
+    operators = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert not any(op.startswith("Flex") or op == "CUSTOM" for op in operators)
+    feed = {"tokens": ids[:8]} if mask != "input" else {"tokens": ids[:8], "padding_mask": ids[:8] != 0}
+    lite = interpreter.get_signature_runner("serving_default")(**feed)
+    for task in ("a", "b"):
+        np.testing.assert_allclose(lite[task], outputs[task][:8], atol=1e-5)

@@ -103,8 +103,8 @@ def _checked_array(x, task: str, input_name: str | None, shape: tuple, what: str
         raise ZipError(f"{where} is empty.")
     if tuple(x.shape[1:]) != tuple(shape):
         raise ZipError(f"{where} has samples of shape {tuple(x.shape[1:])}; the models take {tuple(shape)}.")
-    if not np.issubdtype(x.dtype, np.number):
-        raise ZipError(f"{where} has dtype {x.dtype}; numeric data is required.")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):  # bool: a mask input
+        raise ZipError(f"{where} has dtype {x.dtype}; numeric or boolean data is required.")
     x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         raise ZipError(f"{where} contains NaN or Inf values.")

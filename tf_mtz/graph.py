@@ -204,7 +204,10 @@ def _read_ops(model, task: str, ops: list, input_indices: list | None, top_name:
                 raise ZipError(f"Model '{top_name}' (task '{task}') does not lead from its inputs to its outputs.")
             memo[id(tensor)] = index_of_input[id(op)]
             return memo[id(tensor)]
-        parents = [visit(p) for p in keras_graph.call_inputs(op, node_index)]
+        if isinstance(op, keras.layers.MultiHeadAttention):  # its query, value (one tensor) and masks
+            parents = [visit(p) for p in keras_graph.distinct_call_inputs(op, node_index)]
+        else:
+            parents = [visit(p) for p in keras_graph.call_inputs(op, node_index)]
         if isinstance(op, keras.Model):
             if len(parents) != 1:
                 raise ZipError(f"Nested model '{op.name}' of model '{top_name}' (task '{task}') takes "
@@ -222,8 +225,6 @@ def _read_ops(model, task: str, ops: list, input_indices: list | None, top_name:
                 raise ZipError(
                     f"Layer '{op.name}' of model '{top_name}' (task '{task}') is called more than once; tf_mtz "
                     "needs each layer used once (use separate layers, or zip the shared part yourself).")
-            if isinstance(op, keras.layers.MultiHeadAttention) and len(set(parents)) == 1:
-                parents = parents[:1]  # self-attention reads one tensor (`keras_graph.positional_inputs`)
             ops.append(Op(op, parents))
             index = len(ops) - 1
         memo[id(tensor)] = index
@@ -461,6 +462,13 @@ class _BodyReader(registry.PositionVisitor):
 
     def units(self, index, ref, parent_spaces):
         return index, True  # a unit layer opens a space of its own
+
+    def attention_units(self, index, ref, parent_spaces):
+        if any(not is_input(space) for space in parent_spaces[1:]):
+            raise ZipError(f"Layer '{ref.name}' (MultiHeadAttention) of model '{self._first_name}' takes a mask "
+                           "computed from a layer with weights; tf_mtz zips attention masks computed from the "
+                           "model inputs alone (a padding mask from the token ids, or a mask input).")
+        return self.units(index, ref, parent_spaces)
 
     def channel_units(self, index, ref, parent_spaces):
         if not registry.handler_for(ref).partial_sharing:  # it mixes units: one group's all or none
@@ -867,8 +875,8 @@ def run_prefix(plan: ZipPlan, task: str, layer, x):
         args = [values[p] for p in op.parents]
         if op.layer is layer:
             return args[0] if len(args) == 1 else args
-        values[i] = op.layer(*keras_graph.positional_inputs(op.layer, args[0] if len(args) == 1 else args),
-                             training=False)
+        call_args, call_kwargs = keras_graph.call_arguments_for(op.layer, args[0] if len(args) == 1 else args)
+        values[i] = op.layer(*call_args, training=False, **call_kwargs)
     raise KeyError(f"Layer '{layer.name}' is not in the model of task '{task}'.")
 
 

@@ -8,6 +8,8 @@ this one. A Sequential model loaded from a file has `inputs` and `outputs` but n
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import numpy as np
 
@@ -192,9 +194,51 @@ def call_arguments(layer, node_index: int) -> tuple:
     return list(node.input_tensors), dict(node.arguments.kwargs)
 
 
-def positional_inputs(layer, inputs) -> tuple:
-    """The positional arguments that call `layer` on `inputs` (a tensor, or a list for a layer taking
-    several): self-attention, read from one tensor, takes it as its query and its value."""
-    if isinstance(layer, keras.layers.MultiHeadAttention) and not isinstance(inputs, (list, tuple)):
-        return inputs, inputs
-    return (inputs,)
+def distinct_call_inputs(layer, node_index: int) -> list:
+    """The distinct input tensors of call `node_index` of `layer`, in the order they first appear (self-
+    attention's query and value are one tensor; its masks follow)."""
+    distinct = {}
+    for tensor in call_inputs(layer, node_index):
+        distinct.setdefault(id(tensor), tensor)
+    return list(distinct.values())
+
+
+# A rebuilt layer -> the model layer whose (only) call it repeats: how its inputs map onto the arguments.
+_CALLED_LIKE = weakref.WeakKeyDictionary()
+
+
+def call_like(layer, template) -> None:
+    """Makes `call_arguments_for(layer, ...)` lay out inputs as `template`'s call in its model does (an
+    attention layer's query, value and masks)."""
+    _CALLED_LIKE[layer] = _CALLED_LIKE.get(template, template)
+
+
+def call_arguments_for(layer, inputs) -> tuple:
+    """`(args, kwargs)` that call `layer` on `inputs` (a tensor, or a list of one per distinct input of its
+    call) with the arguments of its model call: self-attention reads one tensor as its query and its value,
+    its masks and flags (`attention_mask`, `use_causal_mask`) as the model passed them. Layers called with
+    their inputs alone (most) take `inputs` as they are."""
+    template = _CALLED_LIKE.get(layer, layer)
+    nodes = getattr(template, "_inbound_nodes", None)  # Keras internals
+    if not isinstance(template, keras.layers.MultiHeadAttention) or not nodes:
+        if isinstance(layer, keras.layers.MultiHeadAttention) and not isinstance(inputs, (list, tuple)):
+            return (inputs, inputs), {}
+        return (inputs,), {}
+    values = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    originals = distinct_call_inputs(template, 0)
+    if len(originals) != len(values):
+        raise AssertionError(f"Internal error: '{template.name}' called on {len(values)} of {len(originals)} inputs.")
+    args, kwargs = nodes[0].arguments.fill_in({id(t): v for t, v in zip(originals, values)})
+    kwargs = {k: v for k, v in kwargs.items() if k != "training"}
+    return tuple(args), kwargs
+
+
+def call_signature(layer) -> str:
+    """What `call_arguments_for` adds to `layer`'s inputs, as text (inputs by position): layers whose calls
+    differ in it (causal or not) must not share a traced graph."""
+    template = _CALLED_LIKE.get(layer, layer)
+    if not isinstance(template, keras.layers.MultiHeadAttention) or not getattr(template, "_inbound_nodes", None):
+        return ""
+    originals = distinct_call_inputs(template, 0)
+    args, kwargs = call_arguments_for(template, [f"<input {k}>" for k in range(len(originals))])
+    return repr((args, sorted(kwargs.items())))

@@ -381,8 +381,9 @@ class _TaskRunner(registry.PositionVisitor):
         handler, template = position.handler, position.layers[task]
         layer = handler.build_layer(template, slot.units(task), use_bias=True, activation=None,
                                     name=f"probe_{position.name}")
-        sample = values[0][0]
-        layer(*keras_graph.positional_inputs(layer, keras.KerasTensor(sample.shape, sample.dtype)))  # builds it
+        samples = [keras.KerasTensor(v[0].shape, v[0].dtype) for v in values]
+        args, kwargs = keras_graph.call_arguments_for(layer, samples if len(samples) > 1 else samples[0])
+        layer(*args, **kwargs)  # builds it
         handler.assign(layer, slot.kernels[task], slot.biases[task], state_lib.inner_weights(slot, task))
         return _call_each(self.spill, self.calls, layer, values)
 

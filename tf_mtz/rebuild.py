@@ -151,13 +151,15 @@ class _Builder(registry.PositionVisitor):
         its own weights."""
         index = self.plan.slot_indices[position.index]
         slot = self.state.slots[index]
-        feature = parents[0]  # self-attention reads one tensor as query and value
+        feature = parents[0]  # self-attention reads one tensor as query and value; its masks follow
+        masks = [mask[self.tasks[0]][0] for mask in parents[1:]]  # from the model inputs: the same for all
         self.taps[index] = {t: feature[t][0] if slot.shared_inputs else None for t in self.tasks}
         self.parts[index] = dict(feature)
         handler, tasks = position.handler, self.tasks
 
         def call(layer, x):
-            return layer(*keras_graph.positional_inputs(layer, x))
+            args, kwargs = keras_graph.call_arguments_for(layer, [x, *masks] if masks else x)
+            return layer(*args, **kwargs)
 
         if slot.shared and slot.merged:
             if any(feature[t][1] is not None for t in tasks):

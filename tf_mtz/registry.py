@@ -480,6 +480,10 @@ class AttentionHandler(UnitLayerHandler):
     all_or_none = True
     refits = False  # its pre-activations are not linear in its inputs' units
     _PROJECTIONS = ("query", "key", "value")
+    # Call arguments carried into the zipped model as the model passes them: masks (tensors computed from
+    # the model inputs, the same for every task) and flags.
+    _CALL_OPTIONS = ("value", "attention_mask", "query_mask", "value_mask", "key_mask", "use_causal_mask",
+                     "training")
 
     def visit(self, visitor, *args):
         return visitor.attention_units(*args)
@@ -493,12 +497,17 @@ class AttentionHandler(UnitLayerHandler):
             raise ZipError(f"{where} sets output_shape; tf_mtz zips attention whose outputs are the query's units.")
         for node in range(len(layer._inbound_nodes)):  # Keras internals: the layer's calls
             tensors, keywords = keras_graph.call_arguments(layer, node)
-            if len({id(t) for t in tensors}) != 1 or any(value is not None and value is not False
-                                                         for value in keywords.values()):
-                raise ZipError(
-                    f"{where} is called as cross-attention or with a mask or other call options "
-                    f"({sorted(k for k, v in keywords.items() if v is not None and v is not False)}); tf_mtz "
-                    "zips self-attention, mha(x, x), without masks so far.")
+            query = tensors[0]
+            key = keywords.get("key")
+            value = keywords.get("value", tensors[1] if len(tensors) > 1 else None)
+            if value is not query or (key is not None and key is not query):
+                raise ZipError(f"{where} is called as cross-attention (its key or value is not its query); tf_mtz "
+                               "zips self-attention, mha(x, x), so far.")
+            unsupported = sorted(k for k, v in keywords.items() if k not in self._CALL_OPTIONS
+                                 and v is not None and v is not False)
+            if unsupported:
+                raise ZipError(f"{where} is called with {unsupported}; tf_mtz zips self-attention with the call "
+                               f"options {sorted(self._CALL_OPTIONS)}.")
 
     def _dense(self, layer, part: str):
         return getattr(layer, f"_{part}_dense")  # Keras internals: the projections of MultiHeadAttention
@@ -544,7 +553,9 @@ class AttentionHandler(UnitLayerHandler):
     def build_layer(self, template, units, *, use_bias, activation, name):
         del units, use_bias, activation  # its outputs are its query's units; biases kept as they are
         config = dict(template.get_config(), name=name, use_bias=True)
-        return type(template).from_config(config)
+        layer = type(template).from_config(config)
+        keras_graph.call_like(layer, template)  # with the template's masks and flags
+        return layer
 
     def head_blocks(self, kernel: np.ndarray, bias: np.ndarray, attention: dict) -> tuple:
         """Per head and dim, the weights that move together, as columns: `(query/key (heads, features,
@@ -1285,9 +1296,10 @@ UNIT_WISE_OPERATIONS = frozenset({
 class OperationHandler(ChannelwiseHandler):
     """A keras.ops call on one tensor written in the graph (`x + 3.0`, `keras.ops.relu6(x)`, the pieces of
     hard-swish): applied unit by unit like an activation when the operation is unit-wise and its other
-    arguments are scalars."""
+    arguments are scalars. On the model inputs alone (an attention mask from the token ids) any operation
+    is replayed as it is."""
 
-    def check(self, layer, model_name):
+    def check_between_units(self, layer, model_name):
         _check_unit_wise(layer, model_name)
 
 
@@ -1295,7 +1307,7 @@ class OperationMergeHandler(MergeHandler):
     """A keras.ops call combining several tensors element-wise (`x * gate`, `a + b`): their units are tied,
     like a Multiply or Add layer's inputs; a gate of shape (1, 1, C) broadcasts over the feature map."""
 
-    def check(self, layer, model_name):
+    def check_between_units(self, layer, model_name):
         _check_unit_wise(layer, model_name)
         channels = {shape[-1] if shape else None for shape in layer.tensor_shapes()}
         if len(channels) != 1:

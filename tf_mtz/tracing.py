@@ -72,22 +72,25 @@ class LayerCalls:
         from tf_mtz import keras_graph
 
         key = self._key(layer, inputs) if isinstance(layer, keras.layers.Layer) and layer.built else None
-        arguments = keras_graph.positional_inputs(layer, inputs)
+        args, kwargs = keras_graph.call_arguments_for(layer, inputs)
         if key is None or key in self._eager_keys:
-            return layer(*arguments, training=False)
+            return layer(*args, training=False, **kwargs)
         training = {"training": False} if _takes_training(type(layer)) else {}
+        several = isinstance(inputs, (list, tuple))
 
         def make(template=layer):
             def run(trainable, non_trainable, values):
-                return template.stateless_call(trainable, non_trainable, *values, **training)[0]
+                call_args, call_kwargs = keras_graph.call_arguments_for(template, values if several else values[0])
+                return template.stateless_call(trainable, non_trainable, *call_args, **call_kwargs, **training)[0]
             return run
 
         try:
             return self._functions.run(key, make, [v.value for v in layer.trainable_variables],
-                                       [v.value for v in layer.non_trainable_variables], list(arguments))
+                                       [v.value for v in layer.non_trainable_variables],
+                                       list(inputs) if several else [inputs])
         except (TypeError, ValueError, NotImplementedError, tf.errors.OpError):
             self._eager_keys.add(key)  # e.g. a custom call that needs Keras's own __call__
-            return layer(*arguments, training=False)
+            return layer(*args, training=False, **kwargs)
 
     @staticmethod
     def _key(layer, inputs):
@@ -97,7 +100,9 @@ class LayerCalls:
             return None
         config.pop("name", None)
         values = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-        return (type(layer), json.dumps(config, sort_keys=True, default=repr),
+        from tf_mtz import keras_graph
+
+        return (type(layer), json.dumps(config, sort_keys=True, default=repr), keras_graph.call_signature(layer),
                 tuple((tuple(v.shape), v.dtype.name) for v in values),
                 len(layer.trainable_variables), len(layer.non_trainable_variables))
 
