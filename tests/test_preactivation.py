@@ -151,19 +151,20 @@ class _ScaleHandler(tf_mtz.registry.ChannelUnitsHandler):
 
 
 class _ScaleShift(keras.layers.Layer):
-    """A custom per-channel layer keeping both its weights in one (2, C) array: y = w[0]·x + w[1]."""
+    """A custom per-channel layer keeping both its weights in one (C, 2) array, the units first (a layout
+    permuted_copy cannot guess): y = w[:, 0]·x + w[:, 1]."""
 
     def build(self, shape):
-        self.w = self.add_weight(shape=(2, shape[-1]), initializer="ones")
+        self.w = self.add_weight(shape=(shape[-1], 2), initializer="ones")
 
     def call(self, x):
-        return x * self.w[0] + self.w[1]
+        return x * self.w[:, 0] + self.w[:, 1]
 
 
 class _ScaleShiftHandler(tf_mtz.registry.ChannelUnitsHandler):
     def kernel_and_bias(self, layer):
         w = keras.ops.convert_to_numpy(layer.w)
-        return w[0], w[1]
+        return w[:, 0], w[:, 1]
 
 
 def test_permuted_copy_permutes_custom_per_unit_weights_and_names_a_layer_it_cannot_permute(rng):

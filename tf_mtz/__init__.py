@@ -27,7 +27,7 @@ from tf_mtz.tf_keras_bridge import to_tf_keras  # noqa: E402
 from tf_mtz.retrain import Retrain, fine_tune, paper_retrain  # noqa: E402
 from tf_mtz.zipper import zip_models  # noqa: E402
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 __all__ = [
     "zip_models", "ZipConfig", "Retrain", "paper_retrain", "fine_tune",

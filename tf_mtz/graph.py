@@ -193,7 +193,7 @@ def _read_ops(model, task: str, ops: list, input_indices: list | None, top_name:
         input_indices = [input_ref(k) for k in range(len(model_inputs))]
     index_of_input = {id(keras_graph.producer(tensor)[0]): index
                       for tensor, index in zip(model_inputs, input_indices)}
-    memo = {}
+    memo, same_call = {}, {}
 
     def visit(tensor) -> int:
         if id(tensor) in memo:
@@ -204,7 +204,7 @@ def _read_ops(model, task: str, ops: list, input_indices: list | None, top_name:
                 raise ZipError(f"Model '{top_name}' (task '{task}') does not lead from its inputs to its outputs.")
             memo[id(tensor)] = index_of_input[id(op)]
             return memo[id(tensor)]
-        if isinstance(op, keras.layers.MultiHeadAttention):  # its query, value (one tensor) and masks
+        if keras_graph.takes_extra_inputs(op, node_index):  # its input, then its masks
             parents = [visit(p) for p in keras_graph.distinct_call_inputs(op, node_index)]
         else:
             parents = [visit(p) for p in keras_graph.call_inputs(op, node_index)]
@@ -218,8 +218,15 @@ def _read_ops(model, task: str, ops: list, input_indices: list | None, top_name:
         elif _is_grouped(op):
             index = _split_grouped(op, parents[0], ops, grouped)
         elif not isinstance(op, keras.layers.Layer):  # a keras.ops call written on tensors
-            ops.append(Op(keras_graph.OperationCall.of_node(op, node_index), parents))
-            index = len(ops) - 1
+            call = keras_graph.OperationCall.of_node(op, node_index)
+            # One op per computation: Keras may write a mask twice (an Embedding's `ids != 0` once per layer
+            # asking for it, more or fewer times in a clone), and models must read alike.
+            config = {k: v for k, v in call.get_config().items() if k != "name"}
+            key = (repr(config), tuple(parents))
+            if key not in same_call:
+                ops.append(Op(call, parents))
+                same_call[key] = len(ops) - 1
+            index = same_call[key]
         else:
             if any(o.layer is op for o in ops):
                 raise ZipError(
@@ -438,6 +445,10 @@ class _BodyReader(registry.PositionVisitor):
                         f"differently from '{ref.name}' of model '{self.names[self.tasks[0]]}': "
                         f"{_comparable_config(layers[task])} vs {_comparable_config(ref)}.")
         parent_spaces = [_find(self.spaces, self.space_of[p]) for p in parents]
+        if keras_graph.takes_extra_inputs(ref) and any(not is_input(space) for space in parent_spaces[1:]):
+            raise ZipError(f"Layer '{ref.name}' ({type(ref).__name__}) of model '{self._first_name}' takes a mask "
+                           "computed from a layer with weights; tf_mtz zips masks computed from the model inputs "
+                           "alone (a padding mask from the token ids, an Embedding's mask_zero, a mask input).")
         space, weighted = handler.visit(self, index, ref, parent_spaces)
         if not is_input(space) and not registry.has_units(handler):
             for task in self.tasks:
@@ -463,12 +474,6 @@ class _BodyReader(registry.PositionVisitor):
     def units(self, index, ref, parent_spaces):
         return index, True  # a unit layer opens a space of its own
 
-    def attention_units(self, index, ref, parent_spaces):
-        if any(not is_input(space) for space in parent_spaces[1:]):
-            raise ZipError(f"Layer '{ref.name}' (MultiHeadAttention) of model '{self._first_name}' takes a mask "
-                           "computed from a layer with weights; tf_mtz zips attention masks computed from the "
-                           "model inputs alone (a padding mask from the token ids, or a mask input).")
-        return self.units(index, ref, parent_spaces)
 
     def channel_units(self, index, ref, parent_spaces):
         if not registry.handler_for(ref).partial_sharing:  # it mixes units: one group's all or none

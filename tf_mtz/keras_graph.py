@@ -194,12 +194,47 @@ def call_arguments(layer, node_index: int) -> tuple:
     return list(node.input_tensors), dict(node.arguments.kwargs)
 
 
+def _tensor_keywords(node) -> bool:
+    """Whether a call passed tensors by keyword (a mask: Keras records the mask it hands a layer from its
+    input's Keras mask, e.g. an LSTM's or a pooling's after an `Embedding(mask_zero=True)`)."""
+    return any(isinstance(value, keras.KerasTensor) for value in tree.flatten(node.arguments.kwargs))
+
+
+def _implicit_masks(layer, node) -> list:
+    """`[(keyword, mask tensor)]`: the Keras masks a MultiHeadAttention reads off its query, value and key
+    itself when it runs (never recorded in its call's arguments), where it is not given them explicitly."""
+    if not isinstance(layer, keras.layers.MultiHeadAttention):
+        return []
+    args, kwargs = node.arguments.args, node.arguments.kwargs
+    tensors = {"query": args[0] if args else kwargs.get("query"),
+               "value": args[1] if len(args) > 1 else kwargs.get("value"),
+               "key": args[2] if len(args) > 2 else kwargs.get("key")}
+    masks = []
+    for name, tensor in tensors.items():
+        mask = getattr(tensor, "_keras_mask", None)  # Keras internals: a symbolic tensor's mask
+        if mask is not None and kwargs.get(f"{name}_mask") is None:
+            masks.append((f"{name}_mask", mask))
+    return masks
+
+
+def takes_extra_inputs(layer, node_index: int = 0) -> bool:
+    """Whether the layer's call takes tensors besides its input (masks, a self-attention's one tensor as
+    query and value), laid out by `call_arguments_for`."""
+    nodes = getattr(layer, "_inbound_nodes", None)  # Keras internals
+    if not nodes or not isinstance(layer, keras.layers.Layer) or isinstance(layer, keras.Model):
+        return False
+    return isinstance(layer, keras.layers.MultiHeadAttention) or _tensor_keywords(nodes[node_index])
+
+
 def distinct_call_inputs(layer, node_index: int) -> list:
     """The distinct input tensors of call `node_index` of `layer`, in the order they first appear (self-
-    attention's query and value are one tensor; its masks follow)."""
+    attention's query and value are one tensor; masks follow, the Keras masks an attention layer reads
+    itself last)."""
     distinct = {}
     for tensor in call_inputs(layer, node_index):
         distinct.setdefault(id(tensor), tensor)
+    for _, mask in _implicit_masks(layer, layer._inbound_nodes[node_index]):  # Keras internals
+        distinct.setdefault(id(mask), mask)
     return list(distinct.values())
 
 
@@ -209,27 +244,30 @@ _CALLED_LIKE = weakref.WeakKeyDictionary()
 
 def call_like(layer, template) -> None:
     """Makes `call_arguments_for(layer, ...)` lay out inputs as `template`'s call in its model does (an
-    attention layer's query, value and masks)."""
+    attention layer's query, value and masks; a pooling's mask)."""
     _CALLED_LIKE[layer] = _CALLED_LIKE.get(template, template)
 
 
 def call_arguments_for(layer, inputs) -> tuple:
     """`(args, kwargs)` that call `layer` on `inputs` (a tensor, or a list of one per distinct input of its
     call) with the arguments of its model call: self-attention reads one tensor as its query and its value,
-    its masks and flags (`attention_mask`, `use_causal_mask`) as the model passed them. Layers called with
-    their inputs alone (most) take `inputs` as they are."""
+    its masks and flags (`attention_mask`, `use_causal_mask`, the Keras masks of its inputs) as the model
+    passed them; a layer handed a Keras mask (`mask=`) gets it. Layers called with their inputs alone (most)
+    take `inputs` as they are."""
     template = _CALLED_LIKE.get(layer, layer)
-    nodes = getattr(template, "_inbound_nodes", None)  # Keras internals
-    if not isinstance(template, keras.layers.MultiHeadAttention) or not nodes:
+    if not takes_extra_inputs(template):
         if isinstance(layer, keras.layers.MultiHeadAttention) and not isinstance(inputs, (list, tuple)):
             return (inputs, inputs), {}
         return (inputs,), {}
+    node = template._inbound_nodes[0]  # Keras internals
     values = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     originals = distinct_call_inputs(template, 0)
     if len(originals) != len(values):
         raise AssertionError(f"Internal error: '{template.name}' called on {len(values)} of {len(originals)} inputs.")
-    args, kwargs = nodes[0].arguments.fill_in({id(t): v for t, v in zip(originals, values)})
+    mapping = {id(t): v for t, v in zip(originals, values)}
+    args, kwargs = node.arguments.fill_in(mapping)
     kwargs = {k: v for k, v in kwargs.items() if k != "training"}
+    kwargs.update({keyword: mapping[id(mask)] for keyword, mask in _implicit_masks(template, node)})
     return tuple(args), kwargs
 
 
@@ -237,7 +275,7 @@ def call_signature(layer) -> str:
     """What `call_arguments_for` adds to `layer`'s inputs, as text (inputs by position): layers whose calls
     differ in it (causal or not) must not share a traced graph."""
     template = _CALLED_LIKE.get(layer, layer)
-    if not isinstance(template, keras.layers.MultiHeadAttention) or not getattr(template, "_inbound_nodes", None):
+    if not takes_extra_inputs(template):
         return ""
     originals = distinct_call_inputs(template, 0)
     args, kwargs = call_arguments_for(template, [f"<input {k}>" for k in range(len(originals))])

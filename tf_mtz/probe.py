@@ -233,7 +233,7 @@ class Probe:
         """The tasks grouped by the zipped input of a unit layer: tasks in one group read the same values
         (one `Batches` and the same row layout), so statistics of that input are the same for all of them."""
         position = self.plan.slots[slot_index].position
-        (parent,) = position.parents
+        parent = position.parents[0]  # its input; masks, where it takes any, follow
         groups = []
         for t in self.plan.tasks:
             natural, rows = self.zipped[t].get(parent), input_rows(self.plan, self.state, slot_index, t)
@@ -248,7 +248,7 @@ class Probe:
     def zipped_inputs(self, slot_index: int, task: str) -> list:
         """The full input of a unit layer in the zipped network, rows in the state's layout (shared first)."""
         position = self.plan.slots[slot_index].position
-        (parent,) = position.parents
+        parent = position.parents[0]  # its input; masks, where it takes any, follow
         natural = self.zipped[task].get(parent)
         rows = input_rows(self.plan, self.state, slot_index, task)
         if rows is None:
@@ -264,7 +264,7 @@ class Probe:
         """The input of a unit layer in the task's original model."""
         layer = self.plan.slots[slot_index].position.layers[task]
         op = self.plan.originals[task][self._original_index[task][id(layer)]]
-        (parent,) = op.parents
+        parent = op.parents[0]
         return self.original[task].get(parent)
 
     def _zipped_position(self, task: str, index: int, values: list) -> list:
@@ -381,6 +381,7 @@ class _TaskRunner(registry.PositionVisitor):
         handler, template = position.handler, position.layers[task]
         layer = handler.build_layer(template, slot.units(task), use_bias=True, activation=None,
                                     name=f"probe_{position.name}")
+        keras_graph.call_like(layer, template)  # with the template's masks and flags
         samples = [keras.KerasTensor(v[0].shape, v[0].dtype) for v in values]
         args, kwargs = keras_graph.call_arguments_for(layer, samples if len(samples) > 1 else samples[0])
         layer(*args, **kwargs)  # builds it

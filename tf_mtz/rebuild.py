@@ -167,6 +167,7 @@ class _Builder(registry.PositionVisitor):
             template = position.layers[tasks[0]]
             layer = handler.build_layer(template, slot.units(tasks[0]), use_bias=True, activation=None,
                                         name=self.names(f"{template.name}_shared"))
+            keras_graph.call_like(layer, template)  # with the template's masks and flags
             calls = {}
             for t in tasks:  # one call per distinct input tensor, all with the common weights
                 if id(feature[t][0]) not in calls:
@@ -180,6 +181,7 @@ class _Builder(registry.PositionVisitor):
             template = position.layers[t]
             layer = handler.build_layer(template, slot.units(t), use_bias=True, activation=None,
                                         name=self.names(f"{t}_{template.name}"))
+            keras_graph.call_like(layer, template)
             y = call(layer, _join(feature[t], self.names(f"{t}_{template.name}_input")))
             handler.assign(layer, slot.kernels[t], slot.biases[t], state_lib.inner_weights(slot, t))
             self.bindings.append(Binding(layer, slot, [(t, (...,), (...,))], handler))
@@ -302,17 +304,28 @@ class _Builder(registry.PositionVisitor):
 
     def passthrough(self, position, parents):
         cache = {}
+        masks = [mask[self.tasks[0]][0] for mask in parents[1:]]  # from the model inputs: the same for all
 
         def apply(layer, x, label):
             if x is None:
                 return None
             if id(x) not in cache:  # tasks reading one tensor share one call
-                cache[id(x)] = position.handler.apply_to_part(layer, x, self.names(label))
+                cache[id(x)] = (position.handler.apply_to_part(layer, x, self.names(label)) if not masks
+                                else _masked_call(layer, x, masks, self.names(label)))
             return cache[id(x)]
 
         return {t: (apply(position.layers[t], parents[0][t][0], f"{position.name}_shared"),
                     apply(position.layers[t], parents[0][t][1], f"{t}_{position.layers[t].name}"))
                 for t in self.tasks}
+
+
+def _masked_call(layer, x, masks: list, name: str):
+    """A weightless layer that takes a mask (pooling after a masked Embedding), on a part of its input's
+    units with the model's mask, which covers positions, not units."""
+    copy = registry.copy_layer(layer, name)
+    keras_graph.call_like(copy, layer)
+    args, kwargs = keras_graph.call_arguments_for(copy, [x, *masks])
+    return copy(*args, **kwargs)
 
 
 def _heads(position, slot, feature, tasks, names, bindings, logits):

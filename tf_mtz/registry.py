@@ -261,15 +261,13 @@ class EmbeddingHandler(UnitLayerHandler):
     """Embedding: its units are the embedding dimensions, a unit's incoming weights its column of the
     table (one row per token: the layer is a Dense layer on one-hot tokens, without bias). It reads the
     model's token ids, identical for every task, so tables of the same vocabulary zip; the Hessian is the
-    tokens' frequencies."""
+    tokens' frequencies. With `mask_zero`, the mask Keras derives from the ids (`ids != 0`) is an operation on
+    the model input that the layers using it take explicitly (`keras_graph.call_arguments_for`), so the
+    zipped model's Embeddings need no mask of their own."""
 
     hessian_modes = ("tokens",)
 
     def check(self, layer, model_name):
-        if getattr(layer, "mask_zero", False):
-            raise ZipError(f"Embedding '{layer.name}' of model '{model_name}' has mask_zero=True; tf_mtz does not "
-                           "carry Keras masks through its layer statistics yet. Zip a copy without the mask (pad "
-                           "with a token the model has learnt to ignore) or mask the padding in the data.")
         if getattr(layer, "sparse", False):
             raise ZipError(f"Embedding '{layer.name}' of model '{model_name}' has sparse=True; tf_mtz zips dense "
                            "embeddings only.")
@@ -553,9 +551,7 @@ class AttentionHandler(UnitLayerHandler):
     def build_layer(self, template, units, *, use_bias, activation, name):
         del units, use_bias, activation  # its outputs are its query's units; biases kept as they are
         config = dict(template.get_config(), name=name, use_bias=True)
-        layer = type(template).from_config(config)
-        keras_graph.call_like(layer, template)  # with the template's masks and flags
-        return layer
+        return type(template).from_config(config)
 
     def head_blocks(self, kernel: np.ndarray, bias: np.ndarray, attention: dict) -> tuple:
         """Per head and dim, the weights that move together, as columns: `(query/key (heads, features,
@@ -901,6 +897,16 @@ class ChannelUnitsHandler(LayerHandler):
         second: retraining reads them back in that order)."""
         return [kernel, bias]
 
+    def permuted_weights(self, layer, weights: list, order: np.ndarray) -> list | None:
+        """`weights` (the model layer's own, `layer.get_weights()`) with its units in `order`, or None where
+        their layout is unknown: what `tf_mtz.testing.permuted_copy` sets. By default each weight is permuted
+        along its last axis where that axis has one value per unit and no other axis as many (LayerScale's γ,
+        a (2, units) scale and shift); override for other layouts."""
+        units = order.size
+        if not all(w.ndim >= 1 and w.shape[-1] == units and units not in w.shape[:-1] for w in weights):
+            return None
+        return [w[..., order] for w in weights]
+
 
 class DepthwiseHandler(ChannelUnitsHandler):
     """DepthwiseConv2D (depth_multiplier 1): per-channel kernels; a BatchNormalization after it is folded
@@ -1055,6 +1061,10 @@ class PositionEmbeddingHandler(ChannelUnitsHandler):
 
     def layer_weights(self, template, kernel, bias):
         return [kernel]  # the table has no bias: `kernel_and_bias` gives zeros
+
+    def permuted_weights(self, layer, weights, order):
+        table = getattr(layer, self.table)
+        return [w[..., order] if variable is table else w for variable, w in zip(layer.weights, weights)]
 
 
 class ClassTokenHandler(PositionEmbeddingHandler):

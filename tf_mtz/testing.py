@@ -206,12 +206,13 @@ def _permuted_weights(layer, weights: list, inputs, outputs, space) -> list:
         return [weights[0][..., outputs], *[w[outputs] for w in weights[1:]]]
     if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
         return [w[outputs] for w in weights]
-    if isinstance(handler, registry.ChannelUnitsHandler) and all(
-            w.ndim >= 1 and w.shape[-1] == outputs.size for w in weights):
-        # A custom per-channel layer whose weights end in one value per unit (LayerScale, a position table).
-        return [w[..., outputs] for w in weights]
+    permuted = (handler.permuted_weights(layer, weights, outputs) if isinstance(handler, registry.ChannelUnitsHandler)
+                else None)  # a custom per-channel layer (LayerScale, a position table)
+    if permuted is not None:
+        return permuted
     raise ZipError(f"permuted_copy cannot permute the weights of layer '{layer.name}' "
-                   f"({type(layer).__name__}).")
+                   f"({type(layer).__name__}): their layout is unknown; a handler of its own can say it "
+                   "(ChannelUnitsHandler.permuted_weights).")
 
 
 def _permuted_groups(weights: list, groups: dict) -> list:
