@@ -166,7 +166,8 @@ def test_unsupported_attention_gets_clear_errors(images):
 
     sequences = images.reshape(-1, 16, 49)[..., :WIDTH]
     cases = [
-        (lambda h: keras.layers.Add()([h, keras.layers.MultiHeadAttention(2, 8)(h, keras.layers.Dense(WIDTH)(h))]), "cross-attention"),
+        (lambda h: keras.layers.Add()([h, keras.layers.MultiHeadAttention(2, 8)(
+            h, keras.layers.Dense(WIDTH)(h), key=keras.layers.Dense(WIDTH)(h))]), "key other than its value"),
         (lambda h: keras.layers.Add()([h, keras.layers.MultiHeadAttention(2, 8)(
             h, h, attention_mask=keras.layers.Dense(16)(h))]), "mask computed from a layer"),
         (lambda h: keras.layers.MultiHeadAttention(2, 8)(h, h), "not inside a residual block"),
@@ -233,3 +234,45 @@ def test_masked_attention_zips_with_its_mask(mask, sharing):
     lite = interpreter.get_signature_runner("serving_default")(**feed)
     for task in ("a", "b"):
         np.testing.assert_allclose(lite[task], outputs[task][:8], atol=1e-5)
+
+
+def encoder_decoder(name="seq2seq", seed=0, causal=True):
+    """An encoder (a self-attention block over token embeddings) and a decoder reading the same ids through
+    an embedding of its own: causal self-attention, then cross-attention to the encoder's output, post-LN."""
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((12,), dtype="int32", name="tokens")
+    memory = encoder_block(keras.layers.Embedding(50, WIDTH, name="enc_embed")(tokens), "enc", post_norm=True,
+                           ff_width=24)
+    h = keras.layers.Embedding(50, WIDTH, name="dec_embed")(tokens)
+    a = keras.layers.MultiHeadAttention(HEADS, WIDTH // HEADS, name="dec_self")(h, h, use_causal_mask=causal)
+    h = keras.layers.LayerNormalization(name="dec_ln1")(keras.layers.Add()([h, a]))
+    c = keras.layers.MultiHeadAttention(HEADS, WIDTH // HEADS, name="dec_cross")(h, memory)
+    h = keras.layers.LayerNormalization(name="dec_ln2")(keras.layers.Add()([h, c]))
+    f = keras.layers.Dense(24, activation="gelu", name="dec_ff1")(h)
+    h = keras.layers.LayerNormalization(name="dec_ln3")(keras.layers.Add()([h, keras.layers.Dense(WIDTH, name="dec_ff2")(f)]))
+    return _randomize(keras.Model(tokens, keras.layers.Dense(3, name="head")(h), name=name), seed)
+
+
+@pytest.mark.parametrize("sharing", [1.0, 0.5])
+def test_cross_attention_zips_with_its_memory(tokens, sharing):
+    model = encoder_decoder()
+    expected = model.predict(tokens, verbose=0)
+    copy = tf_mtz.testing.permuted_copy(model, seed=1)
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, tokens, sharing=sharing, verbose=0)
+    outputs = zipped.predict(tokens, verbose=0)
+    for task in ("a", "b"):
+        assert _relative_error(outputs[task], expected) < 1e-4
+    cross = zipped.get_layer("dec_cross_shared")
+    assert cross.count_params() == model.get_layer("dec_cross").count_params()
+    interpreter = Interpreter(model_content=tf_mtz.tflite_bytes(zipped))
+    lite = interpreter.get_signature_runner("serving_default")(tokens=tokens[:8])
+    for task in ("a", "b"):
+        np.testing.assert_allclose(lite[task], outputs[task][:8], atol=1e-5)
+
+
+def test_cross_attention_of_two_trained_models_and_its_errors(tokens):
+    models = {"a": encoder_decoder("a", seed=0), "b": encoder_decoder("b", seed=3)}
+    zipped = tf_mtz.zip_models(models, tokens, verbose=0)
+    assert all(np.isfinite(v).all() for v in zipped.predict(tokens, verbose=0).values())
+    with pytest.raises(tf_mtz.ZipError, match="memory it attends to"):
+        tf_mtz.zip_models(models, tokens, sharing={"dec_embed": 16, "dec_self": 16, "dec_cross": 16}, verbose=0)

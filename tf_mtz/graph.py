@@ -85,6 +85,8 @@ class Slot:
     input_space: object  # unit space of the input: a group, INPUT (rows always common), or a tuple of those
     # side by side (after a Concatenate)
     group: int | None  # the unit group this layer's outputs belong to (None for the head)
+    # A cross-attention's memory (its key and value input): a unit space, read by the key and value rows.
+    memory_space: object = None
 
 
 @dataclasses.dataclass
@@ -445,7 +447,8 @@ class _BodyReader(registry.PositionVisitor):
                         f"differently from '{ref.name}' of model '{self.names[self.tasks[0]]}': "
                         f"{_comparable_config(layers[task])} vs {_comparable_config(ref)}.")
         parent_spaces = [_find(self.spaces, self.space_of[p]) for p in parents]
-        if keras_graph.takes_extra_inputs(ref) and any(not is_input(space) for space in parent_spaces[1:]):
+        masks = parent_spaces[2:] if _reads_memory(ref) else parent_spaces[1:]
+        if keras_graph.takes_extra_inputs(ref) and any(not is_input(space) for space in masks):
             raise ZipError(f"Layer '{ref.name}' ({type(ref).__name__}) of model '{self._first_name}' takes a mask "
                            "computed from a layer with weights; tf_mtz zips masks computed from the model inputs "
                            "alone (a padding mask from the token ids, an Embedding's mask_zero, a mask input).")
@@ -835,10 +838,17 @@ def _slots_and_groups(body: list, first_name: str, head_positions: set) -> tuple
         slot_index = len(slots)
         if group is not None:
             groups.setdefault(group, Group([], [], [])).members.append(slot_index)
-        for part in sorted(set(input_space if isinstance(input_space, tuple) else (input_space,))):
-            if not is_input(part):
-                groups.setdefault(part, Group([], [], [])).consumers.append(slot_index)
-        slots.append(Slot(position, 1, input_space, group))
+        memory = None
+        if _reads_memory(next(iter(position.layers.values()))):
+            source = position.parents[1]
+            memory = INPUT if is_input(source) or is_input(body[source].space) else body[source].space
+            if isinstance(memory, tuple):
+                raise ZipError(f"Layer '{position.name}' (MultiHeadAttention) of model '{first_name}' attends to a "
+                               "Concatenate of features; tf_mtz zips cross-attention to one feature's units.")
+        read = set(input_space if isinstance(input_space, tuple) else (input_space,)) | {memory}
+        for part in sorted(p for p in read if p is not None and not is_input(p)):
+            groups.setdefault(part, Group([], [], [])).consumers.append(slot_index)
+        slots.append(Slot(position, 1, input_space, group, memory))
     for slot in slots[len(slots) - len(head_positions):]:
         head_space = slot.position.space
         if head_space in groups and not is_input(head_space) and (groups[head_space].members
@@ -846,6 +856,13 @@ def _slots_and_groups(body: list, first_name: str, head_positions: set) -> tuple
             raise ZipError(f"The output layer '{slot.position.name}' of model '{first_name}' is tied to "
                            "other layers by a merge; output layers are never shared.")
     return slots, groups
+
+
+def _reads_memory(layer) -> bool:
+    """Whether a layer is cross-attention (its key and value read a second tensor: the layer's second
+    parent, before any mask)."""
+    handler = registry.handler_for(layer)
+    return isinstance(handler, registry.AttentionHandler) and handler.reads_memory(layer)
 
 
 def _find(spaces: "_UnionFind", space):

@@ -152,13 +152,16 @@ class _Builder(registry.PositionVisitor):
         index = self.plan.slot_indices[position.index]
         slot = self.state.slots[index]
         feature = parents[0]  # self-attention reads one tensor as query and value; its masks follow
-        masks = [mask[self.tasks[0]][0] for mask in parents[1:]]  # from the model inputs: the same for all
+        memory = parents[1] if self.plan.slots[index].memory_space is not None else None  # cross-attention's
+        masks = [mask[self.tasks[0]][0] for mask in parents[1 + (memory is not None):]]  # from the inputs
         self.taps[index] = {t: feature[t][0] if slot.shared_inputs else None for t in self.tasks}
         self.parts[index] = dict(feature)
         handler, tasks = position.handler, self.tasks
 
-        def call(layer, x):
-            args, kwargs = keras_graph.call_arguments_for(layer, [x, *masks] if masks else x)
+        def call(layer, x, t):
+            extra = ([_join(memory[t], self.names(f"{t}_{position.name}_memory"))] if memory is not None else [])
+            extra += masks
+            args, kwargs = keras_graph.call_arguments_for(layer, [x, *extra] if extra else x)
             return layer(*args, **kwargs)
 
         if slot.shared and slot.merged:
@@ -170,19 +173,23 @@ class _Builder(registry.PositionVisitor):
             keras_graph.call_like(layer, template)  # with the template's masks and flags
             calls = {}
             for t in tasks:  # one call per distinct input tensor, all with the common weights
-                if id(feature[t][0]) not in calls:
-                    calls[id(feature[t][0])] = call(layer, feature[t][0])
+                if memory is not None and memory[t][1] is not None:
+                    raise AssertionError(f"Internal error: shared layer '{position.name}' attends to task units.")
+                key = (id(feature[t][0]), id(memory[t][0]) if memory is not None else None)
+                if key not in calls:
+                    calls[key] = call(layer, feature[t][0], t)
             t0 = tasks[0]
             handler.assign(layer, slot.kernels[t0], slot.biases[t0], state_lib.inner_weights(slot, t0))
             self.bindings.append(Binding(layer, slot, [(t, (...,), (...,)) for t in tasks], handler))
-            return {t: (calls[id(feature[t][0])], None) for t in tasks}
+            return {t: (calls[(id(feature[t][0]), id(memory[t][0]) if memory is not None else None)], None)
+                    for t in tasks}
         out = {}
         for t in tasks:
             template = position.layers[t]
             layer = handler.build_layer(template, slot.units(t), use_bias=True, activation=None,
                                         name=self.names(f"{t}_{template.name}"))
             keras_graph.call_like(layer, template)
-            y = call(layer, _join(feature[t], self.names(f"{t}_{template.name}_input")))
+            y = call(layer, _join(feature[t], self.names(f"{t}_{template.name}_input")), t)
             handler.assign(layer, slot.kernels[t], slot.biases[t], state_lib.inner_weights(slot, t))
             self.bindings.append(Binding(layer, slot, [(t, (...,), (...,))], handler))
             # Paired but not merged yet (tied to a layer zipped earlier): the paired units come first.

@@ -462,8 +462,9 @@ class RecurrentHandler(_LastAxisInputs, UnitLayerHandler):
 
 
 class AttentionHandler(UnitLayerHandler):
-    """MultiHeadAttention as self-attention (`mha(x, x)`): its units are its outputs, the residual stream's
-    (the output projection's columns), and its heads are matched inside the layer.
+    """MultiHeadAttention as self-attention (`mha(x, x)`) or cross-attention (`mha(x, memory)`): its units are
+    its outputs, the residual stream's (the output projection's columns), and its heads are matched inside
+    the layer. A cross-attention's key and value rows follow the memory's units.
 
     tf_mtz's layout: the kernel is the output projection `(heads · value_dim, outputs)`, rows head-major, its
     bias the output bias; `attention_weights` holds the query, key and value projections `(inputs, heads,
@@ -498,14 +499,22 @@ class AttentionHandler(UnitLayerHandler):
             query = tensors[0]
             key = keywords.get("key")
             value = keywords.get("value", tensors[1] if len(tensors) > 1 else None)
-            if value is not query or (key is not None and key is not query):
-                raise ZipError(f"{where} is called as cross-attention (its key or value is not its query); tf_mtz "
-                               "zips self-attention, mha(x, x), so far.")
+            if key is not None and key is not value:
+                raise ZipError(f"{where} is called with a key other than its value; tf_mtz zips self-attention, "
+                               "mha(x, x), and cross-attention, mha(x, memory), whose key is its value.")
             unsupported = sorted(k for k, v in keywords.items() if k not in self._CALL_OPTIONS
                                  and v is not None and v is not False)
             if unsupported:
                 raise ZipError(f"{where} is called with {unsupported}; tf_mtz zips self-attention with the call "
                                f"options {sorted(self._CALL_OPTIONS)}.")
+
+    @staticmethod
+    def reads_memory(layer) -> bool:
+        """Whether the layer is cross-attention, `mha(x, memory)`: its key and value read another tensor than
+        its query (the graph reader's second parent of the layer)."""
+        tensors, keywords = keras_graph.call_arguments(layer, 0)
+        value = keywords.get("value", tensors[1] if len(tensors) > 1 else None)
+        return value is not tensors[0]
 
     def _dense(self, layer, part: str):
         return getattr(layer, f"_{part}_dense")  # Keras internals: the projections of MultiHeadAttention

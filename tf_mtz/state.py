@@ -223,11 +223,13 @@ def permute_group(plan: ZipPlan, state: ZipState, group, permutations: dict, cou
         reorder_concatenated_channels(plan, state, position_index, keep_first)
     for c in plan.groups[group].consumers:
         consumer = state.slots[c]
-        if consumer.attention is not None:  # the query, key and value projections read the group's units
+        if consumer.attention is not None:  # its projections' rows read the group's units
+            reading = attention_rows_reading(plan.slots[c], group)
             for t in tasks:
-                consumer.attention[t] = {name: (w[permutations[t]] if name in ATTENTION_INPUTS else w)
+                consumer.attention[t] = {name: (w[permutations[t]] if name in reading else w)
                                          for name, w in consumer.attention[t].items()}
-            consumer.shared_inputs = count
+            if "query" in reading:
+                consumer.shared_inputs = count
             continue
         if isinstance(plan.slots[c].input_space, tuple):
             reorder_concatenated_rows(plan, state, c)
@@ -239,6 +241,17 @@ def permute_group(plan: ZipPlan, state: ZipState, group, permutations: dict, cou
 
 
 ATTENTION_INPUTS = ("query", "key", "value")  # the attention weights whose rows are the input's units
+
+
+def attention_rows_reading(slot_plan: graph.Slot, group) -> tuple:
+    """The projections of an attention slot whose rows are `group`'s units: its query reads its input; its key
+    and value read its input too (self-attention) or its memory (cross-attention)."""
+    reading = ()
+    if slot_plan.input_space == group:
+        reading += ("query",) if slot_plan.memory_space is not None else ATTENTION_INPUTS
+    if slot_plan.memory_space is not None and slot_plan.memory_space == group:
+        reading += ("key", "value")
+    return reading
 
 
 def inner_weights(slot: SlotState, task: str):

@@ -97,7 +97,8 @@ def permuted_copy(model: keras.Model, seed: int = 0) -> keras.Model:
             _permute_recurrent(handler, layer, inputs, outputs)
             continue
         if isinstance(handler, registry.AttentionHandler):
-            _permute_attention(handler, layer, inputs, outputs, rng)
+            memory = order(spaces[op.parents[1]]) if handler.reads_memory(layer) else inputs
+            _permute_attention(handler, layer, inputs, memory, outputs, rng)
             continue
         layer.set_weights(_permuted_weights(layer, weights, inputs, outputs, spaces[index]))
     for owner, groups in grouped.values():
@@ -166,13 +167,15 @@ def _permute_recurrent(handler, layer, inputs, outputs) -> None:
     handler.assign(layer, kernel, bias, recurrent)
 
 
-def _permute_attention(handler, layer, inputs, outputs, rng) -> None:
-    """An attention layer's inputs and outputs permuted with their groups, and its heads, and the query/key
-    and value dims within each head, permuted at random (the same function)."""
+def _permute_attention(handler, layer, inputs, memory, outputs, rng) -> None:
+    """An attention layer's inputs (its query's `inputs`, its key's and value's `memory`) and outputs permuted
+    with their groups, and its heads, and the query/key and value dims within each head, permuted at random
+    (the same function)."""
     kernel, bias = handler.kernel_and_bias(layer)
     attention = handler.attention_weights(layer)
-    if inputs is not None:
-        attention = {name: (w[inputs] if name in state_lib.ATTENTION_INPUTS else w) for name, w in attention.items()}
+    for names, order in ((("query",), inputs), (("key", "value"), memory)):
+        if order is not None:
+            attention.update({name: attention[name][order] for name in names})
     if outputs is not None:
         kernel, bias = kernel[:, outputs], bias[outputs]
     heads, key_dim = attention["query_bias"].shape

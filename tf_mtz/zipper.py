@@ -416,6 +416,7 @@ def _whole_where_recurrent(counts: list, plan: graph.ZipPlan, fraction: float) -
         kind = type(slot.position.layers[plan.tasks[0]]).__name__
         make_whole(slot.group, f"{kind} layers share their units all or none")
         spaces = slot.input_space if isinstance(slot.input_space, tuple) else (slot.input_space,)
+        spaces = spaces + ((slot.memory_space,) if slot.memory_space is not None else ())
         for space in spaces:
             if not graph.is_input(space):
                 make_whole(space, f"'{slot.position.name}' ({kind}) is shared only from a fully shared input")
@@ -441,6 +442,13 @@ def _check_all_or_none(plan, state, index, count) -> None:
                        f"{max(rows.values())} inputs are shared; a shared recurrent or attention layer reads a "
                        "fully shared input, so share the layer feeding it fully too (a uniform sharing fraction "
                        "does this).")
+    memory = plan.slots[index].memory_space
+    if memory is not None and not graph.is_input(memory):
+        shared = state.slots[plan.groups[memory].members[0]].shared
+        if any(shared != graph.group_width(plan, memory, t) for t in plan.tasks):
+            raise ZipError(f"Layer '{position.name}' ({kind}) is set to be shared, but only {shared} units of the "
+                           "memory it attends to are shared; a shared cross-attention reads a fully shared memory, "
+                           "so share the layers producing it fully too (a uniform sharing fraction does this).")
 
 
 def _hessians(plan, indices, probe, config) -> dict:
