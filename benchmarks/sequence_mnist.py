@@ -1,14 +1,26 @@
-"""Recurrent networks on real MNIST read as sequences, zipped with every hidden layer shared.
+"""Sequence models on real MNIST, zipped with every hidden layer shared.
 
-Each image is a sequence of 28 rows of 28 pixels. Two LSTM models (`tflite_examples/models.py:
-sequence_lstm`: LSTM(64) -> Dense(64) -> head) trained on different tasks: digits 0-4 (task a, seeds 1, 3,
-5) and digits 5-9 (task b, seeds 2, 4, 6). Each pair is zipped with every hidden layer shared (one LSTM and
-one Dense layer for both tasks), then retrained label-free (distillation from the originals). The table
-has each task's test error for its own model, the zipped model before retraining and after it.
+Two models of one architecture (`--arch`, from `tflite_examples/models.py`) trained on different tasks:
+digits 0-4 (task a, seeds 1, 3, 5) and digits 5-9 (task b, seeds 2, 4, 6). Each pair is zipped with every
+hidden layer shared, then retrained label-free (distillation from the originals). The table has each task's
+test error for its own model, the zipped model before retraining and after it.
 
-    python benchmarks/sequence_mnist.py [--pairs 3] [--steps_per_layer 500] [--final_steps 1000]
+Architectures:
 
-Base models are cached (see tflite_examples/mnist_data.py); the table goes to docs/sequence_mnist.md.
+* `sequence_lstm` (default): each image a sequence of 28 rows of 28 pixels; LSTM(64) -> Dense(64) -> head.
+* `sequence_vit`: each image a sequence of 16 patches of 7x7 pixels, a class token and a learnt position
+  embedding, two pre-LN encoder blocks (4-head self-attention, GELU MLP), the class token's final state
+  -> head. Every Dense, Conv2D and attention layer is zipped.
+
+The retraining budget is `--total_steps` (default 2,000): half of it spread over the zipped hidden layers
+(`total_steps // (2 * layers)` steps after each), the rest after the last one; `--steps_per_layer` and
+`--final_steps` set either part explicitly. For the LSTM's two zipped layers that is 500 + 500 + 1,000.
+
+    python benchmarks/sequence_mnist.py [--arch sequence_lstm] [--pairs 3] [--total_steps 2000]
+        [--steps_per_layer N] [--final_steps N] [--epochs 4]
+
+Base models are cached (see tflite_examples/mnist_data.py); the table goes to docs/sequence_mnist.md
+(sequence_lstm) or docs/<arch>.md.
 """
 
 from __future__ import annotations
@@ -31,12 +43,33 @@ from mnist_data import load_mnist  # noqa: E402
 from models import calibration_sample, trained_model  # noqa: E402
 
 ARCH = flags.DEFINE_string("arch", "sequence_lstm", "Architecture in tflite_examples/models.py.")
-STEPS = flags.DEFINE_integer("steps_per_layer", 500, "Joint retraining steps after each zipped layer.")
-FINAL = flags.DEFINE_integer("final_steps", 1000, "Joint retraining steps after the last zipped layer.")
+TOTAL = flags.DEFINE_integer("total_steps", 2000, "Retraining budget: half spread over the zipped hidden layers, "
+                              "the rest after the last one (unless --steps_per_layer / --final_steps say otherwise).")
+STEPS = flags.DEFINE_integer("steps_per_layer", None, "Joint retraining steps after each zipped layer "
+                             "(default: total_steps // (2 * zipped hidden layers)).")
+FINAL = flags.DEFINE_integer("final_steps", None, "Joint retraining steps after the last zipped layer "
+                             "(default: what is left of total_steps).")
 EPOCHS = flags.DEFINE_integer("epochs", 4, "Epochs of each base model.")
 CALIBRATION = flags.DEFINE_integer("calibration", 2000, "Calibration images per task.")
 PAIRS = flags.DEFINE_integer("pairs", 3, "Seed pairs (1, 2), (3, 4), ...")
 OUT = flags.DEFINE_string("out", "docs", "Where to write the result table.")
+
+
+DESCRIPTIONS = {
+    "sequence_lstm": ("Recurrent networks on MNIST read as sequences",
+                      "Each image is a sequence of 28 rows of 28 pixels."),
+    "sequence_vit": ("Vision transformers on MNIST read as sequences of patches",
+                     "Each image is a sequence of 16 patches of 7x7 pixels (a strided Conv2D), with a class token and "
+                     "a learnt position embedding, two pre-LN encoder blocks (4-head self-attention, GELU MLP) and the "
+                     "class token's final state read out. Every Dense, Conv2D and attention layer is zipped."),
+}
+
+
+def retraining_steps(hidden: int) -> tuple[int, int]:
+    """(steps after each of the `hidden` zipped layers, final steps) within the --total_steps budget."""
+    steps = STEPS.value if STEPS.value is not None else TOTAL.value // (2 * max(hidden, 1))
+    final_steps = FINAL.value if FINAL.value is not None else max(TOTAL.value - steps * hidden, 0)
+    return steps, final_steps
 
 
 def main(_):
@@ -59,9 +92,10 @@ def main(_):
         rows.setdefault("zipped, no retraining", []).append(
             errors(lambda t, x: zipped0.predict(x, verbose=0, batch_size=1000)[t]))
         hidden = sum(not layer.head for layer in zipped0.zip_report.layers)
-        total = STEPS.value * hidden + FINAL.value
-        retrain = tf_mtz.Retrain(data={t: data[t][0] for t in models}, steps_per_layer=STEPS.value,
-                                 final_steps=FINAL.value, seed=pair)
+        steps, final_steps = retraining_steps(hidden)
+        total = steps * hidden + final_steps
+        retrain = tf_mtz.Retrain(data={t: data[t][0] for t in models}, steps_per_layer=steps,
+                                 final_steps=final_steps, seed=pair)
         started = time.perf_counter()
         zipped = tf_mtz.zip_models(models, calibration, sharing=1.0, retrain=retrain, verbose=1)
         seconds.append(time.perf_counter() - started)
@@ -77,11 +111,13 @@ def main(_):
     own = np.array(rows["own model"])
     final = np.array(rows[f"zipped, {total} retraining steps"])
     change = final - own
-    lines = [f"# Recurrent networks on MNIST read as sequences ({ARCH.value}), every hidden layer shared", "",
-             "Each image is a sequence of 28 rows of 28 pixels. Task a: digits 0-4 (seeds 1, 3, ...); task b: digits "
+    title, description = DESCRIPTIONS.get(ARCH.value, ("Sequence models on MNIST", ""))
+    steps, final_steps = retraining_steps(hidden)
+    lines = [f"# {title} ({ARCH.value}), every hidden layer shared", "",
+             (f"{description} " if description else "") + "Task a: digits 0-4 (seeds 1, 3, ...); task b: digits "
              f"5-9 (seeds 2, 4, ...); `tflite_examples/models.py: {ARCH.value}`, {EPOCHS.value} epochs each. "
              f"Calibration: {CALIBRATION.value} training images per task. Retraining: label-free distillation, "
-             f"{STEPS.value} joint steps after each of the {hidden} zipped layers + {FINAL.value} final = {total} "
+             f"{steps} joint steps after each of the {hidden} zipped layers + {final_steps} final = {total} "
              f"steps in total. Mean ± std over {PAIRS.value} seed pair(s).", "",
              "| | task a error % | task b error % |", "|---|---|---|"]
     for name, values in rows.items():

@@ -7,6 +7,7 @@ import os
 import keras
 import numpy as np
 
+import tf_mtz
 from mnist_data import cache_dir
 
 
@@ -79,8 +80,64 @@ def sequence_lstm(name: str, classes: int = 10) -> keras.Model:
     return keras.Model(inputs, outputs, name=name)
 
 
+@keras.saving.register_keras_serializable(package="tflite_examples")
+class ClassToken(keras.layers.Layer):
+    """[c; x]: a learnt vector `token` of shape (1, 1, units) put before a (batch, positions, units) sequence."""
+
+    def build(self, input_shape):
+        self.token = self.add_weight(shape=(1, 1, input_shape[-1]), initializer="zeros", name="token")
+
+    def call(self, x):
+        token = keras.ops.broadcast_to(self.token, (keras.ops.shape(x)[0], 1, x.shape[-1]))
+        return keras.ops.concatenate([keras.ops.cast(token, x.dtype), x], axis=1)
+
+
+@keras.saving.register_keras_serializable(package="tflite_examples")
+class PositionEmbedding(keras.layers.Layer):
+    """y = x + P: one learnt vector per position, the table P of shape (positions, units)."""
+
+    def build(self, input_shape):
+        self.table = self.add_weight(shape=tuple(input_shape[1:]),
+                                     initializer=keras.initializers.RandomNormal(stddev=0.02), name="table")
+
+    def call(self, x):
+        return x + keras.ops.cast(self.table, x.dtype)
+
+
+# The zipped model computes both with standard layers (tf_mtz's position tables), so it needs neither class.
+tf_mtz.register_layer_handler(ClassToken, tf_mtz.ClassTokenHandler("token"))
+tf_mtz.register_layer_handler(PositionEmbedding, tf_mtz.PositionEmbeddingHandler("table"))
+
+VIT_WIDTH, VIT_HEADS, VIT_MLP, VIT_BLOCKS = 64, 4, 128, 2
+
+
+def sequence_vit(name: str, classes: int = 10) -> keras.Model:
+    """A small ViT: 16 patches of 7x7 pixels (a strided Conv2D), a class token, a learnt position embedding, two
+    pre-LN encoder blocks (4-head self-attention and a GELU MLP, each in a residual Add), a final LayerNorm;
+    the class token's final state feeds the head."""
+    width = VIT_WIDTH
+    inputs = keras.Input((784,), name="image")
+    h = keras.layers.Reshape((28, 28, 1), name="pixels")(inputs)
+    h = keras.layers.Conv2D(width, 7, strides=7, name="patches")(h)
+    h = keras.layers.Reshape((16, width), name="patch_sequence")(h)
+    h = ClassToken(name="class_token")(h)
+    h = PositionEmbedding(name="positions")(h)
+    for block in range(VIT_BLOCKS):
+        label = f"block{block + 1}"
+        y = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{label}_ln1")(h)
+        y = keras.layers.MultiHeadAttention(VIT_HEADS, width // VIT_HEADS, name=f"{label}_mha")(y, y)
+        h = keras.layers.Add(name=f"{label}_add1")([h, y])
+        y = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{label}_ln2")(h)
+        y = keras.layers.Dense(VIT_MLP, activation="gelu", name=f"{label}_mlp1")(y)
+        y = keras.layers.Dense(width, name=f"{label}_mlp2")(y)
+        h = keras.layers.Add(name=f"{label}_add2")([h, y])
+    h = keras.layers.LayerNormalization(epsilon=1e-6, name="final_ln")(h)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="logits")(h[:, 0])
+    return keras.Model(inputs, outputs, name=name)
+
+
 ARCHITECTURES = {"lenet300": lenet_300_100, "lenet5": lenet_5, "resnet": residual_cnn, "mobilenetv2": mobilenet_v2,
-                 "sequence_lstm": sequence_lstm}
+                 "sequence_lstm": sequence_lstm, "sequence_vit": sequence_vit}
 
 
 def trained_model(arch: str, seed: int, x: np.ndarray, y: np.ndarray, epochs: int, tag: str = "all",
