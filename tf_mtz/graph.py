@@ -69,7 +69,12 @@ class Position:
 
     @property
     def name(self) -> str:
-        return next(iter(self.layers.values())).name
+        return keras_graph.qualified_name(next(iter(self.layers.values())))
+
+    @property
+    def label(self) -> str:
+        """`name` as a Keras layer name allows it (no '/')."""
+        return self.name.replace("/", "_")
 
     @property
     def is_units(self) -> bool:
@@ -173,10 +178,10 @@ class ZipPlan:
         return children
 
 
-def _check_model(model, task: str, nested: bool = False):
+def _check_model(model, task: str, nested: bool = False, several_inputs: bool = False):
     keras_graph.check_graph_model(model, f"Model '{getattr(model, 'name', model)}' (task '{task}')")
     inputs, outputs = keras_graph.model_inputs(model), model.outputs
-    if nested and len(inputs) != 1:
+    if nested and len(inputs) != 1 and not several_inputs:
         raise ZipError(f"Nested model '{model.name}' (task '{task}') takes {len(inputs)} inputs; nested models "
                        "must take one.")
     if nested and len(outputs) != 1:
@@ -186,11 +191,11 @@ def _check_model(model, task: str, nested: bool = False):
 
 
 def _read_ops(model, task: str, ops: list, input_indices: list | None, top_name: str, grouped: dict,
-              nested: bool = False) -> list:
+              nested: bool = False, several_inputs: bool = False) -> list:
     """Appends the operations of `model` to `ops` (its inputs being operations `input_indices`, by default
     the model inputs) and returns the indices of the operations producing its outputs, in the model's
-    output order. Nested models are inlined."""
-    model_inputs, model_outputs = _check_model(model, task, nested)
+    output order. Nested models and composite layers (`registry.CompositeHandler`) are inlined."""
+    model_inputs, model_outputs = _check_model(model, task, nested, several_inputs)
     if input_indices is None:
         input_indices = [input_ref(k) for k in range(len(model_inputs))]
     index_of_input = {id(keras_graph.producer(tensor)[0]): index
@@ -215,6 +220,11 @@ def _read_ops(model, task: str, ops: list, input_indices: list | None, top_name:
                 raise ZipError(f"Nested model '{op.name}' of model '{top_name}' (task '{task}') takes "
                                f"{len(parents)} inputs; nested models must take one.")
             (index,) = _read_ops(op, task, ops, parents, top_name, grouped, nested=True)
+        elif isinstance(registry.handler_for(op), registry.CompositeHandler):
+            handler = registry.handler_for(op)
+            handler.check(op, top_name)
+            expansion = keras_graph.expanded(op, node_index, lambda *a, **k: handler.expand(op, *a, **k))
+            (index,) = _read_ops(expansion, task, ops, parents, top_name, grouped, nested=True, several_inputs=True)
         elif isinstance(op, keras.layers.SeparableConv2D):
             index = _split_separable(op, parents[0], ops, top_name)
         elif _is_grouped(op):

@@ -271,6 +271,36 @@ def call_arguments_for(layer, inputs) -> tuple:
     return tuple(args), kwargs
 
 
+_EXPANSIONS = weakref.WeakKeyDictionary()  # a composite layer -> the Functional model of its sublayers
+
+
+def expanded(layer, node_index: int, expand):
+    """A Functional model computing call `node_index` of `layer` with the layers it is made of: `expand(*args,
+    **kwargs)` on fresh inputs laid out as that call (one per distinct input tensor, in order). Built once
+    per layer, so that its sublayers are called once however often the graph is read."""
+    if layer not in _EXPANSIONS:
+        node = layer._inbound_nodes[node_index]  # Keras internals
+        originals = distinct_call_inputs(layer, node_index)
+        inputs = [keras.Input(shape=tuple(t.shape[1:]), dtype=t.dtype, name=f"{layer.name}_input{k}")
+                  for k, t in enumerate(originals)]
+        args, kwargs = node.arguments.fill_in({id(t): v for t, v in zip(originals, inputs)})
+        kwargs = {k: v for k, v in kwargs.items() if k != "training"}
+        _EXPANSIONS[layer] = keras.Model(inputs, expand(*args, **kwargs), name=f"{layer.name}_expanded")
+        for sublayer in _EXPANSIONS[layer].layers:
+            _COMPOSITE_OF.setdefault(sublayer, layer)
+    return _EXPANSIONS[layer]
+
+
+_COMPOSITE_OF = weakref.WeakKeyDictionary()  # a sublayer of an expanded composite layer -> that layer
+
+
+def qualified_name(layer) -> str:
+    """A layer's name, prefixed with the composite layers it belongs to (`encoder0/self_attention_layer`):
+    keras-hub's blocks name their sublayers alike."""
+    owner = _COMPOSITE_OF.get(layer) if isinstance(layer, keras.layers.Layer) else None
+    return layer.name if owner is None else f"{qualified_name(owner)}/{layer.name}"
+
+
 def call_signature(layer) -> str:
     """What `call_arguments_for` adds to `layer`'s inputs, as text (inputs by position): layers whose calls
     differ in it (causal or not) must not share a traced graph."""

@@ -368,7 +368,7 @@ class _TaskRunner(registry.PositionVisitor):
         slot = self.state.slots[slot_index]
         handler, template = position.handler, position.layers[task]
         layer = handler.build_layer(template, slot.units(task), use_bias=True,
-                                    activation=handler.activation(template), name=f"probe_{position.name}")
+                                    activation=handler.activation(template), name=f"probe_{position.label}")
         rows = input_rows(self.plan, self.state, slot_index, task)
         inputs = values[0] if rows is None else _Mapped(values[0], lambda x: tf.gather(x, rows, axis=-1))
         layer.build(tuple(inputs[0].shape))
@@ -380,7 +380,7 @@ class _TaskRunner(registry.PositionVisitor):
         slot = self.state.slots[self.plan.slot_indices[position.index]]
         handler, template = position.handler, position.layers[task]
         layer = handler.build_layer(template, slot.units(task), use_bias=True, activation=None,
-                                    name=f"probe_{position.name}")
+                                    name=f"probe_{position.label}")
         keras_graph.call_like(layer, template)  # with the template's masks and flags
         samples = [keras.KerasTensor(v[0].shape, v[0].dtype) for v in values]
         args, kwargs = keras_graph.call_arguments_for(layer, samples if len(samples) > 1 else samples[0])
@@ -393,7 +393,7 @@ class _TaskRunner(registry.PositionVisitor):
     def channel_units(self, task, position, values):
         handler = position.handler
         kernel, bias = _natural_channel_weights(self.plan, self.state, position, task)
-        layer = handler.build_layer(position.layers[task], name=f"probe_{position.name}")
+        layer = handler.build_layer(position.layers[task], name=f"probe_{position.label}")
         layer.build(tuple(values[0][0].shape))
         layer.set_weights(handler.layer_weights(position.layers[task], kernel, bias))
         return _call_each(self.spill, self.calls, layer, values)

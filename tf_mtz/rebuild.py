@@ -159,7 +159,7 @@ class _Builder(registry.PositionVisitor):
         handler, tasks = position.handler, self.tasks
 
         def call(layer, x, t):
-            extra = ([_join(memory[t], self.names(f"{t}_{position.name}_memory"))] if memory is not None else [])
+            extra = ([_join(memory[t], self.names(f"{t}_{position.label}_memory"))] if memory is not None else [])
             extra += masks
             args, kwargs = keras_graph.call_arguments_for(layer, [x, *extra] if extra else x)
             return layer(*args, **kwargs)
@@ -169,7 +169,7 @@ class _Builder(registry.PositionVisitor):
                 raise AssertionError(f"Internal error: shared layer '{position.name}' reads task units.")
             template = position.layers[tasks[0]]
             layer = handler.build_layer(template, slot.units(tasks[0]), use_bias=True, activation=None,
-                                        name=self.names(f"{template.name}_shared"))
+                                        name=self.names(f"{position.label}_shared"))
             keras_graph.call_like(layer, template)  # with the template's masks and flags
             calls = {}
             for t in tasks:  # one call per distinct input tensor, all with the common weights
@@ -321,7 +321,7 @@ class _Builder(registry.PositionVisitor):
                                 else _masked_call(layer, x, masks, self.names(label)))
             return cache[id(x)]
 
-        return {t: (apply(position.layers[t], parents[0][t][0], f"{position.name}_shared"),
+        return {t: (apply(position.layers[t], parents[0][t][0], f"{position.label}_shared"),
                     apply(position.layers[t], parents[0][t][1], f"{t}_{position.layers[t].name}"))
                 for t in self.tasks}
 
@@ -374,7 +374,7 @@ def _combine(position, parents, tasks, names, concatenates: bool, slices: dict):
             cache[key] = whole if whole is not None else position.handler.apply_to_parts(ref, present, names(label))
         return cache[key]
 
-    return {t: (combine([p[t][0] for p in parents], f"{ref.name}_shared"),
+    return {t: (combine([p[t][0] for p in parents], f"{position.label}_shared"),
                 combine([p[t][1] for p in parents], f"{t}_{position.layers[t].name}")) for t in tasks}
 
 
@@ -426,7 +426,7 @@ def _channel_layer(position, channel: ChannelState, feature, tasks, names, bindi
         shared_out = specific_out = None
         if x_shared is not None:
             if shared_layer is None:
-                shared_layer = handler.build_layer(ref, name=names(f"{ref.name}_shared"))
+                shared_layer = handler.build_layer(ref, name=names(f"{position.label}_shared"))
             if id(x_shared) not in calls:
                 calls[id(x_shared)] = shared_layer(x_shared)
             shared_out = calls[id(x_shared)]
@@ -478,7 +478,7 @@ def _zipped_layer(position, slot: SlotState, features, tasks, names, bindings):
     if s > 0:
         shared_layer = handler.build_layer(ref_layer, s, use_bias=True,
                                            activation=None if has_inter else act,
-                                           name=names(f"{ref_layer.name}_shared"))
+                                           name=names(f"{position.label}_shared"))
         shared_binding = Binding(shared_layer, slot,
                                  [(t, (..., slice(0, rows), slice(0, s)), slice(0, s)) for t in tasks], handler)
     shared_calls = {}

@@ -10,9 +10,10 @@ means registering one handler rather than touching the zipper. Two kinds are pub
   activations) or only re-lay out units (Flatten, Reshape). They are applied to the shared and the
   task-specific parts of a feature separately.
 
-Three built-in kinds complete the set: ``ChannelUnitsHandler`` (per-unit weights that follow their input's
-units: DepthwiseConv2D, LayerNormalization), ``MergeHandler`` (element-wise merges such as a residual ``Add``,
-which tie their inputs' units) and ``ConcatenateHandler``.
+Built-in kinds complete the set: ``ChannelUnitsHandler`` (per-unit weights that follow their input's
+units: DepthwiseConv2D, LayerNormalization, position tables), ``MergeHandler`` (element-wise merges such as a
+residual ``Add``, which tie their inputs' units), ``ConcatenateHandler``, and ``CompositeHandler`` (a layer
+made of other layers, which the graph reader replaces by them: keras-hub's transformer blocks).
 
 Each kind of handler dispatches by method: `handler.visit(visitor, *args)` calls the visitor's method for
 its kind (`units`, `channel_units`, `merge`, `concatenate`, `passthrough`; see `PositionVisitor`). The
@@ -182,6 +183,22 @@ class UnitLayerHandler(LayerHandler):
 
     def from_blocks(self, blocks: np.ndarray, kernel_shape, mode: str) -> tuple[np.ndarray, np.ndarray]:
         """Inverse of `to_blocks`: returns `(kernel, bias)`."""
+        raise NotImplementedError
+
+
+class CompositeHandler(LayerHandler):
+    """Handler for a layer made of other layers (a transformer block, an embedding of tokens and positions):
+    the graph reader replaces it by the standard layers it computes, as it inlines a nested model, and zips
+    those. Subclasses write `expand`.
+    """
+
+    def visit(self, visitor, *args):
+        raise AssertionError("Internal error: a composite layer reached the zipper; the graph reader expands it.")
+
+    def expand(self, layer, *args, **kwargs):
+        """Calls the layers `layer` is made of (its own sublayers, whose weights are its weights; standard
+        Keras layers or layers with handlers of their own) on `args` and `kwargs`, symbolic tensors laid out
+        as the layer's call in its model, and returns its output: what `layer(*args, **kwargs)` computes."""
         raise NotImplementedError
 
 
@@ -1482,7 +1499,10 @@ def unregister_layer_handler(layer_class: type) -> LayerHandler:
 
 def handler_for(layer) -> LayerHandler | None:
     """Returns the handler registered for `layer`'s class or its nearest registered base class (for a
-    keras.ops call in the graph, the handler of element-wise operations on one tensor or several)."""
+    keras.ops call in the graph, the handler of element-wise operations on one tensor or several). keras-hub's
+    layers get theirs when keras-hub is in use (`tf_mtz.keras_hub_layers`)."""
+    if type(layer).__module__.startswith("keras_hub"):
+        from tf_mtz import keras_hub_layers  # noqa: F401  registers keras-hub's handlers on first use
     if isinstance(layer, keras_graph.OperationCall):
         return _OPERATION_MERGE if layer.tensor_count > 1 else _OPERATION
     if isinstance(layer, ChannelSlice):

@@ -324,6 +324,7 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
     # of theirs.
     names, parts = {}, {}
     for i, slot in enumerate(hidden):
+        names.setdefault(slot.position.name, [i])  # qualified inside composite layers: "encoder0/..."
         for layer in slot.position.layers.values():
             names.setdefault(layer.name, [i])
             owner = plan.grouped.get(id(layer), (plan.split_layers.get(id(layer)),))[0]
