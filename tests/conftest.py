@@ -9,6 +9,19 @@ import pytest  # noqa: E402
 from tf_mtz import testing  # noqa: E402
 
 
+def relative_error(out, expected) -> float:
+    """Largest absolute difference over the largest absolute expected value."""
+    return float(np.abs(out - expected).max() / np.abs(expected).max())
+
+
+def randomize_weights(model, seed, scale=0.2):
+    """Adds normal noise of sd `scale` to every weight of `model` (in place), so that fresh layers' zeros and
+    ones (biases, LayerNormalization) do not hide mistakes; returns `model`."""
+    rng = np.random.default_rng(seed)
+    model.set_weights([w + rng.normal(0, scale, w.shape).astype(w.dtype) for w in model.get_weights()])
+    return model
+
+
 def unit_layers(model):
     return [l for l in model.layers if isinstance(l, (keras.layers.Dense, keras.layers.Conv2D))]
 

@@ -8,23 +8,16 @@ from ai_edge_litert.interpreter import Interpreter
 
 import tf_mtz
 from tf_mtz import matching
+from conftest import randomize_weights, relative_error
 
 WIDTH, HEADS = 16, 4
 
 
-def _randomize(model, seed):
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        weights = layer.get_weights()
-        if weights:
-            layer.set_weights([w + rng.normal(0, 0.2, w.shape).astype("float32") for w in weights])
-    return model
-
-
-def encoder_block(h, label, post_norm, ff_width):
-    """A pre-LN (ViT) or post-LN (BERT) encoder block on the stream `h`."""
+def encoder_block(h, label, post_norm, ff_width, **attention_options):
+    """A pre-LN (ViT) or post-LN (BERT) encoder block on the stream `h`; a post-LN block's attention takes
+    `attention_options` (masks)."""
     if post_norm:
-        a = keras.layers.MultiHeadAttention(HEADS, WIDTH // HEADS, name=f"{label}_mha")(h, h)
+        a = keras.layers.MultiHeadAttention(HEADS, WIDTH // HEADS, name=f"{label}_mha")(h, h, **attention_options)
         h = keras.layers.LayerNormalization(name=f"{label}_ln1")(keras.layers.Add()([h, a]))
         f = keras.layers.Dense(ff_width, activation="gelu", name=f"{label}_ff1")(h)
         f = keras.layers.Dense(WIDTH, name=f"{label}_ff2")(f)
@@ -45,7 +38,7 @@ def vit(name="vit", seed=0, blocks=2, ff_width=32):
     for block in range(blocks):
         h = encoder_block(h, f"block{block}", post_norm=False, ff_width=ff_width)
     h = keras.layers.GlobalAveragePooling1D()(keras.layers.LayerNormalization(name="final_ln")(h))
-    return _randomize(keras.Model(inputs, keras.layers.Dense(5, name="head")(h), name=name), seed)
+    return randomize_weights(keras.Model(inputs, keras.layers.Dense(5, name="head")(h), name=name), seed)
 
 
 def bert(name="bert", seed=0):
@@ -56,7 +49,7 @@ def bert(name="bert", seed=0):
     for block in range(2):
         h = encoder_block(h, f"block{block}", post_norm=True, ff_width=24)
     h = keras.layers.GlobalAveragePooling1D()(h)
-    return _randomize(keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name=name), seed)
+    return randomize_weights(keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name=name), seed)
 
 
 @pytest.fixture(scope="module")
@@ -69,24 +62,20 @@ def tokens():
     return np.random.default_rng(1).integers(0, 50, (128, 12)).astype("int32")
 
 
-def _relative_error(out, expected) -> float:
-    return float(np.abs(out - expected).max() / np.abs(expected).max())
-
-
 @pytest.mark.parametrize("sharing", [1.0, 0.5])
 @pytest.mark.parametrize("architecture", ["vit", "bert"])
 def test_permuted_copy_gives_back_the_outputs(images, tokens, architecture, sharing):
     model, x = (vit(), images) if architecture == "vit" else (bert(), tokens)
     copy = tf_mtz.testing.permuted_copy(model, seed=1)
     expected = model.predict(x, verbose=0)
-    assert _relative_error(copy.predict(x, verbose=0), expected) < 1e-5
+    assert relative_error(copy.predict(x, verbose=0), expected) < 1e-5
     # The copy's heads and the dims within them are reordered, not only the stream's units.
     query = [m.get_layer("block0_mha")._query_dense.kernel.numpy() for m in (model, copy)]
     assert not np.allclose(np.sort(np.abs(query[0]), axis=0)[..., 0], np.sort(np.abs(query[1]), axis=0)[..., 0])
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=sharing, verbose=0)
     outputs = zipped.predict(x, verbose=0)
     for task in ("a", "b"):
-        assert _relative_error(outputs[task], expected) < 1e-4
+        assert relative_error(outputs[task], expected) < 1e-4
     # The stream and its attention are shared whole (LayerNormalizations mix all its units); the
     # feed-forward hidden layers by the fraction.
     assert isinstance(zipped.get_layer("block0_mha_shared"), keras.layers.MultiHeadAttention)
@@ -191,16 +180,12 @@ def masked_encoder(name="masked", seed=0, mask="padding"):
         padding = keras.ops.not_equal(tokens, 0)
     attention_mask = keras.ops.expand_dims(padding, axis=1)  # (batch, 1, keys): every query alike
     h = keras.layers.Embedding(50, WIDTH, name="embed")(tokens)
+    options = ({"use_causal_mask": True} if mask == "causal" else {} if mask == "none"
+               else {"attention_mask": attention_mask})
     for block in range(2):
-        options = ({"use_causal_mask": True} if mask == "causal" else {} if mask == "none"
-                   else {"attention_mask": attention_mask})
-        a = keras.layers.MultiHeadAttention(HEADS, WIDTH // HEADS, name=f"block{block}_mha")(h, h, **options)
-        h = keras.layers.LayerNormalization(name=f"block{block}_ln1")(keras.layers.Add()([h, a]))
-        f = keras.layers.Dense(24, activation="gelu", name=f"block{block}_ff1")(h)
-        h = keras.layers.LayerNormalization(name=f"block{block}_ln2")(
-            keras.layers.Add()([h, keras.layers.Dense(WIDTH, name=f"block{block}_ff2")(f)]))
+        h = encoder_block(h, f"block{block}", post_norm=True, ff_width=24, **options)
     h = keras.layers.GlobalAveragePooling1D()(h)
-    return _randomize(keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name=name), seed)
+    return randomize_weights(keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name=name), seed)
 
 
 def _padded_tokens(count=96, seed=2):
@@ -221,12 +206,12 @@ def test_masked_attention_zips_with_its_mask(mask, sharing):
     # The mask matters: the same ids with the padding attended to give other outputs.
     unmasked = masked_encoder(mask="none" if mask != "causal" else "padding")
     unmasked.set_weights(model.get_weights())
-    assert _relative_error(unmasked.predict(ids, verbose=0), expected) > 1e-3
+    assert relative_error(unmasked.predict(ids, verbose=0), expected) > 1e-3
     copy = tf_mtz.testing.permuted_copy(model, seed=1)
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=sharing, verbose=0)
     outputs = zipped.predict(x, verbose=0)
     for task in ("a", "b"):
-        assert _relative_error(outputs[task], expected) < 1e-4
+        assert relative_error(outputs[task], expected) < 1e-4
     interpreter = Interpreter(model_content=tf_mtz.tflite_bytes(zipped))
     operators = {op["op_name"] for op in interpreter._get_ops_details()}
     assert not any(op.startswith("Flex") or op == "CUSTOM" for op in operators)
@@ -250,7 +235,7 @@ def encoder_decoder(name="seq2seq", seed=0, causal=True):
     h = keras.layers.LayerNormalization(name="dec_ln2")(keras.layers.Add()([h, c]))
     f = keras.layers.Dense(24, activation="gelu", name="dec_ff1")(h)
     h = keras.layers.LayerNormalization(name="dec_ln3")(keras.layers.Add()([h, keras.layers.Dense(WIDTH, name="dec_ff2")(f)]))
-    return _randomize(keras.Model(tokens, keras.layers.Dense(3, name="head")(h), name=name), seed)
+    return randomize_weights(keras.Model(tokens, keras.layers.Dense(3, name="head")(h), name=name), seed)
 
 
 @pytest.mark.parametrize("sharing", [1.0, 0.5])
@@ -261,7 +246,7 @@ def test_cross_attention_zips_with_its_memory(tokens, sharing):
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, tokens, sharing=sharing, verbose=0)
     outputs = zipped.predict(tokens, verbose=0)
     for task in ("a", "b"):
-        assert _relative_error(outputs[task], expected) < 1e-4
+        assert relative_error(outputs[task], expected) < 1e-4
     cross = zipped.get_layer("dec_cross_shared")
     assert cross.count_params() == model.get_layer("dec_cross").count_params()
     interpreter = Interpreter(model_content=tf_mtz.tflite_bytes(zipped))

@@ -8,6 +8,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 import tf_mtz
 from tf_mtz import costs, statistics
+from conftest import relative_error
 
 VOCABULARY = 300
 
@@ -31,22 +32,18 @@ def tokens():
     return np.minimum(rng.zipf(1.3, size=(256, 16)) - 1, VOCABULARY - 1).astype("int32")
 
 
-def _relative_error(out, expected) -> float:
-    return float(np.abs(out - expected).max() / np.abs(expected).max())
-
-
 @pytest.mark.parametrize("sharing", [1.0, 0.5])
 @pytest.mark.parametrize("convolution", [True, False])
 def test_permuted_copy_gives_back_the_outputs_in_keras_and_tflite(tokens, sharing, convolution):
     model = text_model("text", convolution=convolution)
     copy = tf_mtz.testing.permuted_copy(model, seed=1)
     expected = model.predict(tokens, verbose=0)
-    assert _relative_error(copy.predict(tokens, verbose=0), expected) < 1e-5  # a real permutation of it
+    assert relative_error(copy.predict(tokens, verbose=0), expected) < 1e-5  # a real permutation of it
     assert not np.allclose(copy.get_layer("embed").get_weights()[0], model.get_layer("embed").get_weights()[0])
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, tokens, sharing=sharing, verbose=0)
     outputs = zipped.predict(tokens, verbose=0)
     for task in ("a", "b"):
-        assert _relative_error(outputs[task], expected) < 1e-4
+        assert relative_error(outputs[task], expected) < 1e-4
     # The shared units of the table are one Embedding of the shared width.
     shared = zipped.get_layer("embed_shared")
     assert isinstance(shared, keras.layers.Embedding) and shared.output_dim == round(24 * sharing)

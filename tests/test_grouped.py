@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tf_mtz
-from conftest import randomize_batch_norms
+from conftest import randomize_batch_norms, relative_error
 
 
 def resnext(name, seed=0, width=16, groups=4):
@@ -28,10 +28,6 @@ def resnext(name, seed=0, width=16, groups=4):
     return randomize_batch_norms(keras.Model(inputs, keras.layers.Dense(5, name="head")(x), name=name))
 
 
-def _relative_error(out, expected) -> float:
-    return float(np.abs(out - expected).max() / np.abs(expected).max())
-
-
 @pytest.fixture(scope="module")
 def x():
     return np.random.default_rng(0).normal(size=(48, 10, 10, 3)).astype("float32")
@@ -45,11 +41,11 @@ def test_resnext_block_zipped_with_its_permuted_copy_reproduces_it(x, sharing, t
     copy = tf_mtz.testing.permuted_copy(model, seed=1)
     assert not np.array_equal(model.get_layer("grouped").get_weights()[0], copy.get_layer("grouped").get_weights()[0])
     expected = model.predict(x, verbose=0)
-    assert _relative_error(copy.predict(x, verbose=0), expected) < 1e-5
+    assert relative_error(copy.predict(x, verbose=0), expected) < 1e-5
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=sharing, verbose=0)
     outputs = zipped.predict(x, verbose=0)
     for task in ("a", "b"):
-        assert _relative_error(outputs[task], expected) < 1e-4, task
+        assert relative_error(outputs[task], expected) < 1e-4, task
     # Standard layers only: it loads without custom objects and converts to TFLite.
     path = str(tmp_path / "zipped.keras")
     zipped.save(path)
@@ -57,7 +53,7 @@ def test_resnext_block_zipped_with_its_permuted_copy_reproduces_it(x, sharing, t
     interpreter = tf.lite.Interpreter(model_content=tf_mtz.tflite_bytes(zipped))
     runner = interpreter.get_signature_runner("b")
     input_name = next(iter(interpreter.get_signature_list()["b"]["inputs"]))
-    assert _relative_error(next(iter(runner(**{input_name: x[:4]}).values())), outputs["b"][:4]) < 1e-5
+    assert relative_error(next(iter(runner(**{input_name: x[:4]}).values())), outputs["b"][:4]) < 1e-5
 
 
 def test_fully_shared_groups_are_one_grouped_convolution_again(x):
@@ -132,7 +128,7 @@ def test_groups_permuted_by_hand_are_found():
     np.testing.assert_allclose(copy.predict(data, verbose=0), expected, rtol=1e-5, atol=1e-6)
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, data, verbose=0)
     for out in zipped.predict(data, verbose=0).values():
-        assert _relative_error(out, expected) < 1e-4
+        assert relative_error(out, expected) < 1e-4
 
 
 def test_grouped_conv1d_and_a_grouped_convolution_on_the_input(rng):
@@ -148,7 +144,7 @@ def test_grouped_conv1d_and_a_grouped_convolution_on_the_input(rng):
     for sharing in (1.0, 0.5):
         zipped = tf_mtz.zip_models({"a": model, "b": copy}, data, sharing=sharing, verbose=0)
         for out in zipped.predict(data, verbose=0).values():
-            assert _relative_error(out, expected) < 1e-4, sharing
+            assert relative_error(out, expected) < 1e-4, sharing
 
 
 def test_sharing_by_the_grouped_layers_name_applies_to_every_group(x):

@@ -8,17 +8,9 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 import tf_mtz
+from conftest import randomize_weights, relative_error
 
 VOCABULARY, LENGTH = 40, 10
-
-
-def _randomize(model, seed):
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        weights = layer.get_weights()
-        if weights:
-            layer.set_weights([w + rng.normal(0, 0.3, w.shape).astype("float32") for w in weights])
-    return model
 
 
 def masked_model(kind, name="model", seed=0, mask_zero=True):
@@ -45,7 +37,7 @@ def masked_model(kind, name="model", seed=0, mask_zero=True):
         h = keras.layers.LayerNormalization(name="ln2")(keras.layers.Add()([h, keras.layers.Dense(12, name="ff2")(f)]))
         h = keras.layers.GlobalAveragePooling1D(name="mean")(h)
     h = keras.layers.Dense(8, activation="relu", name="fc")(h)
-    return _randomize(keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name=name), seed)
+    return randomize_weights(keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name=name), seed, scale=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +48,6 @@ def tokens():
     return ids
 
 
-def _relative_error(out, expected) -> float:
-    return float(np.abs(out - expected).max() / np.abs(expected).max())
-
-
 @pytest.mark.parametrize("sharing", [1.0, 0.5])
 @pytest.mark.parametrize("kind", ["lstm", "bidirectional", "pooling", "attention"])
 def test_permuted_copy_gives_back_the_masked_outputs(tokens, kind, sharing):
@@ -67,12 +55,12 @@ def test_permuted_copy_gives_back_the_masked_outputs(tokens, kind, sharing):
     expected = model.predict(tokens, verbose=0)
     unmasked = masked_model(kind, mask_zero=False)
     unmasked.set_weights(model.get_weights())
-    assert _relative_error(unmasked.predict(tokens, verbose=0), expected) > 1e-3  # the mask matters here
+    assert relative_error(unmasked.predict(tokens, verbose=0), expected) > 1e-3  # the mask matters here
     copy = tf_mtz.testing.permuted_copy(model, seed=1)
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, tokens, sharing=sharing, verbose=0)
     outputs = zipped.predict(tokens, verbose=0)
     for task in ("a", "b"):
-        assert _relative_error(outputs[task], expected) < 1e-4
+        assert relative_error(outputs[task], expected) < 1e-4
     embeddings = [layer for layer in zipped.layers if isinstance(layer, keras.layers.Embedding)]
     assert embeddings and not any(layer.mask_zero for layer in embeddings)  # the mask is explicit
 

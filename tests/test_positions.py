@@ -7,7 +7,8 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 import tf_mtz
-from tests.test_attention import HEADS, WIDTH, _randomize, _relative_error, encoder_block
+from tests.test_attention import WIDTH, encoder_block
+from conftest import randomize_weights, relative_error
 
 
 class AddedPositions(keras.layers.Layer):
@@ -66,7 +67,7 @@ def vit(name="vit", seed=0, readout="token"):
         h = encoder_block(h, f"block{block}", post_norm=False, ff_width=32)
     h = keras.layers.LayerNormalization(name="final_ln")(h)
     h = h[:, 0] if readout == "token" else keras.layers.GlobalAveragePooling1D()(h)
-    return _randomize(keras.Model(inputs, keras.layers.Dense(5, name="head")(h), name=name), seed)
+    return randomize_weights(keras.Model(inputs, keras.layers.Dense(5, name="head")(h), name=name), seed)
 
 
 def bert(name="bert", seed=0):
@@ -79,14 +80,9 @@ def bert(name="bert", seed=0):
     h = keras.layers.Add(name="embed_sum")([h, PositionTableOnly(20, name="positions")(h)])
     h = keras.layers.LayerNormalization(name="embed_ln")(h)
     for block in range(2):
-        a = keras.layers.MultiHeadAttention(HEADS, WIDTH // HEADS, name=f"block{block}_mha")(
-            h, h, attention_mask=padding)
-        h = keras.layers.LayerNormalization(name=f"block{block}_ln1")(keras.layers.Add()([h, a]))
-        f = keras.layers.Dense(24, activation="gelu", name=f"block{block}_ff1")(h)
-        h = keras.layers.LayerNormalization(name=f"block{block}_ln2")(
-            keras.layers.Add()([h, keras.layers.Dense(WIDTH, name=f"block{block}_ff2")(f)]))
+        h = encoder_block(h, f"block{block}", post_norm=True, ff_width=24, attention_mask=padding)
     h = keras.layers.GlobalAveragePooling1D()(h)
-    return _randomize(keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name=name), seed)
+    return randomize_weights(keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name=name), seed)
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +108,13 @@ def test_permuted_copy_gives_back_the_outputs(images, tokens, architecture, shar
     model, x = (vit(), images) if architecture == "vit" else (bert(), tokens)
     copy = tf_mtz.testing.permuted_copy(model, seed=1)
     expected = model.predict(x, verbose=0)
-    assert _relative_error(copy.predict(x, verbose=0), expected) < 1e-5
+    assert relative_error(copy.predict(x, verbose=0), expected) < 1e-5
     table = model.get_layer("positions").get_weights()[0]
     assert not np.allclose(table, copy.get_layer("positions").get_weights()[0])  # its columns were permuted
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=sharing, verbose=0)
     outputs = zipped.predict(x, verbose=0)
     for task in ("a", "b"):
-        assert _relative_error(outputs[task], expected) < 1e-4
+        assert relative_error(outputs[task], expected) < 1e-4
     assert not _custom_layers(zipped)  # standard layers only: the tables are Embeddings of the positions
     shared_table = zipped.get_layer("positions_shared_table").get_weights()[0]
     assert shared_table.shape == ((17, WIDTH) if architecture == "vit" else (12, WIDTH))
@@ -197,4 +193,4 @@ def test_int8_export_of_a_zipped_transformer(images):
     assert len(int8_tensors) > 20  # the projections, the attention's matmuls and the tables are quantized
     lite = interpreter.get_signature_runner("serving_default")(image=images[:16])
     for task in ("a", "b"):
-        assert _relative_error(lite[task], expected[task]) < 0.25  # int8 rounding, not a wrong graph
+        assert relative_error(lite[task], expected[task]) < 0.25  # int8 rounding, not a wrong graph

@@ -8,6 +8,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 import tf_mtz
 from tf_mtz import costs, zipper
+from conftest import relative_error
 
 VOCABULARY, STEPS = 40, 9
 
@@ -45,10 +46,6 @@ def tokens():
     return np.random.default_rng(0).integers(0, VOCABULARY, (256, STEPS)).astype("int32")
 
 
-def _relative_error(out, expected) -> float:
-    return float(np.abs(out - expected).max() / np.abs(expected).max())
-
-
 KINDS = ["lstm", "stacked", "gru", "gru_reset_before", "bidirectional"]
 
 
@@ -58,12 +55,12 @@ def test_permuted_copy_gives_back_the_outputs(tokens, kind, sharing):
     model = recurrent_model(kind)
     copy = tf_mtz.testing.permuted_copy(model, seed=1)
     expected = model.predict(tokens, verbose=0)
-    assert _relative_error(copy.predict(tokens, verbose=0), expected) < 1e-5
+    assert relative_error(copy.predict(tokens, verbose=0), expected) < 1e-5
     assert not np.allclose(copy.get_layer("rnn").get_weights()[1], model.get_layer("rnn").get_weights()[1])
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, tokens, sharing=sharing, verbose=0)
     outputs = zipped.predict(tokens, verbose=0)
     for task in ("a", "b"):
-        assert _relative_error(outputs[task], expected) < 1e-4
+        assert relative_error(outputs[task], expected) < 1e-4
     # The recurrent layer is one layer of the full width for both tasks: shared all or none, so a uniform
     # fraction shares it (and the embedding feeding it) whole, and the Dense layer after it by the fraction.
     shared = zipped.get_layer("rnn_shared")
@@ -142,10 +139,10 @@ def test_weight_matching_alternates_with_the_recurrent_kernel(tokens, monkeypatc
     expected = model.predict(tokens, verbose=0)
     without_refit = tf_mtz.ZipConfig(refit=False)
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, tokens, verbose=0, config=without_refit)
-    assert _relative_error(zipped.predict(tokens, verbose=0)["b"], expected) < 1e-4
+    assert relative_error(zipped.predict(tokens, verbose=0)["b"], expected) < 1e-4
     monkeypatch.setattr(zipper, "_RECURRENT_ROUNDS", 0)  # the input weights alone: any pairing ties
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, tokens, verbose=0, config=without_refit)
-    assert _relative_error(zipped.predict(tokens, verbose=0)["b"], expected) > 1e-2
+    assert relative_error(zipped.predict(tokens, verbose=0)["b"], expected) > 1e-2
 
 
 def test_recurrent_matching_costs_are_the_recurrent_weights_inner_products():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tf_mtz
-from conftest import randomize_batch_norms
+from conftest import randomize_batch_norms, relative_error
 
 SLOW = pytest.mark.slow
 
@@ -40,10 +40,6 @@ def _family(name):
     return randomize_batch_norms(model), size
 
 
-def _relative_error(out, expected) -> float:
-    return float(np.abs(out - expected).max() / np.abs(expected).max())
-
-
 @pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=SLOW) for n in FAMILIES])
 def test_family_zipped_with_its_permuted_copy_reproduces_it(name):
     import tensorflow as tf
@@ -54,17 +50,17 @@ def test_family_zipped_with_its_permuted_copy_reproduces_it(name):
     # Pixel-scaled inputs: several families rescale [0, 255] inside the model.
     x = (np.random.default_rng(0).uniform(0, 255, size=(32, size, size, 3))).astype("float32")
     expected = model.predict(x, verbose=0)
-    assert _relative_error(copy.predict(x, verbose=0), expected) < 1e-4
+    assert relative_error(copy.predict(x, verbose=0), expected) < 1e-4
     for sharing in (1.0, 0.5):
         zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=sharing, verbose=0)
         outputs = zipped.predict(x, verbose=0)
         for task in ("a", "b"):
-            assert _relative_error(outputs[task], expected) < 1e-4, (name, sharing, task)
+            assert relative_error(outputs[task], expected) < 1e-4, (name, sharing, task)
     interpreter = tf.lite.Interpreter(model_content=tf_mtz.tflite_bytes(zipped))
     runner = interpreter.get_signature_runner("b")
     input_name = next(iter(interpreter.get_signature_list()["b"]["inputs"]))
     out = next(iter(runner(**{input_name: x[:2]}).values()))
-    assert _relative_error(out, outputs["b"][:2]) < 1e-4
+    assert relative_error(out, outputs["b"][:2]) < 1e-4
 
 
 @SLOW
@@ -81,17 +77,17 @@ def test_convnext_zips_with_its_custom_layers_handled():
     expected = model.predict(x, verbose=0)
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, verbose=0)
     outputs = zipped.predict(x, verbose=0)
-    assert all(_relative_error(outputs[t], expected) < 1e-4 for t in ("a", "b"))
+    assert all(relative_error(outputs[t], expected) < 1e-4 for t in ("a", "b"))
     kinds = {type(layer).__name__ for layer in zipped.layers}
     assert "DepthwiseConv2D" in kinds and not kinds & {"LayerScale", "StochasticDepth"}
     interpreter = tf.lite.Interpreter(model_content=tf_mtz.tflite_bytes(zipped))
     runner = interpreter.get_signature_runner("a")
     input_name = next(iter(interpreter.get_signature_list()["a"]["inputs"]))
-    assert _relative_error(next(iter(runner(**{input_name: x[:2]}).values())), outputs["a"][:2]) < 1e-4
+    assert relative_error(next(iter(runner(**{input_name: x[:2]}).values())), outputs["a"][:2]) < 1e-4
     # LayerNormalization mixes every channel of its input: at half sharing the residual stream (which every
     # block normalises) is shared whole, the blocks' inner layers half.
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, sharing=0.5, verbose=0)
     outputs = zipped.predict(x, verbose=0)
-    assert all(_relative_error(outputs[t], expected) < 1e-4 for t in ("a", "b"))
+    assert all(relative_error(outputs[t], expected) < 1e-4 for t in ("a", "b"))
     shares = {layer.shared / layer.units["a"] for layer in zipped.zip_report.layers if not layer.head}
     assert shares == {0.5, 1.0}
