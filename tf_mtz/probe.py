@@ -223,6 +223,18 @@ class Probe:
         finally:
             self._recent.clear()
 
+    def checkpoint(self) -> tuple:
+        """What `restore` needs to bring the probe back to this point (after a trial zip of a layer)."""
+        return tuple({t: (dict(v.kept), set(v.boundary)) for t, v in values.items()}
+                     for values in (self.zipped, self.original))
+
+    def restore(self, checkpoint: tuple) -> None:
+        """Back to `checkpoint` (the zip state must be back to that point too)."""
+        for values, saved in zip((self.zipped, self.original), checkpoint):
+            for t, (kept, boundary) in saved.items():
+                values[t].kept, values[t].boundary = dict(kept), set(boundary)
+        self._recent.clear()
+
     def weights_changed(self) -> None:
         """Retraining moved every weight: values of the zipped network are computed afresh (from the input,
         once, at the next `advance`)."""

@@ -69,6 +69,9 @@ class ZipReport:
         accuracy_original: `{task: accuracy}` of each original model on the evaluation data (if given).
         accuracy_final: `{task: accuracy}` of the returned zipped model (if evaluation data was given).
         tflite_bytes: `{"separate": bytes, "zipped": bytes}` when filled in (the CLI does with --tflite).
+        auto_sharing: with `sharing=tf_mtz.AutoSharing(...)`, per layer that chose its group's sharing:
+            `{"layer", "width", "chosen", "candidates": [(count, {task: loss} or None where that count is
+            not allowed)]}` in the order tried.
     """
 
     tasks: list
@@ -80,6 +83,7 @@ class ZipReport:
     accuracy_original: dict = dataclasses.field(default_factory=dict)
     accuracy_final: dict = dataclasses.field(default_factory=dict)
     tflite_bytes: dict = dataclasses.field(default_factory=dict)
+    auto_sharing: list = dataclasses.field(default_factory=list)
 
     @property
     def shared_fraction(self) -> float:
@@ -109,7 +113,55 @@ class ZipReport:
         return cls(tasks=data["tasks"], layers=layers, params_original=data["params_original"],
                    params_zipped=data["params_zipped"], params_shared=data["params_shared"],
                    settings=data.get("settings", {}), accuracy_original=data.get("accuracy_original", {}),
-                   accuracy_final=data.get("accuracy_final", {}), tflite_bytes=data.get("tflite_bytes", {}))
+                   accuracy_final=data.get("accuracy_final", {}), tflite_bytes=data.get("tflite_bytes", {}),
+                   auto_sharing=data.get("auto_sharing", []))
+
+    def plot_auto_sharing(self, path: str) -> str:
+        """Plots what AutoSharing measured: per layer, each task's loss at each fraction tried, the
+        tolerance and the fraction chosen. Needs matplotlib.
+
+        Args:
+            path: the image file to write (`.png`).
+
+        Returns:
+            `path`.
+
+        Raises:
+            ValueError: the report has no AutoSharing record (the zip used a fixed sharing).
+
+        Example:
+
+        ```python
+        zipped.zip_report.plot_auto_sharing("auto_sharing.png")
+        ```
+        """
+        if not self.auto_sharing:
+            raise ValueError("This report has no AutoSharing record: the models were zipped with a fixed sharing.")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        tolerance = self.settings.get("sharing", {}).get("tolerance") if isinstance(
+            self.settings.get("sharing"), dict) else None
+        fig, axes = plt.subplots(1, len(self.auto_sharing), figsize=(4.5 * len(self.auto_sharing), 3.6),
+                                 squeeze=False)
+        for axis, record in zip(axes[0], self.auto_sharing):
+            tried = sorted((count, losses) for count, losses in record["candidates"] if losses is not None)
+            for task in self.tasks:
+                axis.plot([c / record["width"] for c, _ in tried], [losses[task] for _, losses in tried], "o-",
+                          label=task)
+            if tolerance is not None:
+                axis.axhline(tolerance, color="gray", linestyle="--", label="tolerance")
+            axis.axvline(record["chosen"] / record["width"], color="black", label="chosen")
+            axis.set_title(record["layer"])
+            axis.set_xlabel("fraction of units shared")
+            axis.set_ylabel("loss against the own model")
+            axis.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
 
     def to_markdown(self) -> str:
         """The per-layer table and totals as markdown."""

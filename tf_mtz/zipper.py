@@ -9,6 +9,7 @@ which carries them forward from layer to layer instead of replaying the network 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 import warnings
 import zlib
@@ -18,6 +19,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from tf_mtz import auto_sharing
 from tf_mtz import config as config_lib
 from tf_mtz import costs as costs_lib
 from tf_mtz import data as data_lib
@@ -89,8 +91,13 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
 
     plan = graph.read_models(models)
     tasks = plan.tasks
-    counts = resolve_sharing(sharing, plan)
     input_names = tuple(i.name for i in plan.inputs)
+    search = None
+    if isinstance(sharing, auto_sharing.AutoSharing):  # counts chosen layer by layer as the zip goes
+        search = _sharing_search(sharing, models, plan, calibration_data)
+        counts = [0] * len(plan.hidden_slots)
+    else:
+        counts = resolve_sharing(sharing, plan)
     calibration = {t: data_lib.as_dataset(d, t, plan.inputs, "Calibration data", config.batch_size)
                    for t, d in data_lib.per_task(calibration_data, tasks, "Calibration data", input_names).items()}
     fingerprints = {t: _fingerprint(m) for t, m in models.items()}
@@ -108,7 +115,8 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     probe = probe_lib.Probe(plan, state, calibration, strategy,
                             memory_budget_bytes=int(config.activation_memory_gib * 2 ** 30))
     try:
-        layer_reports = _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, evaluation, verbose)
+        layer_reports = _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, evaluation, verbose,
+                                    search)
     finally:
         probe.close()
     if probe.spill.written:
@@ -121,6 +129,8 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
         if _fingerprint(m) != fingerprints[t]:
             raise AssertionError(f"Internal error: zipping modified the weights of model for task '{t}'.")
     zipped.zip_report = _zip_report(models, zipped, state, layer_reports, sharing, config, retrain, started)
+    if search is not None:
+        zipped.zip_report.auto_sharing = search.tried
     if evaluation is not None:
         zipped.zip_report.accuracy_original = {
             t: _accuracy(models[t], {t: evaluation[t]}, single_output=True)[t] for t in tasks}
@@ -130,12 +140,18 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     return zipped
 
 
-def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, evaluation, verbose) -> list:
+def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, evaluation, verbose,
+                search=None) -> list:
     """The method's loop: each layer step (pair, permute, merge, refit) and its retraining; returns the
-    layers' reports."""
+    layers' reports. With a `search` (AutoSharing), each unit group's count is chosen where it starts."""
     steps = _LayerSteps(plan, state, probe, config, counts, verbose)
     layer_reports = []
     for index in range(len(plan.slots)):
+        if search is not None and not plan.is_head(index) and plan.slots[index].group not in steps.group_counts:
+            width = min(int(w[0].shape[-1]) for w in plan.slots[index].position.weights.values())
+            steps.counts[index] = search.choose(plan.slots[index].position.name, width,
+                                                lambda count: _trial_outputs(plan, state, probe, steps, index, count,
+                                                                               search.judge.inputs))
         layer_report = steps.zip_layer(index)
         if layer_report.shared and evaluation is not None:
             layer_report.accuracy_zipped = _accuracy(rebuild.build_model(plan, state).model, evaluation)
@@ -151,6 +167,51 @@ def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, eva
         layer_reports[-1].retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.final_steps,
                                                   "final", verbose)
     return layer_reports
+
+
+def _auto_settings(auto) -> dict:
+    """An AutoSharing as the report's settings keep it (its data left out)."""
+    return {"auto": True, "tolerance": auto.tolerance, "step": auto.step, "max_samples": auto.max_samples,
+            "held_out_data": auto.data is not None}
+
+
+def _trial_outputs(plan, state, probe, steps, index, count, inputs) -> dict:
+    """The zipped network's outputs `{task: array}` on the AutoSharing data with slot `index` zipped at
+    `count` (and the next layer refit), everything after it as in the original models; the zip state, the
+    probe and the layer steps are then put back as they were."""
+    saved_state, saved_probe = copy.deepcopy(state), probe.checkpoint()
+    saved_steps = (dict(steps.group_counts), dict(steps.refit_mismatch), dict(steps.input_hessians), steps.verbose)
+    try:
+        steps.counts[index], steps.verbose = count, 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RankDeficientWarning)
+            steps.zip_layer(index)
+        model = rebuild.build_model(plan, state).model
+        return {t: np.asarray(model.predict(inputs[t], verbose=0, batch_size=1024)[t]) for t in plan.tasks}
+    finally:
+        state.__dict__.update(saved_state.__dict__)
+        probe.restore(saved_probe)
+        steps.group_counts, steps.refit_mismatch, steps.input_hessians, steps.verbose = saved_steps
+
+
+def _sharing_search(auto, models, plan, calibration_data) -> auto_sharing.SharingSearch:
+    """The search for `AutoSharing`, with its judge's data: at most `max_samples` inputs per task (labels
+    where given) and the own models' outputs on them."""
+    if not plan.single_output or len(plan.inputs) > 1:
+        raise ZipError("AutoSharing chooses the sharing for models with one input and one output so far; give "
+                       "`sharing` as a fraction or a dict for these models.")
+    source = auto.data if auto.data is not None else calibration_data
+    per_task = data_lib.per_task(source, plan.tasks, "AutoSharing data", tuple(i.name for i in plan.inputs))
+    inputs, labels = {}, {}
+    for t, data in per_task.items():
+        x, y = data if isinstance(data, tuple) and len(data) == 2 else (data, None)
+        if not isinstance(x, np.ndarray) or (y is not None and not isinstance(y, np.ndarray)):
+            raise ZipError(f"AutoSharing data for task '{t}' must be a numpy array of inputs or an (x, y) tuple "
+                           f"of arrays, got {type(data).__name__}; give AutoSharing(data=...) as arrays.")
+        inputs[t] = x[:auto.max_samples]
+        labels[t] = None if y is None else y[:auto.max_samples]
+    originals = {t: np.asarray(models[t].predict(inputs[t], verbose=0, batch_size=1024)) for t in plan.tasks}
+    return auto_sharing.SharingSearch(auto_sharing.Judge(float(auto.tolerance), inputs, labels, originals), auto.step)
 
 
 def _checked_config(config) -> config_lib.ZipConfig:
@@ -183,7 +244,8 @@ def _zip_report(models, zipped, state, layer_reports, sharing, config, retrain, 
         params_original=int(sum(m.count_params() for m in models.values())),
         params_zipped=int(zipped.count_params()),
         params_shared=state_lib.count_shared_parameters(state),
-        settings={"sharing": sharing if not isinstance(sharing, dict) else dict(sharing), **config.as_dict(),
+        settings={"sharing": (dict(sharing) if isinstance(sharing, dict) else _auto_settings(sharing)
+                              if isinstance(sharing, auto_sharing.AutoSharing) else sharing), **config.as_dict(),
                   "retrain": None if retrain is None else {
                       k: v for k, v in vars(retrain).items() if k != "data" and not callable(v)
                       and isinstance(v, (int, float, str))},

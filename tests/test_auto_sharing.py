@@ -1,0 +1,90 @@
+"""AutoSharing: the largest sharing per layer, from the input, within a tolerance of the own models."""
+
+import numpy as np
+import pytest
+
+import tf_mtz
+from tf_mtz import auto_sharing
+from conftest import mlp
+
+
+def test_largest_passing_bisects_to_the_largest_passing_count():
+    candidates = list(range(0, 21))
+    for threshold in (0, 1, 7, 19, 20):
+        tried = []
+
+        def passes(count):
+            tried.append(count)
+            return count <= threshold
+
+        assert auto_sharing.largest_passing(candidates, passes) == threshold
+        assert len(tried) <= 1 + int(np.ceil(np.log2(len(candidates))))  # the full share, then a bisection
+    assert auto_sharing.candidate_counts(10, 0.25) == [0, 2, 5, 8, 10]  # 2.5 and 7.5 round to even
+    assert auto_sharing.candidate_counts(3, 0.05) == [0, 1, 2, 3]
+
+
+def test_judge_losses_with_and_without_labels():
+    own = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    zipped = np.array([[0.9, 0.1], [0.7, 0.3], [0.6, 0.4], [0.3, 0.7]])  # one top-1 changed of 4
+    labels = np.array([0, 1, 1, 1])  # own: 1 error of 4 (25 %); zipped: 2 of 4 (50 %)
+    judge = auto_sharing.Judge(0.3, {"a": None, "b": None, "c": None}, {"a": labels, "b": None, "c": None},
+                               {"a": own, "b": own, "c": own[:, :1]})
+    losses = judge.losses({"a": zipped, "b": zipped, "c": zipped[:, :1]})
+    assert losses["a"] == pytest.approx(25.0)  # percentage points above its own model
+    assert losses["b"] == pytest.approx(0.25)  # a fraction of departed top-1 outputs
+    assert losses["c"] == pytest.approx(np.linalg.norm(zipped[:, 0] - own[:, 0]) / np.linalg.norm(own[:, 0]))
+    assert not judge.passes(losses)
+
+
+def _tasks(rng):
+    x = rng.normal(size=(600, 20)).astype("float32")
+    models = {"a": mlp("a", widths=(32, 16), seed=0), "b": mlp("b", widths=(32, 16), seed=1)}
+    return models, x
+
+
+def test_tolerance_decides_the_sharing(rng):
+    models, x = _tasks(rng)
+    loose = tf_mtz.zip_models(models, x[:400], sharing=tf_mtz.AutoSharing(tolerance=1.0, data=x[400:]), verbose=0)
+    assert [layer.shared for layer in loose.zip_report.layers[:2]] == [32, 16]  # anything goes: all shared
+    strict = tf_mtz.zip_models(models, x[:400], sharing=tf_mtz.AutoSharing(tolerance=0.0, data=x[400:]),
+                               verbose=0)
+    record = strict.zip_report.auto_sharing
+    assert [r["layer"] for r in record] == [layer.name for layer in strict.zip_report.layers[:2]]
+    # No top-1 output may depart: the chosen counts pass, every larger one tried failed.
+    for r, layer in zip(record, strict.zip_report.layers):
+        assert layer.shared == r["chosen"]
+        for count, losses in r["candidates"]:
+            if losses is not None and count > r["chosen"]:
+                assert max(losses.values()) > 0.0
+            if count == r["chosen"] and losses is not None:
+                assert max(losses.values()) == 0.0
+    assert strict.zip_report.layers[0].shared < 32
+    outputs = strict.predict(x[400:], verbose=0)
+    for t, model in models.items():
+        own = np.argmax(model.predict(x[400:], verbose=0), -1)
+        assert np.array_equal(np.argmax(outputs[t], -1), own)  # the zip repeats the accepted trials exactly
+
+
+def test_labelled_tolerance_in_points_and_bad_settings(rng):
+    models, x = _tasks(rng)
+    y = np.argmax(models["a"].predict(x, verbose=0), -1)
+    zipped = tf_mtz.zip_models(models, x[:400], verbose=0,
+                               sharing=tf_mtz.AutoSharing(tolerance=2.0, data={"a": (x[400:], y[400:]),
+                                                                                "b": (x[400:], y[400:])}))
+    assert all(r["candidates"] for r in zipped.zip_report.auto_sharing)
+    for bad, message in (({"tolerance": -1}, "tolerance"), ({"tolerance": 0.1, "step": 0}, "step"),
+                         ({"tolerance": 0.1, "max_samples": 0}, "max_samples")):
+        with pytest.raises(tf_mtz.ZipError, match=message):
+            tf_mtz.AutoSharing(**bad)
+
+
+def test_report_keeps_and_plots_what_was_tried(rng, tmp_path):
+    models, x = _tasks(rng)
+    zipped = tf_mtz.zip_models(models, x[:400], sharing=tf_mtz.AutoSharing(tolerance=0.02, data=x[400:]), verbose=0)
+    report = zipped.zip_report
+    assert report.settings["sharing"]["tolerance"] == 0.02
+    again = tf_mtz.ZipReport.from_json(report.to_json())
+    assert [r["chosen"] for r in again.auto_sharing] == [r["chosen"] for r in report.auto_sharing]
+    path = report.plot_auto_sharing(str(tmp_path / "auto.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
