@@ -26,12 +26,13 @@ from tf_mtz.registry import (  # noqa: E402
 from tf_mtz.report import LayerReport, ZipReport  # noqa: E402
 from tf_mtz.tf_keras_bridge import to_tf_keras  # noqa: E402
 from tf_mtz.retrain import Retrain, fine_tune, paper_retrain  # noqa: E402
+from tf_mtz.synthesis import SyntheticInputs  # noqa: E402
 from tf_mtz.zipper import zip_models  # noqa: E402
 
 __version__ = "0.9.0"
 
 __all__ = [
-    "zip_models", "ZipConfig", "AutoSharing", "Retrain", "paper_retrain", "fine_tune",
+    "zip_models", "ZipConfig", "AutoSharing", "SyntheticInputs", "Retrain", "paper_retrain", "fine_tune",
     "export_tflite", "export_saved_model", "tflite_bytes", "to_tf_keras",
     "ZipReport", "LayerReport", "ZipError", "RankDeficientWarning",
     "register_layer_handler", "unregister_layer_handler", "LayerHandler", "UnitLayerHandler", "PassThroughHandler",

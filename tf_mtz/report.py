@@ -55,6 +55,10 @@ class LayerReport:
     stage_seconds: dict = dataclasses.field(default_factory=dict)
 
 
+SYNTHETIC_NOTE = ("no real data was used: the calibration inputs were made up from the models' own statistics "
+                  "(tf_mtz.SyntheticInputs)")
+
+
 @dataclasses.dataclass
 class ZipReport:
     """What `zip_models` did. Printable as a table (`str(report)`) and as JSON (`report.to_json()`).
@@ -84,6 +88,11 @@ class ZipReport:
     accuracy_final: dict = dataclasses.field(default_factory=dict)
     tflite_bytes: dict = dataclasses.field(default_factory=dict)
     auto_sharing: list = dataclasses.field(default_factory=list)
+
+    @property
+    def synthetic_calibration(self) -> bool:
+        """Whether the zip used inputs made up from the models (`tf_mtz.SyntheticInputs`), no real data."""
+        return bool(self.settings.get("synthetic_calibration"))
 
     @property
     def shared_fraction(self) -> float:
@@ -176,6 +185,8 @@ class ZipReport:
         lines += ["", f"Parameters: {self.params_original:,} in {len(self.tasks)} models → {self.params_zipped:,} "
                       f"zipped ({self.compression:.1%}); {self.params_shared:,} shared = {self.shared_fraction:.1%} "
                       "of an average task model."]
+        if self.synthetic_calibration:
+            lines.append(f"{SYNTHETIC_NOTE}.")
         if self.tflite_bytes:
             lines.append(f".tflite bytes: separate models {self.tflite_bytes['separate']:,}, zipped "
                          f"{self.tflite_bytes['zipped']:,} ({self.tflite_bytes['zipped'] / self.tflite_bytes['separate']:.2f}x).")
@@ -276,6 +287,8 @@ class ZipReport:
         lines.append(f"parameters: {self.params_original:,} in {len(self.tasks)} models -> "
                      f"{self.params_zipped:,} zipped ({self.compression:.1%}); {self.params_shared:,} shared "
                      f"= {self.shared_fraction:.1%} of an average task model")
+        if self.synthetic_calibration:
+            lines.append(f"note: {SYNTHETIC_NOTE}.")
         for layer in self.layers:
             if layer.rank_deficient:
                 lines.append(f"note: layer '{layer.name}' Hessian is rank-deficient for {layer.rank_deficient} "

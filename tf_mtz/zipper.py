@@ -27,6 +27,7 @@ from tf_mtz import graph, keras_graph, matching, rebuild, registry, statistics
 from tf_mtz import probe as probe_lib
 from tf_mtz import report as report_lib
 from tf_mtz import retrain as retrain_lib
+from tf_mtz import synthesis
 from tf_mtz import state as state_lib
 from tf_mtz.errors import RankDeficientWarning, ZipError
 
@@ -49,6 +50,9 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
             not modified.
         calibration_data: inputs for the layer statistics: `{task: data}` or one value for every task,
             where data is a numpy array, a tensor, or a `tf.data.Dataset` of x or (x, y) (batched or not).
+            None (or a `tf_mtz.SyntheticInputs`) makes inputs up from the models: matching their
+            BatchNormalization statistics, or from an input Normalization, or from a given distribution;
+            the report then says that no real data was used.
         sharing: fraction in [0, 1] of each hidden layer's units to share (of the narrowest task), or
             `{layer_name: fraction | count}` with names of the first model's layers; layers not named
             are not shared.
@@ -92,6 +96,9 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     plan = graph.read_models(models)
     tasks = plan.tasks
     input_names = tuple(i.name for i in plan.inputs)
+    synthetic = calibration_data is None or isinstance(calibration_data, synthesis.SyntheticInputs)
+    if synthetic:  # no real data: inputs made up from the models' own statistics
+        calibration_data = synthesis.synthesize(models, calibration_data or synthesis.SyntheticInputs(), verbose)
     search = None
     if isinstance(sharing, auto_sharing.AutoSharing):  # counts chosen layer by layer as the zip goes
         search = _sharing_search(sharing, models, plan, calibration_data)
@@ -131,6 +138,9 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     zipped.zip_report = _zip_report(models, zipped, state, layer_reports, sharing, config, retrain, started)
     if search is not None:
         zipped.zip_report.auto_sharing = search.tried
+    zipped.zip_report.settings["synthetic_calibration"] = synthetic
+    if synthetic:
+        logging.warning("tf_mtz: %s.", report_lib.SYNTHETIC_NOTE)
     if evaluation is not None:
         zipped.zip_report.accuracy_original = {
             t: _accuracy(models[t], {t: evaluation[t]}, single_output=True)[t] for t in tasks}
