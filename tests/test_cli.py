@@ -103,3 +103,29 @@ def test_zip_sequential_models_from_keras_and_h5_files_with_tflite(tmp_path, rng
         lite = interpreter.get_signature_runner("serving_default")(**{input_name: x[:16]})
         np.testing.assert_allclose(lite["two"], expected["two"][:16], atol=1e-5 if quantization == "none" else 0.1)
         assert (out / "saved" / "1" / "saved_model.pb").exists()
+
+
+def test_zip_without_data_and_with_automatic_sharing(tmp_path, rng):
+    import tf_mtz
+
+    models = {"a": mlp("a", seed=0), "b": mlp("b", seed=1)}
+    for task, model in models.items():
+        norm = keras.layers.Normalization(mean=0.0, variance=1.0)
+        inputs = keras.Input((20,), name="features")
+        wrapped = keras.Model(inputs, model(norm(inputs)), name=task)  # an input Normalization to draw from
+        wrapped.save(tmp_path / f"{task}.keras")
+    x = rng.normal(size=(200, 20)).astype("float32")
+    y = np.argmax(models["a"].predict(x, verbose=0), axis=1)
+    np.savez(tmp_path / "eval.npz", x=x, y=y)
+    out = tmp_path / "out"
+    result = run_cli("zip", f"--model=a={tmp_path / 'a.keras'}", f"--model=b={tmp_path / 'b.keras'}",
+                     "--calibration=synthetic", "--sharing=auto:5.0", f"--evaluation={tmp_path / 'eval.npz'}",
+                     f"--output={out / 'zipped.keras'}", f"--report_dir={out / 'report'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no real data was used" in result.stdout
+    report = tf_mtz.ZipReport.from_json((out / "report" / "report.json").read_text())
+    assert report.synthetic_calibration and report.auto_sharing
+    assert report.settings["sharing"]["tolerance"] == 5.0
+    bad = run_cli("zip", f"--model=a={tmp_path / 'a.keras'}", f"--model=b={tmp_path / 'b.keras'}",
+                  "--calibration=synthetic", "--sharing=auto:lots", f"--output={out / 'other.keras'}")
+    assert bad.returncode != 0 and "auto:TOLERANCE needs a number" in bad.stderr

@@ -21,11 +21,14 @@ _MODEL = flags.DEFINE_multi_string("model", [], "TASK=PATH of a saved .keras mod
 _CALIBRATION = flags.DEFINE_multi_string(
     "calibration", [], "Calibration inputs: TASK=SOURCE per task, or one SOURCE for every task. SOURCE is a .npy "
     "file, a .npz with an array named 'x' (or a single array; for models with several inputs, one array per "
-    "input name), or tfds:DATASET/SPLIT read from --data_dir without downloading.")
+    "input name), or tfds:DATASET/SPLIT read from --data_dir without downloading. 'synthetic' (alone): no "
+    "data, inputs made up from the models' BatchNormalization statistics.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TensorFlow Datasets data directory for tfds: sources.")
 _SHARING = flags.DEFINE_string(
     "sharing", "1.0", "Fraction of every hidden layer's units to share, or LAYER=VALUE[,LAYER=VALUE...] where "
-    "VALUE is a fraction (with a dot) or a unit count.")
+    "VALUE is a fraction (with a dot) or a unit count, or auto:TOLERANCE: the largest sharing per layer within "
+    "TOLERANCE of each own model (points of error on --evaluation data, else departed top-1 outputs on the "
+    "calibration inputs).")
 _PRESET = flags.DEFINE_enum("preset", "default", ["default", "paper"],
                             "default: weight matching, averaging and refit (the measured best); paper: the "
                             "published procedure (Hessian costs, greedy matching, Hessian merge, no refit).")
@@ -117,7 +120,12 @@ def _load_labelled(path):
 
 
 def parse_sharing(text: str):
-    """'0.5' -> 0.5; 'fc1=1.0,fc2=50' -> {'fc1': 1.0, 'fc2': 50}."""
+    """'0.5' -> 0.5; 'fc1=1.0,fc2=50' -> {'fc1': 1.0, 'fc2': 50}; 'auto:0.3' -> '0.3' (a tolerance, as text)."""
+    if text.startswith("auto:"):
+        try:
+            return str(float(text[len("auto:"):]))
+        except ValueError as exc:
+            raise UsageError(f"--sharing=auto:TOLERANCE needs a number, got {text!r}.") from exc
     if "=" not in text:
         try:
             return float(text)
@@ -173,7 +181,9 @@ def _zip():
     if not _CALIBRATION.value:
         raise UsageError("tf-mtz zip needs --calibration PATH (or TASK=PATH per task).")
     one_source = len(_CALIBRATION.value) == 1 and "=" not in _CALIBRATION.value[0]
-    if one_source:
+    if _CALIBRATION.value == ["synthetic"]:
+        calibration = None  # made up from the models
+    elif one_source:
         calibration = _load_array(_CALIBRATION.value[0])
     else:
         calibration = {task: _load_array(path) for task, path in _pairs(_CALIBRATION.value, "calibration").items()}
@@ -188,14 +198,17 @@ def _zip():
         evaluation = _load_labelled(_EVALUATION.value[0])
     elif _EVALUATION.value:
         evaluation = {task: _load_labelled(path) for task, path in _pairs(_EVALUATION.value, "evaluation").items()}
-    zipped = tf_mtz.zip_models(loaded, calibration, sharing=parse_sharing(_SHARING.value), retrain=retrain,
-                               config=_config(), evaluation_data=evaluation)
+    sharing = parse_sharing(_SHARING.value)
+    if isinstance(sharing, str):  # "auto:TOLERANCE"
+        sharing = tf_mtz.AutoSharing(float(sharing), data=evaluation)
+    zipped = tf_mtz.zip_models(loaded, calibration, sharing=sharing, retrain=retrain, config=_config(),
+                               evaluation_data=evaluation)
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     zipped.save(_OUTPUT.value)
     written = [_OUTPUT.value]
     if _TFLITE.value:
         quantization = None if _QUANTIZATION.value == "none" else _QUANTIZATION.value
-        representative = _representative_inputs(
+        representative = None if calibration is None else _representative_inputs(
             calibration if one_source else next(iter(calibration.values())), zipped)
         zipped_bytes = tf_mtz.export_tflite(zipped, _TFLITE.value, quantization=quantization,
                                             representative_data=representative, overwrite=_OVERWRITE.value)
