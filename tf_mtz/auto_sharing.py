@@ -119,6 +119,7 @@ class SharingSearch:
 
     def __init__(self, judge: Judge, step: float):
         self.judge, self.step = judge, step
+        self.probe = None  # the zipped network on the judge's inputs (a `probe.Probe`), set by the zipper
         self.tried = []  # {"layer", "width", "candidates": [(count, {task: loss} or None)], "chosen"}
 
     def choose(self, layer_name: str, width: int, zip_at) -> int:

@@ -223,6 +223,17 @@ class Probe:
         finally:
             self._recent.clear()
 
+    def zipped_outputs(self, task: str) -> np.ndarray:
+        """The zipped network's output for `task` (its one output: the head and the weightless layers after
+        it) on every batch, as one array; nothing past the current frontier is kept."""
+        output = self.plan.outputs[0]
+        batches = []
+        for value in self.zipped[task].get(self.plan.slots[output.slot].position.index):
+            for layer in output.suffixes[task]:
+                value = layer(value, training=False)
+            batches.append(np.asarray(value))
+        return np.concatenate(batches)
+
     def checkpoint(self) -> tuple:
         """What `restore` needs to bring the probe back to this point (after a trial zip of a layer)."""
         return tuple({t: (dict(v.kept), set(v.boundary)) for t, v in values.items()}

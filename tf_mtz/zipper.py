@@ -103,6 +103,8 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     if isinstance(sharing, auto_sharing.AutoSharing):  # counts chosen layer by layer as the zip goes
         search = _sharing_search(sharing, models, plan, calibration_data)
         counts = [0] * len(plan.hidden_slots)
+        search_inputs = {t: data_lib.as_dataset(x, t, plan.inputs, "AutoSharing data", config.batch_size)
+                         for t, x in search.judge.inputs.items()}
     else:
         counts = resolve_sharing(sharing, plan)
     calibration = {t: data_lib.as_dataset(d, t, plan.inputs, "Calibration data", config.batch_size)
@@ -121,11 +123,15 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     state = state_lib.ZipState.from_plan(plan)
     probe = probe_lib.Probe(plan, state, calibration, strategy,
                             memory_budget_bytes=int(config.activation_memory_gib * 2 ** 30))
+    if search is not None:  # the zipped network on the data that judges each layer's sharing
+        search.probe = probe_lib.Probe(plan, state, search_inputs, strategy)
     try:
         layer_reports = _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, evaluation, verbose,
                                     search)
     finally:
         probe.close()
+        if search is not None:
+            search.probe.close()
     if probe.spill.written:
         logging.info("tf_mtz: %.1f GiB of layer activations went to disk beyond activation_memory_gib=%g; a larger "
                      "budget keeps them in memory (faster).", probe.spill.written / 2 ** 30,
@@ -159,9 +165,10 @@ def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, eva
     for index in range(len(plan.slots)):
         if search is not None and not plan.is_head(index) and plan.slots[index].group not in steps.group_counts:
             width = min(int(w[0].shape[-1]) for w in plan.slots[index].position.weights.values())
+            search.probe.advance(index)  # what the layer reads stays valid across the trials
             steps.counts[index] = search.choose(plan.slots[index].position.name, width,
                                                 lambda count: _trial_outputs(plan, state, probe, steps, index, count,
-                                                                               search.judge.inputs))
+                                                                             search.probe))
         layer_report = steps.zip_layer(index)
         if layer_report.shared and evaluation is not None:
             layer_report.accuracy_zipped = _accuracy(rebuild.build_model(plan, state).model, evaluation)
@@ -169,6 +176,8 @@ def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, eva
             layer_report.retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.steps_per_layer,
                                                  f"layer {index + 1}", verbose)
             probe.weights_changed()
+            if search is not None:
+                search.probe.weights_changed()
             steps.input_hessians.clear()  # measured on inputs that the retraining has changed
             if evaluation is not None:
                 layer_report.accuracy_retrained = _accuracy(rebuild.build_model(plan, state).model, evaluation)
@@ -185,22 +194,22 @@ def _auto_settings(auto) -> dict:
             "held_out_data": auto.data is not None}
 
 
-def _trial_outputs(plan, state, probe, steps, index, count, inputs) -> dict:
-    """The zipped network's outputs `{task: array}` on the AutoSharing data with slot `index` zipped at
-    `count` (and the next layer refit), everything after it as in the original models; the zip state, the
-    probe and the layer steps are then put back as they were."""
-    saved_state, saved_probe = copy.deepcopy(state), probe.checkpoint()
+def _trial_outputs(plan, state, probe, steps, index, count, judge_probe) -> dict:
+    """The zipped network's outputs `{task: array}` on the AutoSharing data (`judge_probe`'s) with slot
+    `index` zipped at `count` (and the next layer refit), everything after it as in the original models;
+    the zip state, the probes and the layer steps are then put back as they were."""
+    saved_state, saved_probe, saved_judge = copy.deepcopy(state), probe.checkpoint(), judge_probe.checkpoint()
     saved_steps = (dict(steps.group_counts), dict(steps.refit_mismatch), dict(steps.input_hessians), steps.verbose)
     try:
         steps.counts[index], steps.verbose = count, 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RankDeficientWarning)
             steps.zip_layer(index)
-        model = rebuild.build_model(plan, state).model
-        return {t: np.asarray(model.predict(inputs[t], verbose=0, batch_size=1024)[t]) for t in plan.tasks}
+        return {t: judge_probe.zipped_outputs(t) for t in plan.tasks}
     finally:
         state.__dict__.update(saved_state.__dict__)
         probe.restore(saved_probe)
+        judge_probe.restore(saved_judge)
         steps.group_counts, steps.refit_mismatch, steps.input_hessians, steps.verbose = saved_steps
 
 
