@@ -46,6 +46,9 @@ class ZipConfig:
             beyond it they are written to a temporary directory and read back batch by batch (slower,
             same results). Per task, the zipped and the original network's activations where a later
             layer still reads them are kept.
+        max_samples: at most this many calibration samples per task are read (the first ones): calibration
+            data may then be an endless `tf.data` stream or a generator, and memory does not grow with it.
+            None reads all the data (an endless stream is then refused).
         seed: seed of any random choice (the experimental random pairing).
 
     Raises:
@@ -68,6 +71,7 @@ class ZipConfig:
     damping: float = 1e-2
     batch_size: int = 256
     activation_memory_gib: float = 4.0
+    max_samples: int | None = None
     seed: int = 0
 
     #: The option values this class accepts (`tf_mtz.experimental.ExperimentalConfig` widens them).
@@ -93,6 +97,9 @@ class ZipConfig:
         if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not memory >= 0 \
                 or not math.isfinite(memory):
             raise ZipError(f"activation_memory_gib must be a finite number >= 0, got {memory!r}.")
+        bound = self.max_samples
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < 1):
+            raise ZipError(f"max_samples must be a positive integer or None, got {bound!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ZipError(f"seed must be an integer, got {self.seed!r}.")
 

@@ -96,6 +96,54 @@ def as_dataset(data, task: str, inputs: list, what: str, batch_size: int,
     return dataset.batch(batch_size)
 
 
+def bounded(dataset: tf.data.Dataset, max_samples: int | None, batch_size: int, task: str,
+            what: str) -> tf.data.Dataset:
+    """The first `max_samples` samples of a batched dataset, batched again (all of it for None); an
+    endless dataset needs a bound."""
+    if max_samples is None:
+        if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+            raise ZipError(f"{what} for task '{task}' is an endless stream; set ZipConfig(max_samples=...) to bound "
+                           "how many samples tf_mtz reads from it.")
+        return dataset
+    return dataset.unbatch().take(max_samples).batch(batch_size)
+
+
+def is_stream(data) -> bool:
+    """A Python generator or other iterator of samples or batches (not an array, list, tuple or dict)."""
+    return (not isinstance(data, (np.ndarray, list, tuple, dict, tf.data.Dataset, tf.Tensor))
+            and (hasattr(data, "__next__") or (hasattr(data, "__iter__") and not hasattr(data, "__len__"))))
+
+
+def read_stream(data, inputs: list, max_samples: int | None, what: str):
+    """The first `max_samples` samples of a generator of inputs or `(x, y)` pairs (one sample or one batch at
+    a time) as arrays, `x` or `(x, y)`: memory is that of the samples kept, whatever the stream's length.
+    Every sample is read where `max_samples` is None (the stream must end)."""
+    if len(inputs) > 1:
+        raise ZipError(f"{what} is a generator; tf_mtz reads generators for models with one input (give a "
+                       "tf.data.Dataset for several).")
+    shape = tuple(inputs[0].shape)
+    xs, ys, count = [], [], 0
+    for element in data:
+        x, y = split_element(element) if isinstance(element, tuple) else (element, None)
+        x = np.asarray(x)
+        if tuple(x.shape) == shape:
+            x, y = x[None], (None if y is None else np.asarray(y)[None])
+        elif tuple(x.shape[1:]) != shape:
+            raise ZipError(f"{what} yields inputs of shape {tuple(x.shape)}; the models take {shape} (one sample) "
+                           f"or (batch,) + {shape}.")
+        if max_samples is not None:
+            x, y = x[:max_samples - count], (None if y is None else np.asarray(y)[:max_samples - count])
+        xs.append(np.asarray(x, np.float32))
+        ys.append(y)
+        count += len(x)
+        if max_samples is not None and count >= max_samples:
+            break
+    if not xs:
+        raise ZipError(f"{what} is an empty generator.")
+    x = np.concatenate(xs)
+    return x if any(y is None for y in ys) else (x, np.concatenate(ys))
+
+
 def _checked_array(x, task: str, input_name: str | None, shape: tuple, what: str) -> np.ndarray:
     where = f"{what} for task '{task}'" + (f" (input '{input_name}')" if input_name else "")
     x = np.asarray(x)

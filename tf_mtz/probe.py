@@ -223,6 +223,10 @@ class Probe:
         finally:
             self._recent.clear()
 
+    def sample_count(self, task: str) -> int:
+        """How many calibration samples the task's statistics read."""
+        return int(sum(int(tf.nest.flatten(batch)[0].shape[0]) for batch in self.batches[task]))
+
     def zipped_outputs(self, task: str) -> np.ndarray:
         """The zipped network's output for `task` (its one output: the head and the weightless layers after
         it) on every batch, as one array; nothing past the current frontier is kept."""

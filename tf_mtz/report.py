@@ -69,7 +69,8 @@ class ZipReport:
         params_original: parameters of the task models together.
         params_zipped: parameters of the zipped model.
         params_shared: parameters held once for all tasks.
-        settings: the options the model was zipped with.
+        settings: the options the model was zipped with, and `calibration_samples` (per task, the samples
+            its statistics read) and `synthetic_calibration` (whether they were made up).
         accuracy_original: `{task: accuracy}` of each original model on the evaluation data (if given).
         accuracy_final: `{task: accuracy}` of the returned zipped model (if evaluation data was given).
         tflite_bytes: `{"separate": bytes, "zipped": bytes}` when filled in (the CLI does with --tflite).

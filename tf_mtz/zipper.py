@@ -96,6 +96,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     plan = graph.read_models(models)
     tasks = plan.tasks
     input_names = tuple(i.name for i in plan.inputs)
+    calibration_data = _read_streams(calibration_data, plan, config.max_samples)
     synthetic = calibration_data is None or isinstance(calibration_data, synthesis.SyntheticInputs)
     if synthetic:  # no real data: inputs made up from the models' own statistics
         calibration_data = synthesis.synthesize(models, calibration_data or synthesis.SyntheticInputs(), verbose)
@@ -107,7 +108,8 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
                          for t, x in search.judge.inputs.items()}
     else:
         counts = resolve_sharing(sharing, plan)
-    calibration = {t: data_lib.as_dataset(d, t, plan.inputs, "Calibration data", config.batch_size)
+    calibration = {t: data_lib.bounded(data_lib.as_dataset(d, t, plan.inputs, "Calibration data", config.batch_size),
+                                       config.max_samples, config.batch_size, t, "Calibration data")
                    for t, d in data_lib.per_task(calibration_data, tasks, "Calibration data", input_names).items()}
     fingerprints = {t: _fingerprint(m) for t, m in models.items()}
     evaluation = None
@@ -123,6 +125,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     state = state_lib.ZipState.from_plan(plan)
     probe = probe_lib.Probe(plan, state, calibration, strategy,
                             memory_budget_bytes=int(config.activation_memory_gib * 2 ** 30))
+    calibration_samples = {t: probe.sample_count(t) for t in tasks}
     if search is not None:  # the zipped network on the data that judges each layer's sharing
         search.probe = probe_lib.Probe(plan, state, search_inputs, strategy)
     try:
@@ -145,6 +148,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     if search is not None:
         zipped.zip_report.auto_sharing = search.tried
     zipped.zip_report.settings["synthetic_calibration"] = synthetic
+    zipped.zip_report.settings["calibration_samples"] = calibration_samples
     if synthetic:
         logging.warning("tf_mtz: %s.", report_lib.SYNTHETIC_NOTE)
     if evaluation is not None:
@@ -186,6 +190,16 @@ def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, eva
         layer_reports[-1].retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.final_steps,
                                                   "final", verbose)
     return layer_reports
+
+
+def _read_streams(data, plan, max_samples):
+    """Generators in the calibration data read into arrays once, at most `max_samples` samples each (they
+    can be read only once, and every task and the retraining read the calibration data)."""
+    if isinstance(data, dict) and set(data) <= set(plan.tasks):
+        return {t: _read_streams(d, plan, max_samples) for t, d in data.items()}
+    if data_lib.is_stream(data):
+        return data_lib.read_stream(data, plan.inputs, max_samples, "Calibration data")
+    return data
 
 
 def _auto_settings(auto) -> dict:
