@@ -10,6 +10,7 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tf_mtz import experimental, testing  # noqa: E402,F401
+from tf_mtz.add_task import add_task  # noqa: E402
 from tf_mtz.auto_sharing import AutoSharing  # noqa: E402
 from tf_mtz.config import ZipConfig  # noqa: E402
 from tf_mtz.errors import RankDeficientWarning, ZipError  # noqa: E402
@@ -32,7 +33,7 @@ from tf_mtz.zipper import zip_models  # noqa: E402
 __version__ = "0.9.0"
 
 __all__ = [
-    "zip_models", "ZipConfig", "AutoSharing", "SyntheticInputs", "Retrain", "paper_retrain", "fine_tune",
+    "zip_models", "add_task", "ZipConfig", "AutoSharing", "SyntheticInputs", "Retrain", "paper_retrain", "fine_tune",
     "export_tflite", "export_saved_model", "tflite_bytes", "to_tf_keras",
     "ZipReport", "LayerReport", "ZipError", "RankDeficientWarning",
     "register_layer_handler", "unregister_layer_handler", "LayerHandler", "UnitLayerHandler", "PassThroughHandler",

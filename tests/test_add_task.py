@@ -1,0 +1,44 @@
+"""add_task: further models zipped into a zipped model, matched against its shared units."""
+
+import keras
+import numpy as np
+import pytest
+
+import tf_mtz
+from tf_mtz.add_task import task_models
+from conftest import mlp, relative_error
+
+
+def test_added_copy_leaves_the_zipped_tasks_unchanged_and_reproduces_its_model(rng, tmp_path):
+    x = rng.normal(size=(400, 20)).astype("float32")
+    models = {"a": mlp("a", seed=0), "b": mlp("b", seed=1)}
+    zipped = tf_mtz.zip_models(models, x, config=tf_mtz.ZipConfig(refit=False), verbose=0)
+    before = zipped.predict(x, verbose=0)
+    # A permuted copy of task a's zipped network: its units pair with the shared ones exactly.
+    c = tf_mtz.testing.permuted_copy(task_models(zipped)["a"], seed=3)
+    path = str(tmp_path / "zipped.keras")
+    zipped.save(path)
+    grown = tf_mtz.add_task(keras.models.load_model(path), {"c": c}, x, config=tf_mtz.ZipConfig(refit=False),
+                            verbose=0)
+    after = grown.predict(x, verbose=0)
+    assert set(after) == {"a", "b", "c"}
+    for task in ("a", "b"):  # shared units kept their weights (reordered: equal up to float rounding)
+        np.testing.assert_allclose(after[task], before[task], rtol=1e-5, atol=1e-6)
+    assert relative_error(after["c"], before["a"]) < 1e-4
+    assert grown.count_params() == zipped.count_params() + grown.get_layer("c_head").count_params()
+    assert [layer.name for layer in grown.zip_report.layers] == ["fc1", "fc2", "head"]  # names as zipped
+
+
+def test_adding_a_trained_model_and_the_errors(rng):
+    x = rng.normal(size=(400, 20)).astype("float32")
+    models = {"a": mlp("a", seed=0), "b": mlp("b", seed=1)}
+    zipped = tf_mtz.zip_models(models, x, verbose=0)
+    grown = tf_mtz.add_task(zipped, {"c": mlp("c", seed=2)}, x, verbose=0)
+    assert [layer.shared for layer in grown.zip_report.layers[:2]] == [24, 16]
+    with pytest.raises(tf_mtz.ZipError, match="already in the zipped model"):
+        tf_mtz.add_task(zipped, {"a": mlp("c", seed=2)}, x, verbose=0)
+    with pytest.raises(tf_mtz.ZipError, match="outputs keyed by task"):
+        tf_mtz.add_task(models["a"], {"c": mlp("c", seed=2)}, x, verbose=0)
+    half = tf_mtz.zip_models(models, x, sharing=0.5, verbose=0)
+    with pytest.raises(tf_mtz.ZipError, match="shares its hidden layers whole"):
+        tf_mtz.add_task(half, {"c": mlp("c", seed=2)}, x, verbose=0)

@@ -1,0 +1,110 @@
+"""Adding a task to a zipped model: the further models are matched against the units the zipped tasks
+already share (the paper's procedure for more than two models), and those units keep their weights."""
+
+from __future__ import annotations
+
+import keras
+
+from tf_mtz import config as config_lib
+from tf_mtz import experimental, keras_graph
+from tf_mtz.errors import ZipError
+
+
+def task_models(zipped: keras.Model) -> dict:
+    """`{task: keras.Model}`: each task of a zipped model as a model of its own (its input to that task's
+    output), sharing the zipped model's layers, so that it can be zipped like any task model.
+
+    Raises:
+        ZipError: `zipped` does not have outputs keyed by task (a dict), or has several outputs per task.
+    """
+    keras_graph.check_graph_model(zipped, f"Zipped model '{getattr(zipped, 'name', zipped)}'")
+    outputs = keras_graph.output_structure(zipped)
+    if not isinstance(outputs, dict):
+        raise ZipError(f"Model '{zipped.name}' does not have its outputs keyed by task (a dict), as tf_mtz's zipped "
+                       "models have; add_task takes a model that zip_models returned (saved and loaded is fine).")
+    if any("/" in key for key in outputs):
+        raise ZipError(f"Model '{zipped.name}' has several outputs per task ({sorted(outputs)}); add_task takes "
+                       "zipped models of single-output tasks so far.")
+    inputs = keras_graph.model_inputs(zipped)
+    return {task: _renamed(keras.Model(inputs[0] if len(inputs) == 1 else inputs, tensor, name=task), task)
+            for task, tensor in outputs.items()}
+
+
+def _renamed(model: keras.Model, task: str) -> keras.Model:
+    """A copy of one task's part of a zipped model whose layers have their models' names again ("fc1" for
+    "fc1_shared", "head" for "<task>_head"), so that zipping it again names layers as before."""
+    def strip(name: str) -> str:
+        for prefix in (f"{task}_",):
+            name = name[len(prefix):] if name.startswith(prefix) else name
+        return name[:-len("_shared")] if name.endswith("_shared") else name
+
+    stripped = [strip(layer.name) for layer in model.layers]
+    if len(set(stripped)) != len(stripped):  # partly shared layers ("fc1_shared" and "a_fc1"): kept as they are
+        return model
+
+    def clone(layer):
+        return type(layer).from_config({**layer.get_config(), "name": strip(layer.name)})
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, retrain=None, config=None, *,
+             verbose: int = 1) -> keras.Model:
+    """Zips one or more further models into a zipped model.
+
+    The zipped model's tasks become task models again (`task_models`), and all are zipped together with
+    the new ones first paired against the units the zipped tasks share; units shared before keep their
+    weights (the zipped tasks' outputs stay the same where nothing else changes: with the refit off and no
+    retraining, a new task that shares only already-shared units leaves them exactly as they were). The
+    zipped model must share its hidden layers whole (a fully shared trunk); otherwise zip the original
+    models together instead.
+
+    Args:
+        zipped: a model `tf_mtz.zip_models` returned (or loaded from its file), outputs keyed by task.
+        models: `{task: keras.Model}` to add, with new task names and the same inputs and layer types.
+        calibration_data: as `zip_models` takes it, for every task, the zipped model's tasks included
+            (one value for all, or a dict with every task).
+        sharing: as in `zip_models`: the fraction (or per-layer counts) of each layer shared by all tasks.
+        retrain: a `tf_mtz.Retrain`, or None. Retraining trains every task, the zipped model's too.
+        config: a `tf_mtz.ZipConfig`; its `merge` is replaced by keeping the shared units' weights.
+        verbose: as in `zip_models`.
+
+    Returns:
+        A zipped model with outputs for the zipped model's tasks and the new ones, and its `zip_report`.
+
+    Raises:
+        ValueError (`tf_mtz.ZipError`): a task name already in the zipped model, a zipped model whose
+            layers are not shared whole, or what `zip_models` refuses.
+
+    Example:
+
+    ```python
+    zipped = tf_mtz.zip_models({"digits": a, "parity": b}, x)
+    zipped = tf_mtz.add_task(zipped, {"size": c}, x)
+    zipped.predict(x)  # {"digits": ..., "parity": ..., "size": ...}
+    ```
+    """
+    from tf_mtz.zipper import zip_models  # the zip loop; it does not import this module
+
+    existing = task_models(zipped)
+    clash = sorted(set(existing) & set(models))
+    if clash:
+        raise ZipError(f"Task name(s) {clash} are already in the zipped model '{zipped.name}'; give the added "
+                       "models new names.")
+    if not isinstance(models, dict) or not models:
+        raise ZipError("add_task needs {task: keras.Model} of at least one model to add.")
+    config = config or config_lib.ZipConfig()
+    if not isinstance(config, config_lib.ZipConfig):
+        raise ZipError(f"config must be a tf_mtz.ZipConfig or None, got {type(config).__name__}.")
+    keep = experimental.ExperimentalConfig(**{**config.as_dict(), "merge": "first"})
+    try:
+        return zip_models({**existing, **models}, calibration_data, sharing=sharing, retrain=retrain, config=keep,
+                          verbose=verbose)
+    except ZipError as error:
+        if "same layer types" in str(error) or "wired to different" in str(error) or "same depth" in str(error):
+            raise ZipError(f"{error} add_task reads the zipped model '{zipped.name}' as one model per task, which "
+                           "matches the added models only where the zipped model shares its hidden layers whole; "
+                           "zip the original models together instead.") from error
+        raise
