@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tf_mtz
-from tf_mtz.add_task import task_models
+from tf_mtz.tasks import task_models
 from conftest import mlp, relative_error
 
 

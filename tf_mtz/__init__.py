@@ -10,7 +10,7 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tf_mtz import experimental, testing  # noqa: E402,F401
-from tf_mtz.add_task import add_task  # noqa: E402
+from tf_mtz.tasks import add_task  # noqa: E402
 from tf_mtz.auto_sharing import AutoSharing  # noqa: E402
 from tf_mtz.config import ZipConfig  # noqa: E402
 from tf_mtz.errors import RankDeficientWarning, ZipError  # noqa: E402
