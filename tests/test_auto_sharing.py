@@ -34,6 +34,11 @@ def test_judge_losses_with_and_without_labels():
     assert losses["b"] == pytest.approx(0.25)  # a fraction of departed top-1 outputs
     assert losses["c"] == pytest.approx(np.linalg.norm(zipped[:, 0] - own[:, 0]) / np.linalg.norm(own[:, 0]))
     assert not judge.passes(losses)
+    labels = np.zeros(5000, int)
+    at_tolerance = auto_sharing.Judge(0.3, {"a": None}, {"a": labels}, {"a": np.tile([[1.0, 0.0]], (5000, 1))})
+    wrong = np.tile([[1.0, 0.0]], (5000, 1))
+    wrong[:15] = [0.0, 1.0]  # 15 of 5,000 images: 0.3 points, up to rounding
+    assert at_tolerance.passes(at_tolerance.losses({"a": wrong}))
 
 
 def _tasks(rng):

@@ -106,7 +106,8 @@ class Judge:
         return result
 
     def passes(self, losses: dict) -> bool:
-        return all(loss <= self.tolerance for loss in losses.values())
+        # A slack for rounding: 15 of 5,000 images is 0.30000000000000004 points, which must meet 0.3.
+        return all(loss <= self.tolerance + 1e-9 for loss in losses.values())
 
 
 def _error(outputs, labels) -> float:
