@@ -3,6 +3,7 @@ gates: applied unit by unit, their units tied to the channels they scale, and th
 Keras (saves, loads and converts to TFLite without custom objects)."""
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -104,5 +105,10 @@ def test_operations_that_mix_units_are_refused_by_name(make_output, message):
 def test_models_whose_constants_differ_are_refused():
     first = _with_operation("first", lambda x: x + 3.0)
     second = _with_operation("second", lambda x: x + 2.0)
-    with pytest.raises(ValueError, match=r"configured differently"):
-        tf_mtz.zip_models({"a": first, "b": second}, np.zeros((8, 6), "float32"), verbose=0)
+    # The layers before the operation are zipped; from the operation on each model keeps its own branch.
+    x = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": first, "b": second}, x, verbose=0)
+    assert zipped.zip_report.prefix["prefix_layers"] == ["hidden"]
+    assert re.search(r"configured differently: constants .*3\.0.* vs .*2\.0", zipped.zip_report.prefix["stopped"])
+    out = zipped.predict(x, verbose=0)
+    assert np.abs(out["b"] - second.predict(x, verbose=0)).max() < 1e-4

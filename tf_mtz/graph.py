@@ -395,8 +395,33 @@ def _handler(layer, model_name: str) -> registry.LayerHandler:
     return handler
 
 
-def _comparable_config(layer) -> dict:
+def comparable_config(layer) -> dict:
+    """A layer's configuration without what may differ between zipped models (widths, names, initialisers)."""
     return _comparable(dict(layer.get_config()))
+
+
+_comparable_config = comparable_config
+
+
+def read_ops(model, task: str) -> tuple[list, list]:
+    """`(ops, output indices)`: the model's operations as read (nested models inlined, BatchNormalization not
+    folded) and those producing its outputs, in output order."""
+    ops = []
+    outputs = _read_ops(model, task, ops, None, model.name, {})
+    return ops, outputs
+
+
+def output_tails(ops: list, outputs: list) -> set:
+    """Indices of every output's layer (the unit layer it comes from) and of the weightless layers after it."""
+    tails = set()
+    for i in outputs:
+        while i >= 0:
+            tails.add(i)
+            handler = registry.handler_for(ops[i].layer)
+            if (handler is not None and registry.has_units(handler)) or len(ops[i].parents) != 1:
+                break
+            i = ops[i].parents[0]
+    return tails
 
 
 def _comparable(config: dict) -> dict:
@@ -627,13 +652,8 @@ def _cut_unit_layers(ops: list, output_ops: list, folded: dict, layers: list, wi
     return result, [new_index[i] for i in output_ops]
 
 
-def read_models(models: dict) -> ZipPlan:
-    """Checks that the task models line up and returns their zip plan.
-
-    Raises:
-        ZipError: mismatched depths, layer types, wiring or input shapes, unsupported layers, unbuilt or
-            subclassed models.
-    """
+def check_models_dict(models) -> None:
+    """Raises ZipError unless `models` is `{task name: model}` with two or more distinct models."""
     if not isinstance(models, dict) or len(models) < 2:
         raise ZipError("zip_models needs a dict of at least two task name -> keras.Model entries.")
     for task in models:
@@ -641,6 +661,16 @@ def read_models(models: dict) -> ZipPlan:
             raise ZipError(f"Task name {task!r} is not a valid identifier; use names like 'digits'.")
     if len({id(m) for m in models.values()}) != len(models):
         raise ZipError("The same model object is given for two tasks; pass separate models (a clone is fine).")
+
+
+def read_models(models: dict) -> ZipPlan:
+    """Checks that the task models line up and returns their zip plan.
+
+    Raises:
+        ZipError: mismatched depths, layer types, wiring or input shapes, unsupported layers, unbuilt or
+            subclassed models.
+    """
+    check_models_dict(models)
     tasks = list(models)
     names = {task: models[task].name for task in tasks}
     originals, ops, folded, output_ops, grouped = {}, {}, {}, {}, {}
@@ -657,7 +687,7 @@ def read_models(models: dict) -> ZipPlan:
                 f"'{names[first]}' (task '{first}') has {len(output_ops[first])}; the models must have the same "
                 "outputs.")
 
-    inputs = _model_inputs(models, names)
+    inputs = check_inputs(models, names)
 
     # A merge of unit spaces cut differently (a layer's units added to a Concatenate of two layers' units)
     # cuts the layers of the coarser space into column blocks and reads the models again.
@@ -673,7 +703,13 @@ def read_models(models: dict) -> ZipPlan:
     raise AssertionError("Internal error: cutting unit layers did not converge.")
 
 
-def _model_inputs(models: dict, names: dict) -> list:
+def check_supported(ops: list, model_name: str) -> None:
+    """Raises ZipError naming the first layer that no handler supports (or supports wrongly)."""
+    for op in ops:
+        _handler(op.layer, model_name)
+
+
+def check_inputs(models: dict, names: dict) -> list:
     """The models' inputs (the first model's names), checked to agree in number, order, shape and dtype."""
     tasks = list(models)
     first = tasks[0]

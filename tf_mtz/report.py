@@ -77,6 +77,9 @@ class ZipReport:
         auto_sharing: with `sharing=tf_mtz.AutoSharing(...)`, per layer that chose its group's sharing:
             `{"layer", "width", "chosen", "candidates": [(count, {task: loss} or None where that count is
             not allowed)]}` in the order tried.
+        prefix: for models of different depths, `{"prefix_layers", "stopped", "cuts", "branches"}`: the
+            zipped layers (first model's names), where and why the models stop lining up, the layers whose
+            outputs the branches read, and each task's branch layers; None where the models zip whole.
     """
 
     tasks: list
@@ -89,6 +92,7 @@ class ZipReport:
     accuracy_final: dict = dataclasses.field(default_factory=dict)
     tflite_bytes: dict = dataclasses.field(default_factory=dict)
     auto_sharing: list = dataclasses.field(default_factory=list)
+    prefix: dict | None = None
 
     @property
     def synthetic_calibration(self) -> bool:
@@ -124,7 +128,7 @@ class ZipReport:
                    params_zipped=data["params_zipped"], params_shared=data["params_shared"],
                    settings=data.get("settings", {}), accuracy_original=data.get("accuracy_original", {}),
                    accuracy_final=data.get("accuracy_final", {}), tflite_bytes=data.get("tflite_bytes", {}),
-                   auto_sharing=data.get("auto_sharing", []))
+                   auto_sharing=data.get("auto_sharing", []), prefix=data.get("prefix"))
 
     def plot_auto_sharing(self, path: str) -> str:
         """Plots what AutoSharing measured: per layer, each task's loss at each fraction tried, the
@@ -290,6 +294,11 @@ class ZipReport:
                      f"= {self.shared_fraction:.1%} of an average task model")
         if self.synthetic_calibration:
             lines.append(f"note: {SYNTHETIC_NOTE}.")
+        if self.prefix:
+            lines.append(f"note: the models differ ({self.prefix['stopped']}): the layers up to "
+                         f"'{self.prefix['prefix_layers'][-1]}' are zipped; each task keeps its own branch of "
+                         + ", ".join(f"{len(layers)} layers ({task})" for task, layers in self.prefix['branches'].items())
+                         + ".")
         for layer in self.layers:
             if layer.rank_deficient:
                 lines.append(f"note: layer '{layer.name}' Hessian is rank-deficient for {layer.rank_deficient} "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 
 from tf_mtz import config as config_lib
-from tf_mtz import experimental, keras_graph
+from tf_mtz import experimental, graph, keras_graph, prefix
 from tf_mtz.errors import ZipError
 
 
@@ -48,6 +48,11 @@ def _renamed(model: keras.Model, task: str) -> keras.Model:
     copy = keras.models.clone_model(model, clone_function=clone)
     copy.set_weights(model.get_weights())
     return copy
+
+
+_WHOLE_ONLY = ("add_task reads the zipped model '{name}' as one model per task, which matches the added models "
+               "only where the zipped model shares its hidden layers whole and the added models have its layers; "
+               "zip the original models together instead.")
 
 
 def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, retrain=None, config=None, *,
@@ -99,12 +104,14 @@ def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, r
     if not isinstance(config, config_lib.ZipConfig):
         raise ZipError(f"config must be a tf_mtz.ZipConfig or None, got {type(config).__name__}.")
     keep = experimental.ExperimentalConfig(**{**config.as_dict(), "merge": "first"})
+    graph.check_models_dict({**existing, **models})
+    split = prefix.split({**existing, **models})
+    if split is not None:  # zipping a common prefix only would not keep the zipped tasks' trunk
+        raise ZipError(f"The models differ ({split.reason}). " + _WHOLE_ONLY.format(name=zipped.name))
     try:
         return zip_models({**existing, **models}, calibration_data, sharing=sharing, retrain=retrain, config=keep,
                           verbose=verbose)
     except ZipError as error:
         if "same layer types" in str(error) or "wired to different" in str(error) or "same depth" in str(error):
-            raise ZipError(f"{error} add_task reads the zipped model '{zipped.name}' as one model per task, which "
-                           "matches the added models only where the zipped model shares its hidden layers whole; "
-                           "zip the original models together instead.") from error
+            raise ZipError(f"{error} " + _WHOLE_ONLY.format(name=zipped.name)) from error
         raise

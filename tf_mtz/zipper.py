@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 import warnings
 import zlib
@@ -23,7 +24,7 @@ from tf_mtz import auto_sharing
 from tf_mtz import config as config_lib
 from tf_mtz import costs as costs_lib
 from tf_mtz import data as data_lib
-from tf_mtz import graph, keras_graph, matching, rebuild, registry, statistics
+from tf_mtz import graph, keras_graph, matching, prefix, rebuild, registry, statistics
 from tf_mtz import probe as probe_lib
 from tf_mtz import report as report_lib
 from tf_mtz import retrain as retrain_lib
@@ -33,7 +34,7 @@ from tf_mtz.errors import RankDeficientWarning, ZipError
 
 
 def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config=None, *, evaluation_data=None,
-               strategy=None, verbose: int = 1) -> keras.Model:
+               strategy=None, alignment=None, verbose: int = 1) -> keras.Model:
     """Zips several trained models into one network with a shared trunk and one head per task.
 
     Layers are zipped from the input. At each layer, units are paired one per task and each pair is merged
@@ -64,6 +65,10 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
         strategy: a `tf.distribute.Strategy` for the layer statistics (the Hessians) and retraining, e.g.
             `MirroredStrategy`; defaults to the ambient one inside `with strategy.scope():`. Results equal
             the single-device ones up to rounding; the refit runs on the default device.
+        alignment: where the zipped part of models that differ ends, when the longest common prefix is
+            not wanted: `{layer of the first model: layer of the second}` (names or layers) zips the
+            layers up to there, `{task: {layer of the first model: layer of that task's model}}` for
+            more than two models. The layers must sit at the same place in both models.
         verbose: 0 silent, 1 per-layer log lines and progress bars.
 
     Returns:
@@ -93,10 +98,15 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
             raise ZipError(f"retrain must be a tf_mtz.Retrain or None, got {type(retrain).__name__}.")
         retrain.validate()
 
+    graph.check_models_dict(models)
+    split = prefix.split(models, alignment)
+    if split is not None:
+        return _zip_prefix(split, models, calibration_data, sharing, retrain, config, evaluation_data, strategy,
+                           verbose, started)
     plan = graph.read_models(models)
     tasks = plan.tasks
     input_names = tuple(i.name for i in plan.inputs)
-    calibration_data = _read_streams(calibration_data, plan, config.max_samples)
+    calibration_data = _read_streams(calibration_data, plan.tasks, plan.inputs, config.max_samples)
     synthetic = calibration_data is None or isinstance(calibration_data, synthesis.SyntheticInputs)
     if synthetic:  # no real data: inputs made up from the models' own statistics
         calibration_data = synthesis.synthesize(models, calibration_data or synthesis.SyntheticInputs(), verbose)
@@ -160,6 +170,56 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     return zipped
 
 
+def _zip_prefix(split, models, calibration_data, sharing, retrain, config, evaluation_data, strategy, verbose,
+                started) -> keras.Model:
+    """Models of different depths: their common prefix zipped (each cut read through a per-task linear
+    layer), then joined with copies of each model's branch; the final retraining trains the whole model."""
+    if isinstance(sharing, auto_sharing.AutoSharing):
+        raise ZipError("AutoSharing chooses the sharing of models that line up to their output layers; these "
+                       f"models differ ({split.reason}): give `sharing` as a fraction or a dict.")
+    if retrain is not None and retrain.steps_per_layer and retrain.loss != "distill":
+        raise ZipError("Models of different depths retrain layer by layer by distillation only (their zipped "
+                       "prefix ends in features, not labels): use Retrain(loss='distill'), or steps_per_layer=0 "
+                       "with final_steps, which trains the whole model with labels.")
+    logging.warning("tf_mtz: the models differ (%s): zipping the %d layers before that; the rest of each model "
+                    "stays its own branch.", split.reason, split.length)
+    synthetic = calibration_data is None or isinstance(calibration_data, synthesis.SyntheticInputs)
+    if synthetic:  # made up once, from the whole models (every BatchNormalization's statistics)
+        calibration_data = synthesis.synthesize(models, calibration_data or synthesis.SyntheticInputs(), verbose)
+    calibration_data = _read_streams(calibration_data, split.tasks, graph.inputs_of(next(iter(models.values()))),
+                                     config.max_samples)
+    layer_retrain = None
+    if retrain is not None and retrain.steps_per_layer:
+        layer_retrain = dataclasses.replace(retrain, final_steps=0)
+    zipped_prefix = zip_models(split.prefixes, calibration_data, sharing, layer_retrain, config, strategy=strategy,
+                               verbose=verbose)
+    zipped = prefix.assemble(split, zipped_prefix)
+    if retrain is not None and retrain.final_steps:
+        final = retrain if retrain.data is not None else dataclasses.replace(retrain, data=calibration_data)
+        context = strategy.scope() if strategy is not None else contextlib.nullcontext()
+        with context:
+            retrain_lib.fine_tune(zipped, final, retrain.final_steps, teachers=models, verbose=verbose)
+    report = zipped_prefix.zip_report
+    report.params_original = int(sum(m.count_params() for m in models.values()))
+    report.params_zipped = int(zipped.count_params())
+    report.prefix = split.describe()
+    report.settings.update({"sharing": dict(sharing) if isinstance(sharing, dict) else sharing,
+                            "synthetic_calibration": synthetic, "seconds": time.perf_counter() - started,
+                            "retrain": _retrain_settings(retrain)})
+    zipped.zip_report = report
+    if evaluation_data is not None:
+        if any(len(split.outputs[t]) != 1 for t in split.tasks):
+            raise ZipError("evaluation_data measures one accuracy per task; evaluate these models' outputs yourself.")
+        inputs = graph.inputs_of(next(iter(models.values())))
+        names = tuple(i.name for i in inputs)
+        evaluation = {t: data_lib.as_dataset(d, t, inputs, "Evaluation data", config.batch_size, with_labels=True)
+                      for t, d in data_lib.per_task(evaluation_data, split.tasks, "Evaluation data", names).items()}
+        report.accuracy_original = {t: _accuracy(models[t], {t: evaluation[t]}, single_output=True)[t]
+                                    for t in split.tasks}
+        report.accuracy_final = _accuracy(zipped, evaluation)
+    return zipped
+
+
 def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, evaluation, verbose,
                 search=None) -> list:
     """The method's loop: each layer step (pair, permute, merge, refit) and its retraining; returns the
@@ -192,13 +252,13 @@ def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, eva
     return layer_reports
 
 
-def _read_streams(data, plan, max_samples):
+def _read_streams(data, tasks, inputs, max_samples):
     """Generators in the calibration data read into arrays once, at most `max_samples` samples each (they
     can be read only once, and every task and the retraining read the calibration data)."""
-    if isinstance(data, dict) and set(data) <= set(plan.tasks):
-        return {t: _read_streams(d, plan, max_samples) for t, d in data.items()}
+    if isinstance(data, dict) and set(data) <= set(tasks):
+        return {t: _read_streams(d, tasks, inputs, max_samples) for t, d in data.items()}
     if data_lib.is_stream(data):
-        return data_lib.read_stream(data, plan.inputs, max_samples, "Calibration data")
+        return data_lib.read_stream(data, inputs, max_samples, "Calibration data")
     return data
 
 
@@ -279,10 +339,14 @@ def _zip_report(models, zipped, state, layer_reports, sharing, config, retrain, 
         params_shared=state_lib.count_shared_parameters(state),
         settings={"sharing": (dict(sharing) if isinstance(sharing, dict) else _auto_settings(sharing)
                               if isinstance(sharing, auto_sharing.AutoSharing) else sharing), **config.as_dict(),
-                  "retrain": None if retrain is None else {
-                      k: v for k, v in vars(retrain).items() if k != "data" and not callable(v)
-                      and isinstance(v, (int, float, str))},
+                  "retrain": _retrain_settings(retrain),
                   "seconds": time.perf_counter() - started})
+
+
+def _retrain_settings(retrain) -> dict | None:
+    """A Retrain as the report's settings keep it (its data left out)."""
+    return None if retrain is None else {k: v for k, v in vars(retrain).items()
+                                         if k != "data" and not callable(v) and isinstance(v, (int, float, str))}
 
 
 class _LayerSteps:

@@ -1,0 +1,128 @@
+"""Models of different depths: the common prefix is zipped and each model keeps the rest as its own branch."""
+
+import keras
+import numpy as np
+import pytest
+
+import tf_mtz
+from conftest import (permuted_copy, permuted_graph_copy, randomize_batch_norms, randomize_weights, relative_error,
+                      resnet)
+
+
+def conv_net(name, convs, seed, classes=5, bn=False):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((12, 12, 1), name="image")
+    h = x
+    for k in range(convs):
+        h = keras.layers.Conv2D(6 + 2 * k, 3, padding="same", activation=None if bn else "relu",
+                                name=f"conv{k + 1}")(h)
+        if bn:
+            h = keras.layers.ReLU(name=f"relu{k + 1}")(keras.layers.BatchNormalization(name=f"bn{k + 1}")(h))
+    h = keras.layers.Flatten(name="flatten")(h)
+    return keras.Model(x, keras.layers.Dense(classes, activation="softmax", name="head")(h), name=name)
+
+
+def deeper_with_prefix_of(shallow, deeper):
+    """`deeper` with the weights of every layer it has in common with `shallow` (by name) taken from it."""
+    for layer in shallow.layers:
+        if layer.get_weights() and layer.name in [l.name for l in deeper.layers] and layer.name != "head":
+            deeper.get_layer(layer.name).set_weights(layer.get_weights())
+    return deeper
+
+
+def outputs_of(model, x):
+    out = model.predict(x, verbose=0)
+    return out if isinstance(out, dict) else {"out": out}
+
+
+def test_a_net_zipped_with_a_deeper_net_that_starts_with_its_permuted_copy_reproduces_both(rng, tmp_path):
+    shallow = conv_net("three_convs", 3, seed=1, bn=True)
+    randomize_batch_norms(shallow, seed=1)
+    deeper = deeper_with_prefix_of(permuted_graph_copy(shallow, seed=2), conv_net("five_convs", 5, seed=3, bn=True))
+    x = rng.normal(size=(300, 12, 12, 1)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": shallow, "b": deeper}, x, verbose=0)
+
+    out = zipped.predict(x[:64], verbose=0)
+    assert relative_error(out["a"], shallow.predict(x[:64], verbose=0)) < 1e-4
+    assert relative_error(out["b"], deeper.predict(x[:64], verbose=0)) < 1e-4
+    report = zipped.zip_report
+    assert report.prefix["prefix_layers"][-1] == "relu3"
+    assert "flatten" in report.prefix["stopped"] and "conv4" in report.prefix["stopped"]
+    assert report.prefix["branches"]["a"] == ["flatten", "head"]
+    assert [layer.shared for layer in report.layers if not layer.head] == [6, 8, 10]
+    # One trunk computes the three shared convolutions for both tasks.
+    assert sum(isinstance(layer, keras.layers.Conv2D) for layer in zipped.layers) == 3 + 2
+    assert report.params_zipped < report.params_original
+    path = str(tmp_path / "zipped.keras")
+    zipped.save(path)
+    loaded = keras.models.load_model(path)
+    assert relative_error(loaded.predict(x[:64], verbose=0)["b"], out["b"]) < 1e-6
+
+
+def test_resnet20_and_resnet32_zip_over_their_first_stage(rng):
+    """ResNet-20 and ResNet-32 agree up to the end of the first stage (3 blocks): the 20 goes on to the
+    strided second stage, the 32 to a fourth block whose identity shortcut reads the cut itself."""
+    r20 = randomize_batch_norms(resnet("resnet20", depth=20, width=4, input_shape=(16, 16, 3), seed=1), seed=1)
+    r32 = randomize_batch_norms(resnet("resnet32", depth=32, width=4, input_shape=(16, 16, 3), seed=2), seed=2)
+    r32 = deeper_with_prefix_of(permuted_graph_copy(r20, seed=3), r32)
+    x = rng.normal(size=(200, 16, 16, 3)).astype("float32")
+    zipped = tf_mtz.zip_models({"r20": r20, "r32": r32}, x, verbose=0)
+
+    out = zipped.predict(x[:48], verbose=0)
+    assert relative_error(out["r20"], r20.predict(x[:48], verbose=0)) < 1e-4
+    assert relative_error(out["r32"], r32.predict(x[:48], verbose=0)) < 1e-4
+    prefix = zipped.zip_report.prefix
+    assert prefix["prefix_layers"][-1] == "s1b3_out" and prefix["cuts"] == ["s1b3_out"]
+    assert {"s2b1_conv1", "s2b1_shortcut"} <= set(prefix["branches"]["r20"]) and "s1b1_conv1" not in prefix["branches"]["r20"]
+    assert prefix["branches"]["r32"][0] == "s1b4_conv1" and "s5b1_conv1" not in prefix["branches"]["r32"]
+    assert tf_mtz.tflite_bytes(zipped)  # standard layers only
+
+
+def test_an_alignment_zips_a_shorter_prefix_and_the_branches_still_reproduce(rng):
+    shallow = conv_net("three_convs", 3, seed=1)
+    deeper = deeper_with_prefix_of(permuted_copy(shallow, seed=2)[0], conv_net("five_convs", 5, seed=3))
+    x = rng.normal(size=(300, 12, 12, 1)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": shallow, "b": deeper}, x, alignment={"conv2": "conv2"}, verbose=0)
+
+    assert zipped.zip_report.prefix["prefix_layers"] == ["conv1", "conv2"]
+    assert zipped.zip_report.prefix["branches"]["b"][0] == "conv3"
+    out = zipped.predict(x[:64], verbose=0)
+    assert relative_error(out["a"], shallow.predict(x[:64], verbose=0)) < 1e-4
+    assert relative_error(out["b"], deeper.predict(x[:64], verbose=0)) < 1e-4
+
+
+def test_the_final_distillation_trains_the_branches_and_the_prefix_together(rng):
+    # Sharpened outputs and no refit leave a gap that only the retraining of the whole model can close.
+    a = randomize_weights(conv_net("three_convs", 3, seed=1), seed=1, scale=0.3)
+    b = randomize_weights(conv_net("five_convs", 5, seed=2), seed=2, scale=0.3)
+    x = rng.normal(size=(1024, 12, 12, 1)).astype("float32")
+
+    def divergence(teacher, student):
+        return float(np.mean(np.sum(teacher * (np.log(teacher + 1e-9) - np.log(student + 1e-9)), axis=-1)))
+
+    kl = {}
+    for steps in (0, 300):
+        retrain = tf_mtz.Retrain(steps_per_layer=0, final_steps=steps) if steps else None
+        zipped = tf_mtz.zip_models({"a": a, "b": b}, x, retrain=retrain, config=tf_mtz.ZipConfig(refit=False),
+                                   verbose=0)
+        out = zipped.predict(x, verbose=0)
+        kl[steps] = [divergence(m.predict(x, verbose=0), out[t]) for t, m in (("a", a), ("b", b))]
+    assert all(after < 0.6 * before for before, after in zip(kl[0], kl[300])), kl
+    assert zipped.zip_report.settings["retrain"]["final_steps"] == 300
+
+
+def test_models_with_no_common_prefix_or_a_bad_alignment_are_refused(rng):
+    x = rng.normal(size=(64, 12, 12, 1)).astype("float32")
+    dense_first = keras.Sequential([keras.Input((12, 12, 1)), keras.layers.Flatten(), keras.layers.Dense(8),
+                                    keras.layers.Dense(5, activation="softmax")], name="dense_first")
+    with pytest.raises(tf_mtz.ZipError, match="No layer with units lines up.*'flatten.*' \\(Flatten\\).*'conv1'"):
+        tf_mtz.zip_models({"a": dense_first, "b": conv_net("convs", 3, seed=1)}, x, verbose=0)
+    a, b = conv_net("three_convs", 3, seed=1), conv_net("five_convs", 5, seed=2)
+    with pytest.raises(tf_mtz.ZipError, match="'conv2' of model 'three_convs' with 'conv3'.*layers 2 and 3"):
+        tf_mtz.zip_models({"a": a, "b": b}, x, alignment={"conv2": "conv3"}, verbose=0)
+    with pytest.raises(tf_mtz.ZipError, match="does not have"):
+        tf_mtz.zip_models({"a": a, "b": b}, x, alignment={"conv9": "conv3"}, verbose=0)
+    with pytest.raises(tf_mtz.ZipError, match="differ before it"):
+        tf_mtz.zip_models({"a": a, "b": b}, x, alignment={"flatten": "conv4"}, verbose=0)
+    with pytest.raises(tf_mtz.ZipError, match="AutoSharing.*differ"):
+        tf_mtz.zip_models({"a": a, "b": b}, x, sharing=tf_mtz.AutoSharing(0.5), verbose=0)
