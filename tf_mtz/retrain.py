@@ -1,9 +1,10 @@
 """Retraining: light joint training of the zipped model, one batch of every task per step.
 
-Each task's loss is computed on its own head and the losses are summed, so the gradients of shared
-weights combine all tasks. Two losses: ``"distill"`` (no labels needed: match the original model's
-logits, softened by a temperature) and ``"labels"`` (cross-entropy, or MSE for linear heads with
-float targets).
+Each task's loss is computed on its own head and the losses are summed (weighted by `loss_weights`), so
+the gradients of shared weights combine all tasks. Two losses: ``"distill"`` (no labels needed: match the
+original model's logits, softened by a temperature) and ``"labels"``. Each head's loss follows its output
+activation (softmax: KL divergence or cross-entropy; sigmoid: per-unit binary cross-entropy, e.g. a
+per-pixel mask; linear: squared error) unless `Retrain.losses` names another.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from tf_mtz import graph, keras_graph, registry
 from tf_mtz.errors import ZipError
 
 LOSSES = ("distill", "labels")
+# Per-head losses `Retrain.losses` may name; the default is chosen from the head's activation.
+HEAD_LOSSES = ("kl", "binary_cross_entropy", "mse", "relative_mse")
+_HEAD_LOSS_OF_ACTIVATION = {"softmax": "kl", "sigmoid": "binary_cross_entropy"}
 
 
 @dataclasses.dataclass
@@ -39,6 +43,15 @@ class Retrain:
         batch_size: batch size per task.
         temperature: distillation temperature; the loss is scaled by its square.
         seed: shuffling seed.
+        losses: `{task: loss}` overriding the loss chosen from a head's activation (keys "task", or
+            "task/output" for models with several outputs): "kl" (softmax outputs; with labels,
+            cross-entropy), "binary_cross_entropy" (sigmoid outputs, unit by unit: masks, attributes),
+            "mse" (squared error of the logits, or of the labels for regression), "relative_mse" (the
+            same over the target's variance in the batch: scale-free, so a regression in pixels does not
+            outweigh a classifier), or a callable `(target, logits) -> scalar` where the target is the
+            original model's logits (distillation) or the labels.
+        loss_weights: `{task: weight}` (keys as for `losses`) scaling each head's loss in the sum;
+            heads not named weigh 1.
 
     Example:
 
@@ -58,6 +71,8 @@ class Retrain:
     batch_size: int = 64
     temperature: float = 2.0
     seed: int = 0
+    losses: dict | None = None
+    loss_weights: dict | None = None
 
     def validate(self):
         if self.loss not in LOSSES:
@@ -69,6 +84,29 @@ class Retrain:
                 raise ZipError(f"Retrain.{name} must be >= 0, got {getattr(self, name)}.")
         if self.batch_size < 1 or self.learning_rate <= 0 or self.temperature <= 0:
             raise ZipError("Retrain.batch_size, learning_rate and temperature must be positive.")
+        for key, loss in (self.losses or {}).items():
+            if not callable(loss) and loss not in HEAD_LOSSES:
+                raise ZipError(f"Retrain.losses['{key}'] must be one of {HEAD_LOSSES} or a callable (target, "
+                               f"logits) -> scalar, got {loss!r}.")
+        for key, weight in (self.loss_weights or {}).items():
+            if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight < 0:
+                raise ZipError(f"Retrain.loss_weights['{key}'] must be a finite number >= 0, got {weight!r}.")
+
+    def check_keys(self, keys: list) -> None:
+        """Raises ZipError where `losses` or `loss_weights` names a head that is not in `keys` (its task's
+        name, or "task/output")."""
+        tasks = {key.split("/")[0] for key in keys}
+        for field in ("losses", "loss_weights"):
+            unknown = sorted(k for k in (getattr(self, field) or {}) if k not in keys and k not in tasks)
+            if unknown:
+                raise ZipError(f"Retrain.{field} names {unknown}, which are not outputs of the zipped model "
+                               f"({sorted(keys)}).")
+
+    def head_setting(self, field: str, key: str, default=None):
+        """The `losses` or `loss_weights` entry for output `key` ("task" or "task/output"), falling back
+        to its task's entry, then to `default`."""
+        table = getattr(self, field) or {}
+        return table.get(key, table.get(key.split("/")[0], default))
 
 
 def paper_retrain(data, steps_per_layer: int = 1000) -> Retrain:
@@ -154,34 +192,52 @@ def chain_teacher(plan, task, output=None) -> tuple:
     return _ChainTeacher(plan, task, head, linear), activation
 
 
-def _loss_fn(kind: str, activation: str, temperature: float, labels_spec):
+def _loss_fn(kind: str, activation: str, temperature: float, labels_spec, head_loss=None):
+    """The loss of one head: `(target, logits) -> scalar`, the target being the original's logits
+    (distillation) or the labels. `head_loss` overrides the choice from the activation."""
+    if callable(head_loss):
+        return head_loss
+    if head_loss is None and kind == "labels" and labels_spec.dtype.is_integer and activation != "sigmoid":
+        head_loss = "kl"  # class ids: cross-entropy of the logits, whatever the head's activation
+    head_loss = head_loss or _HEAD_LOSS_OF_ACTIVATION.get(activation, "mse")
     if kind == "distill":
         t = temperature
-        if activation == "sigmoid":
+        if head_loss == "binary_cross_entropy":
             def loss(teacher, student):
                 soft = tf.sigmoid(teacher / t)
                 return t * t * tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(soft, student / t))
-        elif activation == "softmax":
+        elif head_loss == "kl":
             def loss(teacher, student):
                 soft = tf.nn.softmax(teacher / t)
                 log_student = tf.nn.log_softmax(student / t)
                 kl = tf.reduce_sum(soft * (tf.math.log(soft + 1e-12) - log_student), axis=-1)
                 return t * t * tf.reduce_mean(kl)
         else:
-            def loss(teacher, student):
-                return tf.reduce_mean(tf.square(teacher - student))
+            loss = _squared_error(head_loss == "relative_mse")
         return loss
-    integer_labels = labels_spec.dtype.is_integer
-    if activation == "sigmoid":
+    if head_loss == "binary_cross_entropy":
         return lambda y, logits: tf.reduce_mean(
             tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(tf.reshape(y, tf.shape(logits)), logits.dtype), logits))
-    if integer_labels:
-        return lambda y, logits: tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            tf.reshape(tf.cast(y, tf.int32), [-1]), logits))
-    if activation == "softmax":
+    if head_loss == "kl":
+        if labels_spec.dtype.is_integer:
+            return lambda y, logits: tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                tf.reshape(tf.cast(y, tf.int32), [-1]), logits))
         return lambda y, logits: tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(
             tf.cast(y, logits.dtype), logits))
-    return lambda y, logits: tf.reduce_mean(tf.square(tf.cast(tf.reshape(y, tf.shape(logits)), logits.dtype) - logits))
+    squared = _squared_error(head_loss == "relative_mse")
+    return lambda y, logits: squared(tf.cast(tf.reshape(y, tf.shape(logits)), logits.dtype), logits)
+
+
+def _squared_error(relative: bool):
+    """Mean squared error; relative: each output unit's over the target's variance in the batch, so that
+    the loss does not depend on the target's units."""
+    if not relative:
+        return lambda target, prediction: tf.reduce_mean(tf.square(target - prediction))
+
+    def loss(target, prediction):
+        error = tf.reduce_mean(tf.square(target - prediction), axis=0)
+        return tf.reduce_mean(error / (tf.stop_gradient(tf.math.reduce_variance(target, axis=0)) + 1e-6))
+    return loss
 
 
 class JointTrainer:
@@ -201,8 +257,10 @@ class JointTrainer:
         self.iterators = {t: iter(repeated[t]) for t in self.tasks}
         labels_specs = {t: (datasets[t].element_spec[1] if retrain.loss == "labels" else None)
                         for t in self.tasks}
-        self.losses = {t: _loss_fn(retrain.loss, activations[t], retrain.temperature, labels_specs[t])
-                       for t in self.tasks}
+        retrain.check_keys(self.tasks)
+        self.losses = {t: _loss_fn(retrain.loss, activations[t], retrain.temperature, labels_specs[t],
+                                   retrain.head_setting("losses", t)) for t in self.tasks}
+        self.loss_weights = {t: float(retrain.head_setting("loss_weights", t, 1.0)) for t in self.tasks}
         seen, self.variables = set(), []
         for model in students.values():
             for v in model.trainable_variables:
@@ -228,7 +286,7 @@ class JointTrainer:
                     x, target = batches[t]
                     if distill:
                         target = tf.stop_gradient(self.teachers[t](x, training=False))
-                    losses[t] = self.losses[t](target, self.students[t](x, training=True))
+                    losses[t] = self.loss_weights[t] * self.losses[t](target, self.students[t](x, training=True))
                 # Each replica's mean is over its slice; dividing by the replica count makes the summed
                 # gradients those of the whole batch.
                 total = tf.add_n(list(losses.values())) / replicas
