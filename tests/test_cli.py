@@ -8,6 +8,7 @@ import sys
 import keras
 import numpy as np
 
+import tf_mtz
 from conftest import mlp
 
 
@@ -129,3 +130,21 @@ def test_zip_without_data_and_with_automatic_sharing(tmp_path, rng):
     bad = run_cli("zip", f"--model=a={tmp_path / 'a.keras'}", f"--model=b={tmp_path / 'b.keras'}",
                   "--calibration=synthetic", "--sharing=auto:lots", f"--output={out / 'other.keras'}")
     assert bad.returncode != 0 and "auto:TOLERANCE needs a number" in bad.stderr
+
+
+def test_zip_with_a_checkpoint_directory_resumes_a_finished_run(tmp_path, rng):
+    a, b = mlp("a", seed=0), mlp("b", seed=1)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    np.save(tmp_path / "x.npy", rng.normal(size=(200, 20)).astype("float32"))
+    args = ["zip", f"--model=a={tmp_path / 'a.keras'}", f"--model=b={tmp_path / 'b.keras'}",
+            f"--calibration={tmp_path / 'x.npy'}", f"--checkpoint_dir={tmp_path / 'ckpt'}", "--overwrite"]
+    first = run_cli(*args, f"--output={tmp_path / 'first.keras'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "ckpt" / tf_mtz.checkpoint.FILE_NAME).exists()
+    second = run_cli(*args, f"--output={tmp_path / 'second.keras'}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from the checkpoint after 3 layer steps (finished)" in second.stdout + second.stderr
+    for got, expected in zip(keras.models.load_model(tmp_path / "second.keras").get_weights(),
+                             keras.models.load_model(tmp_path / "first.keras").get_weights()):
+        np.testing.assert_array_equal(got, expected)

@@ -55,6 +55,9 @@ _SAVED_MODEL = flags.DEFINE_string("saved_model", None, "Optional SavedModel dir
 _REPORT = flags.DEFINE_string("report", None, "report: the report.json to re-render.")
 _REPORT_DIR = flags.DEFINE_string("report_dir", None, "Where to write report.json, report.md and report.png.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
+_CHECKPOINT_DIR = flags.DEFINE_string(
+    "checkpoint_dir", None, "Write a checkpoint after every layer step here; rerunning the same command resumes "
+    "from the last one (same result, bit for bit).")
 
 
 class UsageError(app.UsageError):
@@ -202,7 +205,7 @@ def _zip():
     if isinstance(sharing, str):  # "auto:TOLERANCE"
         sharing = tf_mtz.AutoSharing(float(sharing), data=evaluation)
     zipped = tf_mtz.zip_models(loaded, calibration, sharing=sharing, retrain=retrain, config=_config(),
-                               evaluation_data=evaluation)
+                               evaluation_data=evaluation, checkpoint_dir=_CHECKPOINT_DIR.value)
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     zipped.save(_OUTPUT.value)
     written = [_OUTPUT.value]

@@ -61,12 +61,14 @@ def _split_features(element, names: list, task: str, what: str):
 
 
 def as_dataset(data, task: str, inputs: list, what: str, batch_size: int,
-               with_labels: bool = False, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
+               with_labels: bool = False, shuffle: bool = False, seed: int = 0, phase: int = 0) -> tf.data.Dataset:
     """Returns a batched dataset of x (or of (x, y) with `with_labels`) for one task; x is one tensor, or a
     tuple with one per model input.
 
     Args:
         inputs: the models' inputs, each with `.name` and `.shape` (without the batch axis).
+        shuffle: arrays only (a dataset keeps its own order): an endless stream of batches, each pass over
+            the samples in another order, a function of `seed`, `phase` and the pass alone (`shuffled`).
 
     Raises:
         ZipError: empty arrays, wrong feature shape, NaN/Inf in numpy input, labels missing.
@@ -92,8 +94,28 @@ def as_dataset(data, task: str, inputs: list, what: str, batch_size: int,
     else:
         dataset = tf.data.Dataset.from_tensor_slices(x)
     if shuffle:
-        dataset = dataset.shuffle(min(len(xs[0]), 50_000), seed=seed, reshuffle_each_iteration=True)
+        return shuffled((x, y) if with_labels else x, len(xs[0]), batch_size, seed, phase)
     return dataset.batch(batch_size)
+
+
+def shuffled(tensors, samples: int, batch_size: int, seed: int, phase: int) -> tf.data.Dataset:
+    """An endless stream of batches of `tensors` (arrays with `samples` rows, nested), pass after pass, each
+    pass in its own order: a stateless shuffle keyed by (`seed`, `phase`, pass), so that it depends neither
+    on TensorFlow's global seed nor on how many streams were made before (a resumed zip reads the same
+    batches as an uninterrupted one). Each pass ends with a smaller batch where `batch_size` does not
+    divide `samples`, as `shuffle().batch()` would."""
+    tensors = tf.nest.map_structure(tf.convert_to_tensor, tensors)
+    per_pass = -(-samples // batch_size)
+    last = tf.constant(samples - 1, tf.int64)
+
+    def batch(counter):
+        pass_index, position = counter // per_pass, counter % per_pass
+        rows = tf.range(position * batch_size, tf.minimum((position + 1) * batch_size, samples))
+        key = tf.stack([tf.constant(seed, tf.int64), tf.constant(phase, tf.int64) * 1_000_003 + pass_index])
+        order = tf.random.experimental.index_shuffle(rows, seed=key, max_index=last)
+        return tf.nest.map_structure(lambda t: tf.gather(t, order), tensors)
+
+    return tf.data.Dataset.counter().map(batch)
 
 
 def bounded(dataset: tf.data.Dataset, max_samples: int | None, batch_size: int, task: str,

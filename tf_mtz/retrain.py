@@ -318,8 +318,9 @@ class JointTrainer:
         return loss
 
 
-def training_datasets(retrain: Retrain, tasks: list, inputs: list, fallback=None) -> dict:
-    """Per-task shuffled, batched datasets for retraining ((x, y) for labels, x for distillation)."""
+def training_datasets(retrain: Retrain, tasks: list, inputs: list, fallback=None, phase: int = 0) -> dict:
+    """Per-task shuffled, batched datasets for retraining ((x, y) for labels, x for distillation); arrays are
+    read in an order set by `retrain.seed`, the task and the retraining `phase` alone."""
     source = retrain.data if retrain.data is not None else fallback
     if source is None:
         raise ZipError("Retrain needs data: give Retrain(data=...) (inputs alone are enough for distillation).")
@@ -328,7 +329,7 @@ def training_datasets(retrain: Retrain, tasks: list, inputs: list, fallback=None
     out = {}
     for i, t in enumerate(tasks):
         ds = data_lib.as_dataset(per_task[t], t, inputs, "Retraining data", retrain.batch_size,
-                                 with_labels=with_labels, shuffle=True, seed=retrain.seed + i)
+                                 with_labels=with_labels, shuffle=True, seed=retrain.seed + i, phase=phase)
         out[t] = ds.prefetch(2)
     return out
 

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mtz import auto_sharing
+from tf_mtz import checkpoint as checkpoint_lib
 from tf_mtz import config as config_lib
 from tf_mtz import costs as costs_lib
 from tf_mtz import data as data_lib
@@ -34,7 +35,7 @@ from tf_mtz.errors import RankDeficientWarning, ZipError
 
 
 def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config=None, *, evaluation_data=None,
-               strategy=None, alignment=None, verbose: int = 1) -> keras.Model:
+               strategy=None, alignment=None, checkpoint_dir=None, verbose: int = 1) -> keras.Model:
     """Zips several trained models into one network with a shared trunk and one head per task.
 
     Layers are zipped from the input. At each layer, units are paired one per task and each pair is merged
@@ -102,7 +103,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     split = prefix.split(models, alignment)
     if split is not None:
         return _zip_prefix(split, models, calibration_data, sharing, retrain, config, evaluation_data, strategy,
-                           verbose, started)
+                           verbose, started, checkpoint_dir)
     plan = graph.read_models(models)
     tasks = plan.tasks
     input_names = tuple(i.name for i in plan.inputs)
@@ -132,6 +133,11 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
                       for t, d in data_lib.per_task(evaluation_data, tasks, "Evaluation data", input_names).items()}
     trainer_inputs = None if retrain is None else _trainer_inputs(plan, retrain, calibration_data, strategy)
 
+    checkpoints = None
+    if checkpoint_dir is not None:
+        checkpoints = checkpoint_lib.Checkpoints(checkpoint_dir, checkpoint_lib.fingerprint(
+            models, calibration=calibration_data, sharing=sharing, retrain=retrain, config=config,
+            evaluation=evaluation_data))
     state = state_lib.ZipState.from_plan(plan)
     probe = probe_lib.Probe(plan, state, calibration, strategy,
                             memory_budget_bytes=int(config.activation_memory_gib * 2 ** 30))
@@ -140,7 +146,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
         search.probe = probe_lib.Probe(plan, state, search_inputs, strategy)
     try:
         layer_reports = _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, evaluation, verbose,
-                                    search)
+                                    search, checkpoints)
     finally:
         probe.close()
         if search is not None:
@@ -171,7 +177,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
 
 
 def _zip_prefix(split, models, calibration_data, sharing, retrain, config, evaluation_data, strategy, verbose,
-                started) -> keras.Model:
+                started, checkpoint_dir=None) -> keras.Model:
     """Models of different depths: their common prefix zipped (each cut read through a per-task linear
     layer), then joined with copies of each model's branch; the final retraining trains the whole model."""
     if isinstance(sharing, auto_sharing.AutoSharing):
@@ -192,7 +198,7 @@ def _zip_prefix(split, models, calibration_data, sharing, retrain, config, evalu
     if retrain is not None and retrain.steps_per_layer:
         layer_retrain = dataclasses.replace(retrain, final_steps=0)
     zipped_prefix = zip_models(split.prefixes, calibration_data, sharing, layer_retrain, config, strategy=strategy,
-                               verbose=verbose)
+                               checkpoint_dir=checkpoint_dir, verbose=verbose)
     zipped = prefix.assemble(split, zipped_prefix)
     if retrain is not None and retrain.final_steps:
         final = retrain if retrain.data is not None else dataclasses.replace(retrain, data=calibration_data)
@@ -221,12 +227,26 @@ def _zip_prefix(split, models, calibration_data, sharing, retrain, config, evalu
 
 
 def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, evaluation, verbose,
-                search=None) -> list:
+                search=None, checkpoints=None) -> list:
     """The method's loop: each layer step (pair, permute, merge, refit) and its retraining; returns the
-    layers' reports. With a `search` (AutoSharing), each unit group's count is chosen where it starts."""
+    layers' reports. With a `search` (AutoSharing), each unit group's count is chosen where it starts.
+    With `checkpoints`, it resumes from the last one and writes one after every step."""
     steps = _LayerSteps(plan, state, probe, config, counts, verbose)
-    layer_reports = []
-    for index in range(len(plan.slots)):
+    layer_reports, start = [], 0
+    snapshot = checkpoints.load() if checkpoints is not None else None
+    if snapshot is not None:
+        layer_reports, start = _resume(snapshot, state, steps, search, verbose)
+        if snapshot.finished:
+            return layer_reports
+
+    def save(next_slot, finished=False):
+        if checkpoints is not None:
+            checkpoints.save(checkpoint_lib.Snapshot(
+                checkpoints.fingerprint, next_slot, finished, state, layer_reports, steps.group_counts,
+                steps.refit_mismatch, steps.input_hessians, list(steps.counts),
+                list(search.tried) if search is not None else []))
+
+    for index in range(start, len(plan.slots)):
         if search is not None and not plan.is_head(index) and plan.slots[index].group not in steps.group_counts:
             width = min(int(w[0].shape[-1]) for w in plan.slots[index].position.weights.values())
             search.probe.advance(index)  # what the layer reads stays valid across the trials
@@ -238,7 +258,7 @@ def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, eva
             layer_report.accuracy_zipped = _accuracy(rebuild.build_model(plan, state).model, evaluation)
         if layer_report.shared and retrain is not None and retrain.steps_per_layer:
             layer_report.retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.steps_per_layer,
-                                                 f"layer {index + 1}", verbose)
+                                                 f"layer {index + 1}", verbose, phase=index + 1)
             probe.weights_changed()
             if search is not None:
                 search.probe.weights_changed()
@@ -246,10 +266,27 @@ def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, eva
             if evaluation is not None:
                 layer_report.accuracy_retrained = _accuracy(rebuild.build_model(plan, state).model, evaluation)
         layer_reports.append(layer_report)
+        save(index + 1)
     if retrain is not None and retrain.final_steps:
         layer_reports[-1].retrain_loss = _retrain(plan, state, retrain, trainer_inputs, retrain.final_steps,
-                                                  "final", verbose)
+                                                  "final", verbose, phase=len(plan.slots) + 1)
+    save(len(plan.slots), finished=True)
     return layer_reports
+
+
+def _resume(snapshot, state, steps, search, verbose) -> tuple[list, int]:
+    """Puts the zip back where `snapshot` was taken: the state (in place: the probe reads it), the layer
+    steps' carried values and AutoSharing's choices. Returns the layer reports so far and the next slot."""
+    state.__dict__.update(copy.deepcopy(snapshot.state).__dict__)
+    steps.group_counts, steps.refit_mismatch = dict(snapshot.group_counts), dict(snapshot.refit_mismatch)
+    steps.input_hessians = dict(snapshot.input_hessians)
+    steps.counts[:] = snapshot.counts
+    if search is not None:
+        search.tried[:] = snapshot.auto_sharing
+    if verbose:
+        keras_graph.print_message(f"tf_mtz: resuming from the checkpoint after {snapshot.next_slot} layer steps"
+                                  + (" (finished)" if snapshot.finished else ""))
+    return list(snapshot.layer_reports), snapshot.next_slot
 
 
 def _read_streams(data, tasks, inputs, max_samples):
@@ -327,8 +364,14 @@ def _trainer_inputs(plan, retrain, calibration_data, strategy) -> tuple:
     teachers = {key: logits[key][0] for key in keys} if retrain.loss == "distill" else None
     activations = {key: logits[key][1] for key in keys}
     fallback = calibration_data if retrain.loss == "distill" else None
-    datasets = retrain_lib.training_datasets(retrain, plan.tasks, plan.inputs, fallback)
-    return teachers, activations, {key: datasets[t] for key, (t, _) in keys.items()}, strategy
+
+    def datasets_for(phase: int) -> dict:
+        """Each output's data for one retraining phase (its own order of the samples)."""
+        datasets = retrain_lib.training_datasets(retrain, plan.tasks, plan.inputs, fallback, phase)
+        return {key: datasets[t] for key, (t, _) in keys.items()}
+
+    datasets_for(0)  # bad retraining data fails now, not after the first layers
+    return teachers, activations, datasets_for, strategy
 
 
 def _zip_report(models, zipped, state, layer_reports, sharing, config, retrain, started) -> report_lib.ZipReport:
@@ -1088,8 +1131,9 @@ def _subsample(rows: int, share: float, key: tuple) -> np.ndarray:
     return np.sort(np.random.default_rng(list(key)).choice(rows, count, replace=False))
 
 
-def _retrain(plan, state, retrain, trainer_inputs, steps, label, verbose):
-    teachers, activations, datasets, strategy = trainer_inputs
+def _retrain(plan, state, retrain, trainer_inputs, steps, label, verbose, phase):
+    teachers, activations, datasets_for, strategy = trainer_inputs
+    datasets = datasets_for(phase)
     with (strategy.scope() if strategy is not None else contextlib.nullcontext()):
         built = rebuild.build_model(plan, state, name="retrain")
         students = {key: keras.Model(built.model.inputs, logits) for key, logits in built.logits.items()}
