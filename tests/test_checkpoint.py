@@ -164,3 +164,14 @@ def test_a_checkpoint_of_another_zip_or_a_damaged_one_is_refused(rng, tmp_path):
     path.write_bytes(bytes(content[: len(content) // 3]))
     with pytest.raises(tf_mtz.ZipError, match="is damaged"):
         tf_mtz.zip_models(models, x, checkpoint_dir=tmp_path, verbose=0)
+
+
+def test_add_task_writes_and_resumes_checkpoints(rng, tmp_path, monkeypatch):
+    x = rng.normal(size=(200, 20)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": mlp("a", seed=0), "b": mlp("b", seed=1)}, x, verbose=0)
+    grown = tf_mtz.add_task(zipped, {"c": mlp("c", seed=2)}, x, checkpoint_dir=tmp_path, verbose=0)
+    assert (tmp_path / checkpoint_lib.FILE_NAME).exists()
+    monkeypatch.setattr(zipper._LayerSteps, "zip_layer", lambda self, index: pytest.fail("zipped again"))
+    again = tf_mtz.add_task(zipped, {"c": mlp("c", seed=2)}, x, checkpoint_dir=tmp_path, verbose=0)
+    for got, expected in zip(again.get_weights(), grown.get_weights()):
+        np.testing.assert_array_equal(got, expected)

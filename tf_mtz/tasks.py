@@ -56,7 +56,7 @@ _WHOLE_ONLY = ("add_task reads the zipped model '{name}' as one model per task, 
 
 
 def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, retrain=None, config=None, *,
-             verbose: int = 1) -> keras.Model:
+             checkpoint_dir=None, verbose: int = 1) -> keras.Model:
     """Zips one or more further models into a zipped model.
 
     The zipped model's tasks become task models again (`task_models`), and all are zipped together with
@@ -74,6 +74,7 @@ def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, r
         sharing: as in `zip_models`: the fraction (or per-layer counts) of each layer shared by all tasks.
         retrain: a `tf_mtz.Retrain`, or None. Retraining trains every task, the zipped model's too.
         config: a `tf_mtz.ZipConfig`; its `merge` is replaced by keeping the shared units' weights.
+        checkpoint_dir: as in `zip_models`: a checkpoint after every layer step, resumed by a rerun.
         verbose: as in `zip_models`.
 
     Returns:
@@ -110,7 +111,7 @@ def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, r
         raise ZipError(f"The models differ ({split.reason}). " + _WHOLE_ONLY.format(name=zipped.name))
     try:
         return zip_models({**existing, **models}, calibration_data, sharing=sharing, retrain=retrain, config=keep,
-                          verbose=verbose)
+                          checkpoint_dir=checkpoint_dir, verbose=verbose)
     except ZipError as error:
         if "same layer types" in str(error) or "wired to different" in str(error) or "same depth" in str(error):
             raise ZipError(f"{error} " + _WHOLE_ONLY.format(name=zipped.name)) from error
