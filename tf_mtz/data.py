@@ -144,7 +144,9 @@ def read_stream(data, inputs: list, max_samples: int | None, what: str):
         raise ZipError(f"{what} is a generator; tf_mtz reads generators for models with one input (give a "
                        "tf.data.Dataset for several).")
     shape = tuple(inputs[0].shape)
-    xs, ys, count = [], [], 0
+    # With a bound the samples go straight into arrays of that size: no list of batches to join, which
+    # would hold every sample twice at the end.
+    xs, ys, count, x_buffer, y_buffer, labelled = [], [], 0, None, None, True
     for element in data:
         x, y = split_element(element) if isinstance(element, tuple) else (element, None)
         x = np.asarray(x)
@@ -153,17 +155,30 @@ def read_stream(data, inputs: list, max_samples: int | None, what: str):
         elif tuple(x.shape[1:]) != shape:
             raise ZipError(f"{what} yields inputs of shape {tuple(x.shape)}; the models take {shape} (one sample) "
                            f"or (batch,) + {shape}.")
-        if max_samples is not None:
-            x, y = x[:max_samples - count], (None if y is None else np.asarray(y)[:max_samples - count])
-        xs.append(np.asarray(x, np.float32))
-        ys.append(y)
+        labelled = labelled and y is not None
+        if max_samples is None:
+            xs.append(np.asarray(x, np.float32))
+            ys.append(y)
+            count += len(x)
+            continue
+        x, y = x[:max_samples - count], (None if y is None else np.asarray(y)[:max_samples - count])
+        if x_buffer is None:
+            x_buffer = np.empty((max_samples,) + shape, np.float32)
+        x_buffer[count:count + len(x)] = x
+        if labelled:
+            if y_buffer is None:
+                y_buffer = np.empty((max_samples,) + y.shape[1:], y.dtype)
+            y_buffer[count:count + len(x)] = y
         count += len(x)
-        if max_samples is not None and count >= max_samples:
+        if count >= max_samples:
             break
-    if not xs:
+    if count == 0:
         raise ZipError(f"{what} is an empty generator.")
+    if max_samples is not None:
+        x = x_buffer[:count]
+        return x if not labelled else (x, y_buffer[:count])
     x = np.concatenate(xs)
-    return x if any(y is None for y in ys) else (x, np.concatenate(ys))
+    return x if not labelled else (x, np.concatenate(ys))
 
 
 def _checked_array(x, task: str, input_name: str | None, shape: tuple, what: str) -> np.ndarray:

@@ -94,6 +94,34 @@ def _signatures(model: keras.Model, batch_size: int | None = None) -> dict:
     return functions
 
 
+def _float32(model: keras.Model) -> keras.Model:
+    """`model`, or where layers compute in float16/bfloat16 (mixed precision) a copy computing in float32:
+    LiteRT's builtin kernels take no float16 MatMul or Conv2D. The copy is exact: mixed-precision
+    variables are float32 already; `quantization="float16"` stores the weights in half precision instead."""
+    def layers(parent):
+        for layer in getattr(parent, "layers", []):  # nested models' layers too
+            yield layer
+            yield from layers(layer)
+
+    if all(getattr(layer, "compute_dtype", "float32") in ("float32", "int32", "int64", "bool")
+           for layer in layers(model)):
+        return model
+
+    def in_float32(layer):
+        config = layer.get_config()
+        if "dtype" in config:
+            config["dtype"] = "float32"
+        return type(layer).from_config(config)
+
+    try:
+        copy = keras.models.clone_model(model, clone_function=in_float32)
+        copy.set_weights(model.get_weights())
+    except Exception as error:
+        raise ZipError(f"Model '{model.name}' computes in mixed precision and could not be copied to float32 for "
+                       f"TFLite ({error}); set its dtype policy to float32 before exporting.") from error
+    return copy
+
+
 def export_saved_model(model: keras.Model, path: str, overwrite: bool = False) -> str:
     """Writes a SavedModel with a `serving_default` signature returning `{task: output}` and one
     signature per task.
@@ -235,6 +263,7 @@ def tflite_bytes(model: keras.Model, quantization: str | None = None, representa
                        "support; use quantization='dynamic' (int8 weights) or 'float16'.")
     if quantization == "int8" and representative_data is None:
         raise ZipError("quantization='int8' needs representative_data (e.g. the calibration inputs).")
+    model = _float32(model)
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         if keras_graph.has_recurrent_layers(model):
             saved = _frozen_saved_model(model, os.path.join(tmp, "frozen"))
