@@ -113,9 +113,8 @@ class Seed:
     def run(self):
         models, calib, steps = self.models, self.calibration, RETRAIN.value
         ab = {t: models[t] for t in ("a", "b")}
-        # Retrain(seed=s) shuffles with tf.data, whose order also depends on TensorFlow's global seed (which
-        # training a base model sets and loading it from the cache does not): fixed here, so the retrained rows
-        # are the same whether the base models were trained in this run or loaded.
+        # Before d8c9a2d the retraining's data order also depended on TensorFlow's global seed (which training a
+        # base model sets and loading it from the cache does not); setting it keeps older commits comparable.
         keras.utils.set_random_seed(self.seed)
         self.rows["own models"] = {t: error(self.predict(models[t])["own"], self.y_test[t]) for t in TASKS}
         self.params["own models"] = int(sum(m.count_params() for m in models.values()))
@@ -305,7 +304,8 @@ def main(argv):
         f"Calibration: the same {CALIBRATION.value:,} training images for every task. Every zip shares every "
         "hidden layer whole (`sharing=1.0`, default ZipConfig) unless a row says otherwise. Test error in %, "
         f"mean ± std (population std) over {len(results)} seeds. `keras.utils.set_random_seed(s)` before each "
-        "seed's zips (the retraining's data order depends on TensorFlow's global seed besides `Retrain.seed`).", "",
+        "seed's zips (before commit d8c9a2d the retraining's data order also depended on TensorFlow's global "
+        "seed; since then on `Retrain.seed`, the task and the phase alone).", "",
         "What each row got:", "",
         "* **own models**: the three trained models.",
         "* **at once**: `zip_models({\"a\": A, \"b\": B, \"c\": C}, calib, sharing=1.0)`, no retraining.",
