@@ -96,7 +96,10 @@ def uninterrupted(tmp_path_factory):
     return _result(folder / "reference")
 
 
-@pytest.mark.parametrize("kill", ["statistics", "retraining", "writing"])
+# Each kill costs two child processes (a minute on 2 cores): the default run kills during the retraining,
+# `make test-slow` at the other two points.
+@pytest.mark.parametrize("kill", [pytest.param("statistics", marks=pytest.mark.slow), "retraining",
+                                  pytest.param("writing", marks=pytest.mark.slow)])
 def test_a_zip_killed_and_rerun_ends_bit_identical_to_an_uninterrupted_one(tmp_path, kill, uninterrupted):
     directory = tmp_path / "checkpoints"
     killed = _run_child(tmp_path, kill, tmp_path / "killed", directory)
