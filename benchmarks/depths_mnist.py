@@ -42,7 +42,7 @@ def conv_net(convs: int, name: str, classes: int = 5) -> keras.Model:
     for k, (filters, strides) in enumerate(LAYERS[convs]):
         h = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"conv{k + 1}")(h)
         h = keras.layers.ReLU(name=f"relu{k + 1}")(keras.layers.BatchNormalization(name=f"bn{k + 1}")(h))
-    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    h = keras.layers.Flatten(name="flatten")(h)
     return keras.Model(x, keras.layers.Dense(classes, activation="softmax", name="head")(h), name=name)
 
 
@@ -91,8 +91,8 @@ def main(_):
 
     lines = [
         "# Models of different depths on MNIST: a 3-conv and a 5-conv net zipped over their common prefix", "",
-        "Task a: digits 0-4, a net of 3 Conv-BN-ReLU layers (16, 32 stride 2, 32 filters), global average "
-        "pooling and a softmax head; task b: digits 5-9, a net of 5 (the same three, then 48 stride 2 and 48). "
+        "Task a: digits 0-4, a net of 3 Conv-BN-ReLU layers (16, 32 stride 2, 32 filters), a Flatten and a "
+        "softmax head; task b: digits 5-9, a net of 5 (the same three, then 48 stride 2 and 48). "
         f"Trained {EPOCHS.value} epochs each (Adam, batch 128), seeds (1, 2), (3, 4), ... "
         f"`zip_models(models, calibration)` with {CALIBRATION.value:,} training images per task and the default "
         "recipe: the common prefix is zipped fully, each model keeps the rest as its branch (see "

@@ -42,3 +42,20 @@ def test_adding_a_trained_model_and_the_errors(rng):
     half = tf_mtz.zip_models(models, x, sharing=0.5, verbose=0)
     with pytest.raises(tf_mtz.ZipError, match="shares its hidden layers whole"):
         tf_mtz.add_task(half, {"c": mlp("c", seed=2)}, x, verbose=0)
+
+
+def test_teachers_make_the_final_retraining_distil_the_zipped_tasks_from_their_own_models(rng):
+    x = rng.normal(size=(600, 20)).astype("float32")
+    own = {"a": mlp("a", seed=0), "b": mlp("b", seed=1)}
+    # A poor A+B zip (no refit, paper-free averaging): its own outputs are a bad teacher for a and b.
+    zab = tf_mtz.zip_models(own, x, config=tf_mtz.ZipConfig(refit=False), verbose=0)
+    retrain = tf_mtz.Retrain(steps_per_layer=0, final_steps=300)
+    gap = {}
+    for label, teachers in (("zipped", None), ("own", own)):
+        grown = tf_mtz.add_task(zab, {"c": mlp("c", seed=2)}, x, retrain=retrain, teachers=teachers, verbose=0)
+        out = grown.predict(x, verbose=0)
+        gap[label] = {t: float(np.abs(out[t] - own[t].predict(x, verbose=0)).mean()) for t in own}
+    assert all(gap["own"][t] < 0.8 * gap["zipped"][t] for t in own), gap
+    assert grown.zip_report.settings["retrain"]["teachers"] == ["a", "b"]
+    with pytest.raises(tf_mtz.ZipError, match=r"teachers name \['c'\]"):
+        tf_mtz.add_task(zab, {"c": mlp("c", seed=2)}, x, retrain=retrain, teachers={"c": own["a"]}, verbose=0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 
 import keras
 import numpy as np
@@ -308,7 +309,17 @@ def _split_separable(layer, parent: int, ops: list, model_name: str) -> int:
     pointwise.set_weights(weights[1:])
     ops.append(Op(depthwise, [parent]))
     ops.append(Op(pointwise, [len(ops) - 1]))
+    _SPLIT_FROM[depthwise] = _SPLIT_FROM[pointwise] = layer
     return len(ops) - 1
+
+
+_SPLIT_FROM = weakref.WeakKeyDictionary()  # a SeparableConv2D's depthwise and pointwise parts -> that layer
+
+
+def split_from(layer):
+    """The model's layer that `layer` is a part of (a SeparableConv2D's pointwise part), else None: `sharing`
+    may name the model's layer."""
+    return _SPLIT_FROM.get(layer) if isinstance(layer, keras.layers.Layer) else None
 
 
 def _fold_batch_norms(ops: list, model_name: str, output_ops: list) -> tuple[list, dict, list]:
@@ -821,7 +832,8 @@ def _plan_from_ops(tasks, names, ops, folded, output_ops, output_names, original
                 and not is_input(slot.input_space):
             raise ZipError(f"Layer '{slot.position.name}' of model '{names[first]}' reads token ids from another "
                            "layer's output; tf_mtz zips token layers (Embedding) that read a model input.")
-        if not is_input(slot.input_space):
+        if not is_input(slot.input_space) and not hasattr(slot.position.handler, "attention_weights"):
+            # (an attention layer's kernel is its output projection: its rows are heads, not input units)
             slot.rows_per_input_unit = _rows_per_unit(plan, slot, names)
     return plan
 

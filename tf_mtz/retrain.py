@@ -92,6 +92,11 @@ class Retrain:
             if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight < 0:
                 raise ZipError(f"Retrain.loss_weights['{key}'] must be a finite number >= 0, got {weight!r}.")
 
+    def settings(self) -> dict:
+        """The settings the zip report keeps: the numbers and names (no data, losses or optimizer objects)."""
+        return {k: v for k, v in vars(self).items()
+                if k != "data" and not callable(v) and isinstance(v, (int, float, str))}
+
     def check_keys(self, keys: list) -> None:
         """Raises ZipError where `losses` or `loss_weights` names a head that is not in `keys` (its task's
         name, or "task/output")."""

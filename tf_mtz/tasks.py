@@ -3,11 +3,14 @@ already share (the paper's procedure for more than two models), and those units 
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 
 from tf_mtz import config as config_lib
 from tf_mtz import experimental, graph, keras_graph, prefix
 from tf_mtz.errors import ZipError
+from tf_mtz.retrain import fine_tune
 
 
 def task_models(zipped: keras.Model) -> dict:
@@ -56,7 +59,7 @@ _WHOLE_ONLY = ("add_task reads the zipped model '{name}' as one model per task, 
 
 
 def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, retrain=None, config=None, *,
-             checkpoint_dir=None, verbose: int = 1) -> keras.Model:
+             teachers=None, checkpoint_dir=None, verbose: int = 1) -> keras.Model:
     """Zips one or more further models into a zipped model.
 
     The zipped model's tasks become task models again (`task_models`), and all are zipped together with
@@ -74,6 +77,10 @@ def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, r
         sharing: as in `zip_models`: the fraction (or per-layer counts) of each layer shared by all tasks.
         retrain: a `tf_mtz.Retrain`, or None. Retraining trains every task, the zipped model's too.
         config: a `tf_mtz.ZipConfig`; its `merge` is replaced by keeping the shared units' weights.
+        teachers: `{task: original keras.Model}` for the zipped model's tasks: the final retraining
+            (`retrain.final_steps`) then distils them from these, as zipping all at once would, instead of
+            from the zipped model's own outputs (which keeps its errors). Per-layer steps still distil
+            from the zipped model.
         checkpoint_dir: as in `zip_models`: a checkpoint after every layer step, resumed by a rerun.
         verbose: as in `zip_models`.
 
@@ -82,7 +89,7 @@ def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, r
 
     Raises:
         ValueError (`tf_mtz.ZipError`): a task name already in the zipped model, a zipped model whose
-            layers are not shared whole, or what `zip_models` refuses.
+            layers are not shared whole, teachers for unknown tasks, or what `zip_models` refuses.
 
     Example:
 
@@ -109,10 +116,23 @@ def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, r
     split = prefix.split({**existing, **models})
     if split is not None:  # zipping a common prefix only would not keep the zipped tasks' trunk
         raise ZipError(f"The models differ ({split.reason}). " + _WHOLE_ONLY.format(name=zipped.name))
+    teachers = dict(teachers or {})
+    unknown = sorted(set(teachers) - set(existing))
+    if unknown:
+        raise ZipError(f"add_task's teachers name {unknown}, which are not tasks of the zipped model '{zipped.name}' "
+                       f"({sorted(existing)}); the added models teach themselves.")
+    final = None
+    if teachers and retrain is not None and retrain.final_steps:
+        final, retrain = retrain, (dataclasses.replace(retrain, final_steps=0) if retrain.steps_per_layer else None)
     try:
-        return zip_models({**existing, **models}, calibration_data, sharing=sharing, retrain=retrain, config=keep,
-                          checkpoint_dir=checkpoint_dir, verbose=verbose)
+        grown = zip_models({**existing, **models}, calibration_data, sharing=sharing, retrain=retrain, config=keep,
+                           checkpoint_dir=checkpoint_dir, verbose=verbose)
     except ZipError as error:
         if "same layer types" in str(error) or "wired to different" in str(error) or "same depth" in str(error):
             raise ZipError(f"{error} " + _WHOLE_ONLY.format(name=zipped.name)) from error
         raise
+    if final is not None:
+        data = final if final.data is not None else dataclasses.replace(final, data=calibration_data)
+        fine_tune(grown, data, final.final_steps, teachers={**existing, **teachers, **models}, verbose=verbose)
+        grown.zip_report.settings["retrain"] = {**final.settings(), "teachers": sorted(teachers)}
+    return grown

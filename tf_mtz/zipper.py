@@ -211,7 +211,7 @@ def _zip_prefix(split, models, calibration_data, sharing, retrain, config, evalu
     report.prefix = split.describe()
     report.settings.update({"sharing": dict(sharing) if isinstance(sharing, dict) else sharing,
                             "synthetic_calibration": synthetic, "seconds": time.perf_counter() - started,
-                            "retrain": _retrain_settings(retrain)})
+                            "retrain": (None if retrain is None else retrain.settings())})
     zipped.zip_report = report
     if evaluation_data is not None:
         if any(len(split.outputs[t]) != 1 for t in split.tasks):
@@ -382,14 +382,8 @@ def _zip_report(models, zipped, state, layer_reports, sharing, config, retrain, 
         params_shared=state_lib.count_shared_parameters(state),
         settings={"sharing": (dict(sharing) if isinstance(sharing, dict) else _auto_settings(sharing)
                               if isinstance(sharing, auto_sharing.AutoSharing) else sharing), **config.as_dict(),
-                  "retrain": _retrain_settings(retrain),
+                  "retrain": (None if retrain is None else retrain.settings()),
                   "seconds": time.perf_counter() - started})
-
-
-def _retrain_settings(retrain) -> dict | None:
-    """A Retrain as the report's settings keep it (its data left out)."""
-    return None if retrain is None else {k: v for k, v in vars(retrain).items()
-                                         if k != "data" and not callable(v) and isinstance(v, (int, float, str))}
 
 
 class _LayerSteps:
@@ -529,7 +523,7 @@ def resolve_sharing(sharing, plan: graph.ZipPlan) -> list:
         names.setdefault(slot.position.name, [i])  # qualified inside composite layers: "encoder0/..."
         for layer in slot.position.layers.values():
             names.setdefault(layer.name, [i])
-            owner = plan.grouped.get(id(layer), (plan.split_layers.get(id(layer)),))[0]
+            owner = plan.grouped.get(id(layer), (plan.split_layers.get(id(layer)),))[0] or graph.split_from(layer)
             if owner is not None and i not in parts.setdefault(owner.name, []):
                 parts[owner.name].append(i)
     names = {**parts, **names}
