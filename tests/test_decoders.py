@@ -75,3 +75,24 @@ def test_transposed_convolution_with_output_padding_is_refused_by_name():
     other = keras.models.clone_model(model)
     with pytest.raises(ValueError, match=r"Conv2DTranspose 'odd_up' of model 'decoder' uses dilation or output_padding"):
         tf_mtz.zip_models({"a": model, "b": other}, np.zeros((4, 6, 6, 2), "float32"), verbose=0)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_a_bias_free_transposed_convolution_changing_the_width_reproduces_a_permuted_copy(batch_norm, rng):
+    """Keras keeps a Conv2DTranspose kernel as (kh, kw, filters, inputs): a bias-free one's zero bias and
+    a BatchNormalization folded into it must count the filters, not the inputs (here 8 -> 5)."""
+    keras.utils.set_random_seed(3)
+    x = inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="down")(x)
+    h = keras.layers.Conv2DTranspose(5, 3, strides=2, padding="same", use_bias=False, name="up")(h)
+    if batch_norm:
+        h = keras.layers.BatchNormalization(name="up_bn")(h)
+    h = keras.layers.ReLU(name="up_relu")(h)
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 1, name="head")(h))
+    if batch_norm:
+        randomize_batch_norms(model, seed=3)
+    data = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": model, "b": tf_mtz.testing.permuted_copy(model, seed=4)}, data, verbose=0)
+    expected = model.predict(data, verbose=0)
+    for task in ("a", "b"):
+        np.testing.assert_allclose(zipped.predict(data, verbose=0)[task], expected, atol=1e-4)

@@ -126,3 +126,26 @@ def test_models_with_no_common_prefix_or_a_bad_alignment_are_refused(rng):
         tf_mtz.zip_models({"a": a, "b": b}, x, alignment={"flatten": "conv4"}, verbose=0)
     with pytest.raises(tf_mtz.ZipError, match="AutoSharing.*differ"):
         tf_mtz.zip_models({"a": a, "b": b}, x, sharing=tf_mtz.AutoSharing(0.5), verbose=0)
+
+
+def test_heads_with_other_kernels_become_branches_whose_linear_maps_fold_into_them(rng):
+    """A full-map 'valid' convolution head next to a 1x1 head: they read other rows, so each is a branch,
+    and the maps giving them their own features fold into their kernels (no extra layer)."""
+    def model(name, kernel, units, seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((8, 8, 1), name="image")
+        h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(x)
+        return keras.Model(x, keras.layers.Flatten(name="flat")(
+            keras.layers.Conv2D(units, kernel, padding="valid", name="head")(h)), name=name)
+
+    a = model("full_map", 8, 3, 0)
+    b = model("one_by_one", 1, 1, 1)
+    b.get_layer("conv").set_weights(permuted_copy(a, seed=2)[0].get_layer("conv").get_weights())
+    x = rng.normal(size=(256, 8, 8, 1)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": a, "b": b}, x, verbose=0)
+    out = zipped.predict(x[:32], verbose=0)
+    assert relative_error(out["a"], a.predict(x[:32], verbose=0)) < 1e-4
+    assert relative_error(out["b"], b.predict(x[:32], verbose=0)) < 1e-4
+    assert zipped.zip_report.prefix["branches"] == {"a": ["head", "flat"], "b": ["head", "flat"]}
+    assert not [layer.name for layer in zipped.layers if layer.name.endswith("_branch_input")]
+    assert zipped.count_params() == 4 * 9 + 4 + (8 * 8 * 4 + 1) * 3 + (4 + 1) * 1

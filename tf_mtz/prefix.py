@@ -121,9 +121,20 @@ def _lines_up(tasks, ops, tails) -> bool:
         if len(body) != len(first) or heads != first_heads:
             return False
         for i, (a, b) in enumerate(zip(first, body)):
-            if not (_same_op(a, b) or (i in heads and type(a.layer) is type(b.layer) and a.parents == b.parents)):
+            if not (_same_op(a, b) or (i in heads and _same_head(a, b))):
                 return False
     return True
+
+
+def _same_head(a, b) -> bool:
+    """Output layers line up where they differ at most in width and activation (a kernel of another size
+    reads other rows: such heads are kept apart as branches)."""
+    if type(a.layer) is not type(b.layer) or a.parents != b.parents:
+        return False
+    config_a, config_b = graph.comparable_config(a.layer), graph.comparable_config(b.layer)
+    config_a.pop("activation", None)
+    config_b.pop("activation", None)
+    return config_a == config_b
 
 
 def _without_suffixes(ops, tails) -> tuple[list, set]:
@@ -302,5 +313,5 @@ def _folded(head, reader) -> list:
     bias = reader.get_weights()[1] if reader.use_bias else np.zeros(kernel.shape[-1], kernel.dtype)
     # The kernel's second-to-last axis reads the input's units: put the head's map in front of it.
     folded_kernel = np.einsum("ij,...jo->...io", head_kernel, kernel)
-    folded_bias = bias + np.einsum("j,...jo->o", head_bias, kernel)
+    folded_bias = bias + (kernel * head_bias[:, None]).reshape(-1, kernel.shape[-1]).sum(axis=0)
     return [folded_kernel.astype(kernel.dtype), folded_bias.astype(kernel.dtype)]

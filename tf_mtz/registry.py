@@ -755,7 +755,10 @@ class Conv2DTransposeHandler(Conv2DHandler):
 
     def kernel_and_bias(self, layer):
         kernel, bias = super().kernel_and_bias(layer)
-        return self.layout_kernel(kernel), bias
+        kernel = self.layout_kernel(kernel)
+        if bias.shape[0] != kernel.shape[-1]:  # no bias: the zeros must count the filters, Keras' last axis
+            bias = np.zeros(kernel.shape[-1], np.float32)  # is the inputs
+        return kernel, bias
 
     def units(self, layer) -> int:
         return int(layer.filters)
