@@ -27,15 +27,25 @@ def test_judge_losses_with_and_without_labels():
     own = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
     zipped = np.array([[0.9, 0.1], [0.7, 0.3], [0.6, 0.4], [0.3, 0.7]])  # one top-1 changed of 4
     labels = np.array([0, 1, 1, 1])  # own: 1 error of 4 (25 %); zipped: 2 of 4 (50 %)
-    judge = auto_sharing.Judge(0.3, {"a": None, "b": None, "c": None}, {"a": labels, "b": None, "c": None},
-                               {"a": own, "b": own, "c": own[:, :1]})
-    losses = judge.losses({"a": zipped, "b": zipped, "c": zipped[:, :1]})
+    tasks = ("a", "b", "c", "d", "e")
+    judge = auto_sharing.Judge({t: 0.3 for t in tasks}, dict.fromkeys(tasks), {**dict.fromkeys(tasks), "a": labels},
+                               {"a": own, "b": own, "c": own[:, :1], "d": own, "e": own},
+                               {"a": "softmax", "b": "softmax", "c": "linear", "d": "linear", "e": "sigmoid"})
+    losses = judge.losses({"a": zipped, "b": zipped, "c": zipped[:, :1], "d": zipped, "e": zipped})
     assert losses["a"] == pytest.approx(25.0)  # percentage points above its own model
     assert losses["b"] == pytest.approx(0.25)  # a fraction of departed top-1 outputs
     assert losses["c"] == pytest.approx(np.linalg.norm(zipped[:, 0] - own[:, 0]) / np.linalg.norm(own[:, 0]))
+    # A linear head of several units (a regression of (y, x), a heat map) is judged by its values, not
+    # by its arg-max; a sigmoid head by the units that flip.
+    assert losses["d"] == pytest.approx(np.linalg.norm(zipped - own) / np.linalg.norm(own))
+    assert losses["e"] == pytest.approx(2 / 8)
     assert not judge.passes(losses)
+    per_task = auto_sharing.Judge({"a": 30.0, "b": 0.3}, {"a": None, "b": None}, {"a": labels, "b": None},
+                                  {"a": own, "b": own}, {"a": "softmax", "b": "softmax"})
+    assert per_task.passes(per_task.losses({"a": zipped, "b": zipped}))
     labels = np.zeros(5000, int)
-    at_tolerance = auto_sharing.Judge(0.3, {"a": None}, {"a": labels}, {"a": np.tile([[1.0, 0.0]], (5000, 1))})
+    at_tolerance = auto_sharing.Judge({"a": 0.3}, {"a": None}, {"a": labels}, {"a": np.tile([[1.0, 0.0]], (5000, 1))},
+                                      {"a": "softmax"})
     wrong = np.tile([[1.0, 0.0]], (5000, 1))
     wrong[:15] = [0.0, 1.0]  # 15 of 5,000 images: 0.3 points, up to rounding
     assert at_tolerance.passes(at_tolerance.losses({"a": wrong}))
@@ -93,3 +103,12 @@ def test_report_keeps_and_plots_what_was_tried(rng, tmp_path):
     path = report.plot_auto_sharing(str(tmp_path / "auto.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tolerances_per_task_are_checked():
+    assert tf_mtz.AutoSharing({"a": 0.3, "b": 5.0}).tolerances(["a", "b"]) == {"a": 0.3, "b": 5.0}
+    assert tf_mtz.AutoSharing(0.3).tolerances(["a", "b"]) == {"a": 0.3, "b": 0.3}
+    with pytest.raises(tf_mtz.ZipError, match=r"names tasks \['a'\]; give one for each of \['a', 'b'\]"):
+        tf_mtz.AutoSharing({"a": 0.3}).tolerances(["a", "b"])
+    with pytest.raises(tf_mtz.ZipError, match="must be a number >= 0"):
+        tf_mtz.AutoSharing({"a": -1.0})

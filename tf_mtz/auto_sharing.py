@@ -21,16 +21,19 @@ class AutoSharing:
     """Lets `zip_models` choose each hidden layer's sharing: from the input, the largest fraction (on a grid
     of `step`) whose zipped network stays within `tolerance` of every task's own model on `data`.
 
-    With labelled `data` (`(x, y)` per task, or one for all) the tolerance is in percentage points of
-    classification error per task. With inputs alone (or `data=None`: the calibration inputs) it is the
-    fraction of inputs on which a task's top-1 output departs from its own model's; for a regression head
-    (one output unit) the relative output error ‖zipped − own‖ / ‖own‖. Each layer is judged right after
+    The loss follows each task's output layer. A softmax head: with labelled `data` (`(x, y)` per task, or
+    one for all) percentage points of classification error over its own model's; with inputs alone (or
+    `data=None`: the calibration inputs) the fraction of inputs on which its top-1 output departs from its
+    own model's. A sigmoid head: the fraction of output units (thresholded at 0.5) that flip. A linear head
+    (regression, heat maps, dense outputs): the relative output error ‖zipped − own‖ / ‖own‖. Tasks of
+    different kinds take different tolerances: give `{task: tolerance}`. Each layer is judged right after
     it is zipped and the next layer refit, before any retraining, so retraining can only do better. The
     search assumes that sharing fewer units never costs more (it bisects the grid); the report lists every
     candidate tried (`zip_report.auto_sharing`) and plots them (`zip_report.plot_auto_sharing`).
 
     Args:
-        tolerance: the loss allowed per task (percentage points with labels, a fraction without), >= 0.
+        tolerance: the loss allowed per task (percentage points with labels, a fraction without), >= 0;
+            one number for every task or `{task: number}` naming every task.
         data: held-out data, as `calibration_data` takes it (numpy arrays); None uses the calibration data,
             which is then not held out. At most `max_samples` samples per task are used.
         step: the grid of fractions tried, in (0, 1].
@@ -48,18 +51,33 @@ class AutoSharing:
     ```
     """
 
-    tolerance: float
+    tolerance: object
     data: object = None
     step: float = 0.05
     max_samples: int = 2000
 
     def __post_init__(self):
-        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or self.tolerance < 0:
-            raise ZipError(f"AutoSharing(tolerance=...) must be a number >= 0, got {self.tolerance!r}.")
+        values = self.tolerance.values() if isinstance(self.tolerance, dict) else [self.tolerance]
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in values):
+            raise ZipError(f"AutoSharing(tolerance=...) must be a number >= 0 or {{task: number >= 0}}, got "
+                           f"{self.tolerance!r}.")
         if not isinstance(self.step, (int, float)) or not 0 < self.step <= 1:
             raise ZipError(f"AutoSharing(step=...) must be in (0, 1], got {self.step!r}.")
         if not isinstance(self.max_samples, int) or self.max_samples < 1:
             raise ZipError(f"AutoSharing(max_samples=...) must be a positive integer, got {self.max_samples!r}.")
+
+    def tolerances(self, tasks: list) -> dict:
+        """`{task: tolerance}` for every task.
+
+        Raises:
+            ZipError: a per-task tolerance that misses a task or names an unknown one.
+        """
+        if not isinstance(self.tolerance, dict):
+            return {t: float(self.tolerance) for t in tasks}
+        if set(self.tolerance) != set(tasks):
+            raise ZipError(f"AutoSharing(tolerance={{...}}) names tasks {sorted(self.tolerance)}; give one for each "
+                           f"of {sorted(tasks)}.")
+        return {t: float(self.tolerance[t]) for t in tasks}
 
 
 def candidate_counts(width: int, step: float) -> list:
@@ -87,10 +105,14 @@ def largest_passing(candidates: list, passes) -> int:
 class Judge:
     """The loss of each task's zipped output against its own model's on held-out inputs (see AutoSharing)."""
 
-    def __init__(self, tolerance: float, inputs: dict, labels: dict, originals: dict):
-        """`inputs`, `labels` (None where there are none) and the own models' `originals` outputs, per task."""
-        self.tolerance, self.inputs, self.labels, self.originals = tolerance, inputs, labels, originals
-        self.own_error = {t: _error(originals[t], labels[t]) for t in inputs if labels[t] is not None}
+    def __init__(self, tolerances: dict, inputs: dict, labels: dict, originals: dict, activations: dict):
+        """Per task: the loss allowed, the `inputs`, their `labels` (None where there are none), the own
+        models' `originals` outputs, and the output `activations` ("softmax", "sigmoid" or "linear")."""
+        self.tolerances, self.inputs, self.labels, self.originals = tolerances, inputs, labels, originals
+        self.activations = activations
+        # Labels count for softmax heads only (classification error); other heads compare outputs.
+        self.labels = {t: (y if activations[t] == "softmax" else None) for t, y in labels.items()}
+        self.own_error = {t: _error(originals[t], y) for t, y in self.labels.items() if y is not None}
 
     def losses(self, outputs: dict) -> dict:
         """`{task: loss}` of the zipped network's `outputs` per task."""
@@ -99,15 +121,17 @@ class Judge:
             zipped, own = np.asarray(zipped, np.float64), np.asarray(self.originals[t], np.float64)
             if self.labels[t] is not None:
                 result[t] = _error(zipped, self.labels[t]) - self.own_error[t]
-            elif zipped.shape[-1] > 1:
+            elif self.activations[t] == "softmax" and zipped.shape[-1] > 1:
                 result[t] = float(np.mean(np.argmax(zipped, -1) != np.argmax(own, -1)))
+            elif self.activations[t] == "sigmoid":
+                result[t] = float(np.mean((zipped > 0.5) != (own > 0.5)))
             else:
                 result[t] = float(np.linalg.norm(zipped - own) / max(np.linalg.norm(own), 1e-12))
         return result
 
     def passes(self, losses: dict) -> bool:
         # A slack for rounding: 15 of 5,000 images is 0.30000000000000004 points, which must meet 0.3.
-        return all(loss <= self.tolerance + 1e-9 for loss in losses.values())
+        return all(loss <= self.tolerances[t] + 1e-9 for t, loss in losses.items())
 
 
 def _error(outputs, labels) -> float:

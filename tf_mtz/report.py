@@ -165,7 +165,10 @@ class ZipReport:
             for task in self.tasks:
                 axis.plot([c / record["width"] for c, _ in tried], [losses[task] for _, losses in tried], "o-",
                           label=task)
-            if tolerance is not None:
+            if isinstance(tolerance, dict):  # one tolerance per task
+                for task in self.tasks:
+                    axis.axhline(tolerance[task], color="gray", linestyle=":", label=f"tolerance {task}")
+            elif tolerance is not None:
                 axis.axhline(tolerance, color="gray", linestyle="--", label="tolerance")
             axis.axvline(record["chosen"] / record["width"], color="black", label="chosen")
             axis.set_title(record["layer"])

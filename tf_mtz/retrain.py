@@ -141,7 +141,7 @@ def logits_model(model: keras.Model, output) -> tuple[keras.Model, str]:
         # The head sits in a nested model: find its logits there and call that on the nested input.
         inner, activation = logits_model(op, op.outputs[0])
         return keras.Model(model.inputs, inner(keras_graph.call_inputs(op, node_index)[0])), activation
-    squashing = _squashing(op)
+    squashing = squashing(op)
     layer_input = keras_graph.call_inputs(op, node_index)[0]
     if squashing:
         return keras.Model(model.inputs, layer_input), squashing
@@ -154,7 +154,7 @@ def logits_model(model: keras.Model, output) -> tuple[keras.Model, str]:
     return keras.Model(model.inputs, output), "linear"
 
 
-def _squashing(layer) -> str | None:
+def squashing(layer) -> str | None:
     """"softmax" or "sigmoid" for a Softmax layer or such an Activation layer, else None."""
     if isinstance(layer, keras.layers.Softmax):
         return "softmax"
@@ -193,7 +193,7 @@ def chain_teacher(plan, task, output=None) -> tuple:
     activation = handler.activation(head)
     if activation == "linear":
         for layer in output.suffixes[task]:
-            activation = _squashing(layer) or activation
+            activation = squashing(layer) or activation
     return _ChainTeacher(plan, task, head, linear), activation
 
 

@@ -341,7 +341,19 @@ def _sharing_search(auto, models, plan, calibration_data) -> auto_sharing.Sharin
         inputs[t] = x[:auto.max_samples]
         labels[t] = None if y is None else y[:auto.max_samples]
     originals = {t: np.asarray(models[t].predict(inputs[t], verbose=0, batch_size=1024)) for t in plan.tasks}
-    return auto_sharing.SharingSearch(auto_sharing.Judge(float(auto.tolerance), inputs, labels, originals), auto.step)
+    activations = {t: _output_activation(plan, t) for t in plan.tasks}
+    judge = auto_sharing.Judge(auto.tolerances(plan.tasks), inputs, labels, originals, activations)
+    return auto_sharing.SharingSearch(judge, auto.step)
+
+
+def _output_activation(plan, task) -> str:
+    """"softmax", "sigmoid" or "linear": what turns a task's (first) head into its output."""
+    output = plan.outputs[0]
+    position = plan.slots[output.slot].position
+    activation = position.handler.activation(position.layers[task])
+    for layer in output.suffixes[task]:
+        activation = retrain_lib.squashing(layer) or activation
+    return activation if activation in ("softmax", "sigmoid") else "linear"
 
 
 def _checked_config(config) -> config_lib.ZipConfig:
