@@ -141,10 +141,10 @@ def logits_model(model: keras.Model, output) -> tuple[keras.Model, str]:
         # The head sits in a nested model: find its logits there and call that on the nested input.
         inner, activation = logits_model(op, op.outputs[0])
         return keras.Model(model.inputs, inner(keras_graph.call_inputs(op, node_index)[0])), activation
-    squashing = squashing(op)
+    squashed = squashing(op)
     layer_input = keras_graph.call_inputs(op, node_index)[0]
-    if squashing:
-        return keras.Model(model.inputs, layer_input), squashing
+    if squashed:
+        return keras.Model(model.inputs, layer_input), squashed
     handler = registry.handler_for(op)
     if isinstance(handler, registry.UnitLayerHandler):
         act = handler.activation(op)
