@@ -253,7 +253,11 @@ def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, eva
             steps.counts[index] = search.choose(plan.slots[index].position.name, width,
                                                 lambda count: _trial_outputs(plan, state, probe, steps, index, count,
                                                                              search.probe))
-        layer_report = steps.zip_layer(index)
+        trial, steps.last_trial = steps.last_trial, None
+        if trial is not None and trial.count == steps.counts[index]:
+            layer_report = trial.accept(state, probe, search.probe, steps)  # the chosen count was tried last
+        else:
+            layer_report = steps.zip_layer(index)
         if layer_report.shared and evaluation is not None:
             layer_report.accuracy_zipped = _accuracy(rebuild.build_model(plan, state).model, evaluation)
         if layer_report.shared and retrain is not None and retrain.steps_per_layer:
@@ -313,15 +317,49 @@ def _trial_outputs(plan, state, probe, steps, index, count, judge_probe) -> dict
     saved_steps = (dict(steps.group_counts), dict(steps.refit_mismatch), dict(steps.input_hessians), steps.verbose)
     try:
         steps.counts[index], steps.verbose = count, 0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RankDeficientWarning)
-            steps.zip_layer(index)
-        return {t: judge_probe.zipped_outputs(t) for t in plan.tasks}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RankDeficientWarning)
+            layer_report = steps.zip_layer(index)
+        outputs = {t: judge_probe.zipped_outputs(t) for t in plan.tasks}
+        # Kept without a copy: restoring below puts the saved objects back into `state` and leaves these.
+        steps.last_trial = _Trial(index, count, dict(state.__dict__), probe.checkpoint(), judge_probe.checkpoint(),
+                                  (dict(steps.group_counts), dict(steps.refit_mismatch), dict(steps.input_hessians)),
+                                  layer_report, [w for w in caught if issubclass(w.category, RankDeficientWarning)])
+        return outputs
     finally:
         state.__dict__.update(saved_state.__dict__)
         probe.restore(saved_probe)
         judge_probe.restore(saved_judge)
         steps.group_counts, steps.refit_mismatch, steps.input_hessians, steps.verbose = saved_steps
+
+
+@dataclasses.dataclass
+class _Trial:
+    """A layer zipped at one count by AutoSharing's search, kept so that where it is chosen the zip takes it
+    instead of zipping the layer once more."""
+
+    index: int
+    count: int
+    state: dict  # the zip state's attributes after the trial
+    probe: tuple  # checkpoints of the calibration probe and of the judging probe after the trial
+    judge_probe: tuple
+    steps: tuple  # the layer steps' group counts, refit mismatches and input Hessians after the trial
+    layer_report: object
+    warnings: list
+
+    def accept(self, state, probe, judge_probe, steps) -> report_lib.LayerReport:
+        """Puts the zip where the trial left it, says what the zip would have said, returns its report."""
+        state.__dict__.update(self.state)
+        probe.restore(self.probe)
+        judge_probe.restore(self.judge_probe)
+        steps.group_counts, steps.refit_mismatch, steps.input_hessians = (dict(d) for d in self.steps)
+        if self.count and steps.verbose:
+            keras_graph.print_message(f"tf_mtz: zipping layer {self.index + 1}/{len(steps.plan.slots) - 1} "
+                                      f"'{steps.plan.slots[self.index].position.name}': sharing {self.count} units "
+                                      "(as tried)")
+        for caught in self.warnings:
+            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
+        return self.layer_report
 
 
 def _sharing_search(auto, models, plan, calibration_data) -> auto_sharing.SharingSearch:
@@ -406,6 +444,7 @@ class _LayerSteps:
         self.plan, self.state, self.probe, self.config = plan, state, probe, config
         self.counts, self.verbose = counts, verbose
         self.group_counts = {}  # group -> shared units, set by the group's first layer
+        self.last_trial = None  # AutoSharing's most recent trial of a layer (a `_Trial`)
         self.refit_mismatch = {}  # slot index -> what its refit left, reported with that layer
         # slot index -> {task: LayerHessian} of its input, from its refit's Gram where that is the Hessian
         self.input_hessians = {}
