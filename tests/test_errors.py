@@ -27,8 +27,11 @@ def zip_raises(match, models, data, **kwargs):
 
 def test_different_depths_zip_their_common_prefix(pair, x):
     deeper = mlp("deeper", widths=(24, 16, 8))
-    zipped = tf_mtz.zip_models({"a": pair[0], "b": deeper}, x, verbose=0)
+    y = np.argmax(pair[0].predict(x, verbose=0), axis=-1)
+    zipped = tf_mtz.zip_models({"a": pair[0], "b": deeper}, x, evaluation_data={"a": (x, y), "b": (x, y)}, verbose=0)
     assert zipped.zip_report.prefix["branches"] == {"a": ["head"], "b": ["fc3", "head"]}
+    assert zipped.zip_report.accuracy_original["a"] == 1.0  # its own predictions are the labels
+    assert set(zipped.zip_report.accuracy_final) == {"a", "b"}
     assert "output layers of model 'model_a'" in zipped.zip_report.prefix["stopped"]
 
 

@@ -108,9 +108,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     tasks = plan.tasks
     input_names = tuple(i.name for i in plan.inputs)
     calibration_data = _read_streams(calibration_data, plan.tasks, plan.inputs, config.max_samples)
-    synthetic = calibration_data is None or isinstance(calibration_data, synthesis.SyntheticInputs)
-    if synthetic:  # no real data: inputs made up from the models' own statistics
-        calibration_data = synthesis.synthesize(models, calibration_data or synthesis.SyntheticInputs(), verbose)
+    calibration_data, synthetic = _real_or_synthetic(calibration_data, models, verbose)
     search = None
     if isinstance(sharing, auto_sharing.AutoSharing):  # counts chosen layer by layer as the zip goes
         search = _sharing_search(sharing, models, plan, calibration_data)
@@ -128,9 +126,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
         raise ZipError(f"evaluation_data measures one accuracy per task, but the models have {plan.head_count} "
                        "outputs; evaluate the zipped model's outputs yourself.")
     if evaluation_data is not None:
-        evaluation = {t: data_lib.as_dataset(d, t, plan.inputs, "Evaluation data", config.batch_size,
-                                             with_labels=True)
-                      for t, d in data_lib.per_task(evaluation_data, tasks, "Evaluation data", input_names).items()}
+        evaluation = _evaluation_datasets(evaluation_data, tasks, plan.inputs, config.batch_size)
     trainer_inputs = None if retrain is None else _trainer_inputs(plan, retrain, calibration_data, strategy)
 
     checkpoints = None
@@ -168,9 +164,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     if synthetic:
         logging.warning("tf_mtz: %s.", report_lib.SYNTHETIC_NOTE)
     if evaluation is not None:
-        zipped.zip_report.accuracy_original = {
-            t: _accuracy(models[t], {t: evaluation[t]}, single_output=True)[t] for t in tasks}
-        zipped.zip_report.accuracy_final = _accuracy(zipped, evaluation)
+        _report_accuracies(zipped.zip_report, models, zipped, evaluation)
     if verbose:
         keras_graph.print_message(f"tf_mtz: zipped {len(tasks)} models in {time.perf_counter() - started:.1f} s")
     return zipped
@@ -189,9 +183,8 @@ def _zip_prefix(split, models, calibration_data, sharing, retrain, config, evalu
                        "with final_steps, which trains the whole model with labels.")
     logging.warning("tf_mtz: the models differ (%s): zipping the %d layers before that; the rest of each model "
                     "stays its own branch.", split.reason, split.length)
-    synthetic = calibration_data is None or isinstance(calibration_data, synthesis.SyntheticInputs)
-    if synthetic:  # made up once, from the whole models (every BatchNormalization's statistics)
-        calibration_data = synthesis.synthesize(models, calibration_data or synthesis.SyntheticInputs(), verbose)
+    # Made up once, from the whole models (every BatchNormalization's statistics), not from their prefixes.
+    calibration_data, synthetic = _real_or_synthetic(calibration_data, models, verbose)
     calibration_data = _read_streams(calibration_data, split.tasks, graph.inputs_of(next(iter(models.values()))),
                                      config.max_samples)
     layer_retrain = None
@@ -216,14 +209,31 @@ def _zip_prefix(split, models, calibration_data, sharing, retrain, config, evalu
     if evaluation_data is not None:
         if any(len(split.outputs[t]) != 1 for t in split.tasks):
             raise ZipError("evaluation_data measures one accuracy per task; evaluate these models' outputs yourself.")
-        inputs = graph.inputs_of(next(iter(models.values())))
-        names = tuple(i.name for i in inputs)
-        evaluation = {t: data_lib.as_dataset(d, t, inputs, "Evaluation data", config.batch_size, with_labels=True)
-                      for t, d in data_lib.per_task(evaluation_data, split.tasks, "Evaluation data", names).items()}
-        report.accuracy_original = {t: _accuracy(models[t], {t: evaluation[t]}, single_output=True)[t]
-                                    for t in split.tasks}
-        report.accuracy_final = _accuracy(zipped, evaluation)
+        evaluation = _evaluation_datasets(evaluation_data, split.tasks, graph.inputs_of(next(iter(models.values()))),
+                                          config.batch_size)
+        _report_accuracies(report, models, zipped, evaluation)
     return zipped
+
+
+def _real_or_synthetic(calibration_data, models, verbose) -> tuple:
+    """`(calibration data, whether it was made up)`: None or a `SyntheticInputs` makes inputs up from the
+    models' own statistics (no real data)."""
+    if calibration_data is None or isinstance(calibration_data, synthesis.SyntheticInputs):
+        return synthesis.synthesize(models, calibration_data or synthesis.SyntheticInputs(), verbose), True
+    return calibration_data, False
+
+
+def _evaluation_datasets(evaluation_data, tasks, inputs, batch_size) -> dict:
+    """Per task, a labelled dataset of the evaluation data."""
+    names = tuple(i.name for i in inputs)
+    return {t: data_lib.as_dataset(d, t, inputs, "Evaluation data", batch_size, with_labels=True)
+            for t, d in data_lib.per_task(evaluation_data, tasks, "Evaluation data", names).items()}
+
+
+def _report_accuracies(report, models, zipped, evaluation) -> None:
+    """Fills in the original models' and the zipped model's accuracy per task."""
+    report.accuracy_original = {t: _accuracy(m, {t: evaluation[t]}, single_output=True)[t] for t, m in models.items()}
+    report.accuracy_final = _accuracy(zipped, evaluation)
 
 
 def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, evaluation, verbose,
