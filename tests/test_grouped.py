@@ -192,3 +192,68 @@ def test_fully_shared_grouped_model_takes_quantization_aware_training(x):
     quantized = qat.predict(x, verbose=0)
     for task in ("a", "b"):  # random models' outputs span little: int8 follows them, not exactly
         assert np.corrcoef(quantized[task].ravel(), expected[task].ravel())[0, 1] > 0.7
+
+
+def test_groups_in_another_order_are_lined_up_as_blocks(x):
+    """`permuted_copy` also moves whole groups (with the channels they read and write). Zipped group k with
+    group k, the copy's groups meet the wrong partners; lined up as blocks first (the default), both tasks
+    come back exactly, and the report names the order found."""
+    from tf_mtz.experimental import ExperimentalConfig
+
+    model = resnext("resnext")
+    copy = tf_mtz.testing.permuted_copy(model, seed=1)
+    expected = model.predict(x, verbose=0)
+    in_order = tf_mtz.zip_models({"a": model, "b": copy}, x, config=ExperimentalConfig(group_matching="in_order"),
+                                 verbose=0)
+    assert relative_error(in_order.predict(x, verbose=0)["b"], expected) > 1e-2
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, verbose=0)
+    for task, out in zipped.predict(x, verbose=0).items():
+        assert relative_error(out, expected) < 1e-4, task
+    orders = zipped.zip_report.settings["group_orders"]["b"]
+    assert sorted(orders) == ["grouped", "stream_grouped"]
+    assert sorted(orders["grouped"]) == [0, 1, 2, 3] and orders["grouped"] != [0, 1, 2, 3]
+    # The copy's own group k is what the zipped model puts at index order[k]: its kernel columns there.
+    kernel = copy.get_layer("grouped").get_weights()[0]
+    reference = model.get_layer("grouped").get_weights()[0]
+    per_group = kernel.shape[-1] // 4
+    for k, old in enumerate(orders["grouped"]):
+        got = np.sort(np.abs(kernel[..., old * per_group:(old + 1) * per_group]).ravel())
+        want = np.sort(np.abs(reference[..., k * per_group:(k + 1) * per_group]).ravel())
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_block_costs_find_moved_blocks_and_score_identical_ones_by_their_width():
+    from tf_mtz import group_pairing
+
+    a = np.random.default_rng(0).normal(size=(500, 12))
+    moved = np.concatenate([a[:, 8:12][:, [1, 0, 3, 2]], a[:, 0:4], a[:, 4:8][:, ::-1]], axis=1)
+    costs = group_pairing.block_costs(a, moved, 3)
+    assert np.argmin(costs, axis=1).tolist() == [1, 2, 0]
+    # A block against its own units reordered: every unit pairs with itself at correlation 1.
+    np.testing.assert_allclose([costs[0, 1], costs[1, 2], costs[2, 0]], -4.0, rtol=1e-9)
+    assert costs[0, 0] > -2.0
+
+
+def test_groups_whose_channels_another_grouping_reads_keep_their_order(rng):
+    """Two grouped layers read one feature in 2 and in 4 groups: moving the 4 blocks would split the 2-group
+    layer's groups, so neither moves (group k with group k), and the zip still gives back both tasks."""
+    from tf_mtz import permute
+
+    keras.utils.set_random_seed(0)
+    x = inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(x)
+    y = keras.layers.Conv2D(8, 3, padding="same", groups=2, name="grouped_a")(x)
+    z = keras.layers.Conv2D(8, 3, padding="same", groups=4, name="grouped_b")(x)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Concatenate()([y, z]))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    layout = permute.read_layout(model, clone)
+    assert layout.families == []
+    copy = tf_mtz.testing.permuted_copy(model, seed=2)
+    data = rng.normal(size=(32, 6, 6, 3)).astype("float32")
+    expected = model.predict(data, verbose=0)
+    np.testing.assert_allclose(copy.predict(data, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    zipped = tf_mtz.zip_models({"a": model, "b": copy}, data, verbose=0)
+    for out in zipped.predict(data, verbose=0).values():
+        assert relative_error(out, expected) < 1e-4

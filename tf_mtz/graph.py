@@ -949,15 +949,30 @@ def group_width(plan: ZipPlan, group: int, task: str) -> int:
 def run_prefix(plan: ZipPlan, task: str, layer, x):
     """The input that `layer` receives in the original model of `task`, computed eagerly from `x` (a tensor,
     or one per model input; calling the original layers on concrete tensors adds nothing to their graphs)."""
+    return run_prefixes(plan, task, [layer], x)[0]
+
+
+def run_prefixes(plan: ZipPlan, task: str, layers: list, x) -> list:
+    """The inputs that each of `layers` receives in the original model of `task`, from one eager pass over
+    `x` that stops at the last of them (see `run_prefix`)."""
     ops = plan.originals[task]
     values = input_values(x)
+    wanted = {id(layer): i for i, layer in enumerate(layers)}
+    last_use = {p: i for i, op in enumerate(ops) for p in op.parents}
+    found = {}
     for i, op in enumerate(ops):
         args = [values[p] for p in op.parents]
-        if op.layer is layer:
-            return args[0] if len(args) == 1 else args
+        if id(op.layer) in wanted:
+            found[wanted[id(op.layer)]] = args[0] if len(args) == 1 else args
+            if len(found) == len(layers):
+                return [found[k] for k in range(len(layers))]
         call_args, call_kwargs = keras_graph.call_arguments_for(op.layer, args[0] if len(args) == 1 else args)
         values[i] = op.layer(*call_args, training=False, **call_kwargs)
-    raise KeyError(f"Layer '{layer.name}' is not in the model of task '{task}'.")
+        for p in op.parents:  # a deep model's activations are not all kept
+            if last_use[p] == i:
+                values.pop(p, None)
+    missing = next(layer for layer in layers if id(layer) not in {id(ops[i].layer) for i in range(len(ops))})
+    raise KeyError(f"Layer '{missing.name}' is not in the model of task '{task}'.")
 
 
 def input_values(x) -> dict:

@@ -25,7 +25,7 @@ from tf_mtz import checkpoint as checkpoint_lib
 from tf_mtz import config as config_lib
 from tf_mtz import costs as costs_lib
 from tf_mtz import data as data_lib
-from tf_mtz import graph, keras_graph, matching, prefix, rebuild, registry, statistics
+from tf_mtz import graph, group_pairing, keras_graph, matching, prefix, rebuild, registry, statistics
 from tf_mtz import probe as probe_lib
 from tf_mtz import report as report_lib
 from tf_mtz import retrain as retrain_lib
@@ -109,6 +109,13 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     input_names = tuple(i.name for i in plan.inputs)
     calibration_data = _read_streams(calibration_data, plan.tasks, plan.inputs, config.max_samples)
     calibration_data, synthetic = _real_or_synthetic(calibration_data, models, verbose)
+    group_orders = {}
+    if plan.grouped and getattr(config, "group_matching", "blocks") == "blocks":
+        # Rewritten copies: the user's models stay as they are (and are what the report measures).
+        aligned, group_orders = group_pairing.align_groups(
+            models, plan, _first_samples(calibration_data, plan, config.batch_size, GROUP_PAIRING_SAMPLES))
+        if group_orders:
+            plan = graph.read_models(aligned)
     search = None
     if isinstance(sharing, auto_sharing.AutoSharing):  # counts chosen layer by layer as the zip goes
         search = _sharing_search(sharing, models, plan, calibration_data)
@@ -161,6 +168,7 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
         zipped.zip_report.auto_sharing = search.tried
     zipped.zip_report.settings["synthetic_calibration"] = synthetic
     zipped.zip_report.settings["calibration_samples"] = calibration_samples
+    zipped.zip_report.settings["group_orders"] = group_orders
     if synthetic:
         logging.warning("tf_mtz: %s.", report_lib.SYNTHETIC_NOTE)
     if evaluation is not None:
@@ -221,6 +229,23 @@ def _real_or_synthetic(calibration_data, models, verbose) -> tuple:
     if calibration_data is None or isinstance(calibration_data, synthesis.SyntheticInputs):
         return synthesis.synthesize(models, calibration_data or synthesis.SyntheticInputs(), verbose), True
     return calibration_data, False
+
+
+GROUP_PAIRING_SAMPLES = 128  # calibration samples on which grouped layers' blocks are compared
+
+
+def _first_samples(calibration_data, plan, batch_size, count):
+    """The first task's first `count` calibration samples, as one batch (a tuple of them for several model
+    inputs)."""
+    task = plan.tasks[0]
+    data = data_lib.per_task(calibration_data, plan.tasks, "Calibration data", tuple(i.name for i in plan.inputs))
+    batches, samples = [], 0
+    for batch in data_lib.as_dataset(data[task], task, plan.inputs, "Calibration data", batch_size):
+        batches.append(batch)
+        samples += int(tf.nest.flatten(batch)[0].shape[0])
+        if samples >= count:
+            break
+    return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0)[:count], *batches)
 
 
 def _evaluation_datasets(evaluation_data, tasks, inputs, batch_size) -> dict:
