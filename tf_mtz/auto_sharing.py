@@ -145,6 +145,9 @@ class SharingSearch:
     def __init__(self, judge: Judge, step: float):
         self.judge, self.step = judge, step
         self.probe = None  # the zipped network on the judge's inputs (a `probe.Probe`), set by the zipper
+        # Models of different depths: task -> callable mapping the zipped prefix's outputs `{name: array}` on
+        # the judge's inputs to the task's output (through a copy of its branch); None: the outputs are final.
+        self.finish = None
         self.tried = []  # {"layer", "width", "candidates": [(count, {task: loss} or None)], "chosen"}
 
     def choose(self, layer_name: str, width: int, zip_at) -> int:

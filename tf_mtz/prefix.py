@@ -261,6 +261,25 @@ def _prefix_model(result: Split, task: str, model) -> keras.Model:
     return keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs, name=f"{model.name}_prefix")
 
 
+def branch_model(result: Split, task: str, model) -> keras.Model:
+    """The task's branch as a model of copies of its layers: inputs the model's inputs (for what the branch
+    recomputes from them) then one per cut, named as the cut; outputs the model's, in order. AutoSharing
+    judges a zipped prefix through it."""
+    inputs = [keras.Input(shape=i.shape, dtype=i.dtype, name=i.name) for i in graph.inputs_of(model)]
+    ops = result.ops[task]
+    values = graph.input_values(inputs if len(inputs) > 1 else inputs[0])
+    replay(ops, values, result.replayed, name_prefix=f"{task}_")
+    prefix_outputs = keras_graph.output_structure(result.prefixes[task])
+    cuts = []
+    for i in result.cuts:
+        name = result.cut_name(i)
+        values[i] = keras.Input(shape=tuple(prefix_outputs[name].shape[1:]), dtype=prefix_outputs[name].dtype,
+                                name=name)
+        cuts.append(values[i])
+    replay(ops, values, range(result.length, len(ops)), name_prefix=f"{task}_")
+    return keras.Model(inputs + cuts, [values[j] for j in result.outputs[task]], name=f"{model.name}_branch")
+
+
 def assemble(result: Split, zipped_prefix: keras.Model, name: str = "zipped") -> keras.Model:
     """The zipped prefix joined with copies of every task's branch; outputs `{task: tensor}`, or
     `{"task/output": tensor}` where a model has several outputs.

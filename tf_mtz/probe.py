@@ -227,10 +227,10 @@ class Probe:
         """How many calibration samples the task's statistics read."""
         return int(sum(int(tf.nest.flatten(batch)[0].shape[0]) for batch in self.batches[task]))
 
-    def zipped_outputs(self, task: str) -> np.ndarray:
-        """The zipped network's output for `task` (its one output: the head and the weightless layers after
+    def zipped_outputs(self, task: str, output_index: int = 0) -> np.ndarray:
+        """The zipped network's output `output_index` for `task` (the head and the weightless layers after
         it) on every batch, as one array; nothing past the current frontier is kept."""
-        output = self.plan.outputs[0]
+        output = self.plan.outputs[output_index]
         batches = []
         for value in self.zipped[task].get(self.plan.slots[output.slot].position.index):
             for layer in output.suffixes[task]:

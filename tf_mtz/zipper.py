@@ -183,8 +183,7 @@ def _zip_prefix(split, models, calibration_data, sharing, retrain, config, evalu
     """Models of different depths: their common prefix zipped (each cut read through a per-task linear
     layer), then joined with copies of each model's branch; the final retraining trains the whole model."""
     if isinstance(sharing, auto_sharing.AutoSharing):
-        raise ZipError("AutoSharing chooses the sharing of models that line up to their output layers; these "
-                       f"models differ ({split.reason}): give `sharing` as a fraction or a dict.")
+        sharing = _judged_through_branches(sharing, split, models)
     if retrain is not None and retrain.steps_per_layer and retrain.loss != "distill":
         raise ZipError("Models of different depths retrain layer by layer by distillation only (their zipped "
                        "prefix ends in features, not labels): use Retrain(loss='distill'), or steps_per_layer=0 "
@@ -221,6 +220,30 @@ def _zip_prefix(split, models, calibration_data, sharing, retrain, config, evalu
                                           config.batch_size)
         _report_accuracies(report, models, zipped, evaluation)
     return zipped
+
+
+class _BranchJudged(auto_sharing.AutoSharing):
+    """An AutoSharing for the zipped prefix of models of different depths: each trial's prefix outputs go
+    through copies of the task's branch, and the judge compares the whole models' outputs. The models
+    and branches are attributes, not fields, so that a checkpoint's fingerprint reads the options alone."""
+
+    models: dict  # task -> the whole model
+    branches: dict  # task -> `prefix.branch_model`
+    activations: dict  # task -> what its output ends in ("softmax", "sigmoid" or "linear")
+
+
+def _judged_through_branches(auto, split, models) -> _BranchJudged:
+    for t, model in models.items():
+        if len(model.outputs) != 1 or len(graph.inputs_of(model)) != 1:
+            raise ZipError(f"AutoSharing chooses the sharing for models with one input and one output so far; "
+                           f"model '{model.name}' (task '{t}') has {len(graph.inputs_of(model))} and "
+                           f"{len(model.outputs)}: give `sharing` as a fraction or a dict.")
+    judged = _BranchJudged(**{f.name: getattr(auto, f.name) for f in dataclasses.fields(auto)})
+    object.__setattr__(judged, "models", models)
+    object.__setattr__(judged, "branches", {t: prefix.branch_model(split, t, models[t]) for t in split.tasks})
+    object.__setattr__(judged, "activations", {t: _ops_activation(split.ops[t], split.outputs[t][0])
+                                               for t in split.tasks})
+    return judged
 
 
 def _real_or_synthetic(calibration_data, models, verbose) -> tuple:
@@ -287,7 +310,7 @@ def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, eva
             search.probe.advance(index)  # what the layer reads stays valid across the trials
             steps.counts[index] = search.choose(plan.slots[index].position.name, width,
                                                 lambda count: _trial_outputs(plan, state, probe, steps, index, count,
-                                                                             search.probe))
+                                                                             search.probe, search.finish))
         trial, steps.last_trial = steps.last_trial, None
         if trial is not None and trial.count == steps.counts[index]:
             layer_report = trial.accept(state, probe, search.probe, steps)  # the chosen count was tried last
@@ -344,10 +367,11 @@ def _auto_settings(auto) -> dict:
             "held_out_data": auto.data is not None}
 
 
-def _trial_outputs(plan, state, probe, steps, index, count, judge_probe) -> dict:
+def _trial_outputs(plan, state, probe, steps, index, count, judge_probe, finish=None) -> dict:
     """The zipped network's outputs `{task: array}` on the AutoSharing data (`judge_probe`'s) with slot
-    `index` zipped at `count` (and the next layer refit), everything after it as in the original models;
-    the zip state, the probes and the layer steps are then put back as they were."""
+    `index` zipped at `count` (and the next layer refit), everything after it as in the original models
+    (through `finish[task]`, the task's branch, where the zip is a prefix); the zip state, the probes and
+    the layer steps are then put back as they were."""
     saved_state, saved_probe, saved_judge = copy.deepcopy(state), probe.checkpoint(), judge_probe.checkpoint()
     saved_steps = (dict(steps.group_counts), dict(steps.refit_mismatch), dict(steps.input_hessians), steps.verbose)
     try:
@@ -355,7 +379,11 @@ def _trial_outputs(plan, state, probe, steps, index, count, judge_probe) -> dict
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RankDeficientWarning)
             layer_report = steps.zip_layer(index)
-        outputs = {t: judge_probe.zipped_outputs(t) for t in plan.tasks}
+        if finish is None:
+            outputs = {t: judge_probe.zipped_outputs(t) for t in plan.tasks}
+        else:
+            outputs = {t: finish[t]({output.name: judge_probe.zipped_outputs(t, k)
+                                     for k, output in enumerate(plan.outputs)}) for t in plan.tasks}
         # Kept without a copy: restoring below puts the saved objects back into `state` and leaves these.
         steps.last_trial = _Trial(index, count, dict(state.__dict__), probe.checkpoint(), judge_probe.checkpoint(),
                                   (dict(steps.group_counts), dict(steps.refit_mismatch), dict(steps.input_hessians)),
@@ -400,7 +428,8 @@ class _Trial:
 def _sharing_search(auto, models, plan, calibration_data) -> auto_sharing.SharingSearch:
     """The search for `AutoSharing`, with its judge's data: at most `max_samples` inputs per task (labels
     where given) and the own models' outputs on them."""
-    if not plan.single_output or len(plan.inputs) > 1:
+    branched = isinstance(auto, _BranchJudged)
+    if (not plan.single_output and not branched) or len(plan.inputs) > 1:
         raise ZipError("AutoSharing chooses the sharing for models with one input and one output so far; give "
                        "`sharing` as a fraction or a dict for these models.")
     source = auto.data if auto.data is not None else calibration_data
@@ -413,10 +442,39 @@ def _sharing_search(auto, models, plan, calibration_data) -> auto_sharing.Sharin
                            f"of arrays, got {type(data).__name__}; give AutoSharing(data=...) as arrays.")
         inputs[t] = x[:auto.max_samples]
         labels[t] = None if y is None else y[:auto.max_samples]
-    originals = {t: np.asarray(models[t].predict(inputs[t], verbose=0, batch_size=1024)) for t in plan.tasks}
-    activations = {t: _output_activation(plan, t) for t in plan.tasks}
+    judged_models = auto.models if branched else models
+    originals = {t: np.asarray(judged_models[t].predict(inputs[t], verbose=0, batch_size=1024)) for t in plan.tasks}
+    activations = {t: (auto.activations[t] if branched else _output_activation(plan, t)) for t in plan.tasks}
     judge = auto_sharing.Judge(auto.tolerances(plan.tasks), inputs, labels, originals, activations)
-    return auto_sharing.SharingSearch(judge, auto.step)
+    search = auto_sharing.SharingSearch(judge, auto.step)
+    if branched:
+        search.finish = {t: _branch_finish(auto.branches[t], inputs[t]) for t in plan.tasks}
+    return search
+
+
+def _branch_finish(branch, x):
+    """`{cut name: prefix output}` on the judge's inputs `x` -> the task's output, through its branch."""
+    cut_names = [i.name for i in branch.inputs[1:]]
+    return lambda cuts: np.asarray(branch.predict([x] + [cuts[name] for name in cut_names], verbose=0,
+                                                  batch_size=1024))
+
+
+def _ops_activation(ops: list, index: int) -> str:
+    """"softmax", "sigmoid" or "linear": what op `index` of a model read as `ops` ends in: the last
+    squashing layer, or the activation of the unit layer, before it."""
+    while not graph.is_input(index):
+        layer = ops[index].layer
+        squash = retrain_lib.squashing(layer)
+        if squash:
+            return squash
+        handler = registry.handler_for(layer)
+        if registry.has_units(handler):
+            activation = handler.activation(layer)
+            return activation if activation in ("softmax", "sigmoid") else "linear"
+        if len(ops[index].parents) != 1:
+            break
+        index = ops[index].parents[0]
+    return "linear"
 
 
 def _output_activation(plan, task) -> str:
