@@ -59,3 +59,27 @@ def test_teachers_make_the_final_retraining_distil_the_zipped_tasks_from_their_o
     assert grown.zip_report.settings["retrain"]["teachers"] == ["a", "b"]
     with pytest.raises(tf_mtz.ZipError, match=r"teachers name \['c'\]"):
         tf_mtz.add_task(zab, {"c": mlp("c", seed=2)}, x, retrain=retrain, teachers={"c": own["a"]}, verbose=0)
+
+
+def test_a_deeper_model_is_added_over_the_zipped_trunk_and_a_shallower_one_is_refused(rng):
+    """A model with one more hidden layer, whose first two are a permuted copy of task a's zipped network:
+    it zips over the common prefix (the whole zipped trunk), the zipped tasks keep their outputs and the new
+    one reproduces its model. A model that stops inside the zipped trunk would pull it apart: refused."""
+    x = rng.normal(size=(400, 20)).astype("float32")
+    zipped = tf_mtz.zip_models({"a": mlp("a", seed=0), "b": mlp("b", seed=1)}, x,
+                               config=tf_mtz.ZipConfig(refit=False), verbose=0)
+    before = zipped.predict(x, verbose=0)
+    copy = tf_mtz.testing.permuted_copy(task_models(zipped)["a"], seed=3)
+    deeper = mlp("deeper", widths=(24, 16, 12), seed=4)
+    for name in ("fc1", "fc2"):
+        deeper.get_layer(name).set_weights(copy.get_layer(name).get_weights())
+    grown = tf_mtz.add_task(zipped, {"c": deeper}, x, config=tf_mtz.ZipConfig(refit=False), verbose=0)
+    after = grown.predict(x, verbose=0)
+    for task in ("a", "b"):
+        np.testing.assert_allclose(after[task], before[task], rtol=1e-5, atol=1e-6)
+    assert relative_error(after["c"], deeper.predict(x, verbose=0)) < 1e-4
+    assert grown.zip_report.prefix["branches"]["c"] == ["fc3", "head"]
+    # One trunk: the two zipped layers once, then task c's own fc3 and the three heads.
+    assert sum(isinstance(layer, keras.layers.Dense) for layer in grown.layers) == 2 + 1 + 3
+    with pytest.raises(tf_mtz.ZipError, match=r"share layers after that \(\['fc2'"):
+        tf_mtz.add_task(zipped, {"c": mlp("shallow", widths=(24,), seed=5)}, x, verbose=0)

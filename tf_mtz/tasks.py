@@ -28,25 +28,54 @@ def task_models(zipped: keras.Model) -> dict:
     if any("/" in key for key in outputs):
         raise ZipError(f"Model '{zipped.name}' has several outputs per task ({sorted(outputs)}); add_task takes "
                        "zipped models of single-output tasks so far.")
+    return {task: _renamed(model, task) for task, model in _task_parts(zipped).items()}
+
+
+def _task_parts(zipped: keras.Model) -> dict:
+    """`{task: keras.Model}` from the zipped model's input to each task's output, on its own layers."""
     inputs = keras_graph.model_inputs(zipped)
-    return {task: _renamed(keras.Model(inputs[0] if len(inputs) == 1 else inputs, tensor, name=task), task)
-            for task, tensor in outputs.items()}
+    return {task: keras.Model(inputs[0] if len(inputs) == 1 else inputs, tensor, name=task)
+            for task, tensor in keras_graph.output_structure(zipped).items()}
+
+
+def _shared_layer_names(zipped: keras.Model) -> set:
+    """The names, as the task models have them (`_task_model_names`), of the zipped model's weighted layers
+    that more than one task computes with."""
+    users = {}
+    for task, part in _task_parts(zipped).items():
+        names = _task_model_names(part, task)
+        for layer in part.layers:
+            if layer.weights:
+                users.setdefault(id(layer), []).append(names[id(layer)])
+    return {name for names in users.values() if len(names) > 1 for name in names}
+
+
+def _model_name(name: str, task: str) -> str:
+    """A zipped model's layer name as its task model had it: "fc1" for "fc1_shared", "head" for
+    "<task>_head"."""
+    name = name[len(task) + 1:] if name.startswith(f"{task}_") else name
+    return name[:-len("_shared")] if name.endswith("_shared") else name
+
+
+def _task_model_names(model: keras.Model, task: str) -> dict:
+    """`{id(layer): name}` of one task's part of a zipped model as `task_models` names them: the models'
+    names again (`_model_name`), or the zipped names where that would name two layers alike (partly shared
+    layers: "fc1_shared" and "a_fc1")."""
+    stripped = {id(layer): _model_name(layer.name, task) for layer in model.layers}
+    if len(set(stripped.values())) != len(stripped):
+        return {id(layer): layer.name for layer in model.layers}
+    return stripped
 
 
 def _renamed(model: keras.Model, task: str) -> keras.Model:
-    """A copy of one task's part of a zipped model whose layers have their models' names again ("fc1" for
-    "fc1_shared", "head" for "<task>_head"), so that zipping it again names layers as before."""
-    def strip(name: str) -> str:
-        for prefix in (f"{task}_",):
-            name = name[len(prefix):] if name.startswith(prefix) else name
-        return name[:-len("_shared")] if name.endswith("_shared") else name
-
-    stripped = [strip(layer.name) for layer in model.layers]
-    if len(set(stripped)) != len(stripped):  # partly shared layers ("fc1_shared" and "a_fc1"): kept as they are
+    """A copy of one task's part of a zipped model whose layers have their models' names again
+    (`_task_model_names`), so that zipping it again names layers as before."""
+    names = _task_model_names(model, task)
+    if all(names[id(layer)] == layer.name for layer in model.layers):  # partly shared: kept as they are
         return model
 
     def clone(layer):
-        return type(layer).from_config({**layer.get_config(), "name": strip(layer.name)})
+        return type(layer).from_config({**layer.get_config(), "name": names[id(layer)]})
 
     copy = keras.models.clone_model(model, clone_function=clone)
     copy.set_weights(model.get_weights())
@@ -67,7 +96,9 @@ def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, r
     weights (the zipped tasks' outputs stay the same where nothing else changes: with the refit off and no
     retraining, a new task that shares only already-shared units leaves them exactly as they were). The
     zipped model must share its hidden layers whole (a fully shared trunk); otherwise zip the original
-    models together instead.
+    models together instead. An added model may be deeper (or differ after the zipped trunk): it is zipped
+    over the common prefix (as `zip_models` does for models of different depths), as long as the layers
+    the zipped tasks share all lie in that prefix.
 
     Args:
         zipped: a model `tf_mtz.zip_models` returned (or loaded from its file), outputs keyed by task.
@@ -114,8 +145,15 @@ def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, r
     keep = experimental.ExperimentalConfig(**{**config.as_dict(), "merge": "first"})
     graph.check_models_dict({**existing, **models})
     split = prefix.split({**existing, **models})
-    if split is not None:  # zipping a common prefix only would not keep the zipped tasks' trunk
-        raise ZipError(f"The models differ ({split.reason}). " + _WHOLE_ONLY.format(name=zipped.name))
+    if split is not None:
+        # A deeper added model zips over the common prefix; the zipped tasks' branches then hold only their
+        # own layers. Where a branch would hold layers the zipped tasks share, their trunk would come apart.
+        shared = _shared_layer_names(zipped)
+        cut = sorted({name for t in existing for name in split.branch_layers(t)} & shared)
+        if cut:
+            raise ZipError(f"The models differ ({split.reason}), and the zipped tasks share layers after that "
+                           f"({cut}), which only a zip of their common prefix would keep apart. "
+                           + _WHOLE_ONLY.format(name=zipped.name))
     teachers = dict(teachers or {})
     unknown = sorted(set(teachers) - set(existing))
     if unknown:
