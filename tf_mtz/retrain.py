@@ -154,6 +154,18 @@ def logits_model(model: keras.Model, output) -> tuple[keras.Model, str]:
     return keras.Model(model.inputs, output), "linear"
 
 
+def output_activation(handler, head, suffixes: list) -> str:
+    """"softmax", "sigmoid" or "linear": what turns a head's pre-activation into its output: the last
+    squashing layer among the weightless `suffixes` after it (`squashing`), else the head's own activation
+    where it squashes."""
+    for layer in reversed(suffixes):
+        squashed = squashing(layer)
+        if squashed:
+            return squashed
+    activation = handler.activation(head)
+    return activation if activation in ("softmax", "sigmoid") else "linear"
+
+
 def squashing(layer) -> str | None:
     """"softmax" or "sigmoid" for a Softmax layer or such an Activation layer, else None."""
     if isinstance(layer, keras.layers.Softmax):
@@ -190,11 +202,7 @@ def chain_teacher(plan, task, output=None) -> tuple:
     position = plan.slots[output.slot].position
     head, handler = position.layers[task], position.handler
     linear = _linear_copy(handler, head, *position.weights[task], name=f"{head.name}_teacher_logits")
-    activation = handler.activation(head)
-    if activation == "linear":
-        for layer in output.suffixes[task]:
-            activation = squashing(layer) or activation
-    return _ChainTeacher(plan, task, head, linear), activation
+    return _ChainTeacher(plan, task, head, linear), output_activation(handler, head, output.suffixes[task])
 
 
 def _loss_fn(kind: str, activation: str, temperature: float, labels_spec, head_loss=None):

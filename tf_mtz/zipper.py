@@ -460,31 +460,26 @@ def _branch_finish(branch, x):
 
 
 def _ops_activation(ops: list, index: int) -> str:
-    """"softmax", "sigmoid" or "linear": what op `index` of a model read as `ops` ends in: the last
-    squashing layer, or the activation of the unit layer, before it."""
+    """`retrain.output_activation` of op `index` of a model read as `ops`: the unit layer behind it and the
+    weightless layers after that."""
+    suffixes = []  # from the output back
     while not graph.is_input(index):
         layer = ops[index].layer
-        squash = retrain_lib.squashing(layer)
-        if squash:
-            return squash
         handler = registry.handler_for(layer)
         if registry.has_units(handler):
-            activation = handler.activation(layer)
-            return activation if activation in ("softmax", "sigmoid") else "linear"
+            return retrain_lib.output_activation(handler, layer, suffixes[::-1])
+        suffixes.append(layer)
         if len(ops[index].parents) != 1:
             break
         index = ops[index].parents[0]
-    return "linear"
+    return next((squashed for squashed in map(retrain_lib.squashing, suffixes) if squashed), "linear")
 
 
 def _output_activation(plan, task) -> str:
-    """"softmax", "sigmoid" or "linear": what turns a task's (first) head into its output."""
+    """`retrain.output_activation` of a task's (first) output."""
     output = plan.outputs[0]
     position = plan.slots[output.slot].position
-    activation = position.handler.activation(position.layers[task])
-    for layer in output.suffixes[task]:
-        activation = retrain_lib.squashing(layer) or activation
-    return activation if activation in ("softmax", "sigmoid") else "linear"
+    return retrain_lib.output_activation(position.handler, position.layers[task], output.suffixes[task])
 
 
 def _checked_config(config) -> config_lib.ZipConfig:
