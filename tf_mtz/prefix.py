@@ -230,9 +230,7 @@ def _copy(layer, name: str, inputs, weights=None):
     keras_graph.call_like(copy, layer)
     out = copy(*call_args, **call_kwargs)
     if weights is not None or layer.get_weights():
-        copy.set_weights(weights if weights is not None else layer.get_weights())
-        if hasattr(copy, "finalize_state"):  # Normalization derives its statistics from its weights
-            copy.finalize_state()
+        registry.give_weights(copy, weights if weights is not None else layer.get_weights())
     return out
 
 

@@ -122,9 +122,7 @@ class _Builder(registry.PositionVisitor):
         args = [feature[self.tasks[0]][0] for feature in parents]
         out = copy(args[0] if len(args) == 1 else args)
         if ref.get_weights():  # e.g. Normalization's adapted mean and variance
-            copy.set_weights(ref.get_weights())
-            if hasattr(copy, "finalize_state"):  # Normalization derives its statistics from them
-                copy.finalize_state()
+            registry.give_weights(copy, ref.get_weights())
         return {t: (out, None) for t in self.tasks}
 
     def units(self, position, parents):

@@ -237,6 +237,14 @@ def copy_layer(layer, name: str):
     return type(layer).from_config(config)
 
 
+def give_weights(copy, weights: list) -> None:
+    """Sets a built copy's weights; a layer that derives state from them (Normalization: its mean and
+    variance from the adapted statistics) derives it again."""
+    copy.set_weights(weights)
+    if hasattr(copy, "finalize_state"):
+        copy.finalize_state()
+
+
 def _activation_name(layer) -> str:
     act = keras.activations.serialize(layer.activation)
     return act if isinstance(act, str) else str(act.get("config", act))
