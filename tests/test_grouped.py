@@ -257,3 +257,15 @@ def test_groups_whose_channels_another_grouping_reads_keep_their_order(rng):
     zipped = tf_mtz.zip_models({"a": model, "b": copy}, data, verbose=0)
     for out in zipped.predict(data, verbose=0).values():
         assert relative_error(out, expected) < 1e-4
+
+
+def test_three_tasks_each_lined_up_with_the_first_at_half_sharing(x):
+    model = resnext("resnext")
+    models = {"a": model, "b": tf_mtz.testing.permuted_copy(model, seed=1),
+              "c": tf_mtz.testing.permuted_copy(model, seed=2)}
+    zipped = tf_mtz.zip_models(models, x, sharing=0.5, verbose=0)
+    expected = model.predict(x, verbose=0)
+    for task, out in zipped.predict(x, verbose=0).items():
+        assert relative_error(out, expected) < 1e-4, task
+    orders = zipped.zip_report.settings["group_orders"]
+    assert sorted(orders) == ["b", "c"] and orders["b"]["grouped"] != orders["c"]["grouped"]
