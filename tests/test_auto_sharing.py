@@ -8,17 +8,24 @@ from tf_mtz import auto_sharing
 from conftest import mlp
 
 
-def test_largest_passing_bisects_to_the_largest_passing_count():
+def test_largest_passing_finds_the_largest_passing_count_by_interpolation_or_bisection():
     candidates = list(range(0, 21))
     for threshold in (0, 1, 7, 19, 20):
-        tried = []
+        for kind in ("linear", "steep", "step"):
+            tried = []
 
-        def passes(count):
-            tried.append(count)
-            return count <= threshold
+            def judge(count):
+                tried.append(count)
+                ratio = {"linear": (count + 0.5) / (threshold + 1), "steep": ((count + 0.5) / (threshold + 1)) ** 4,
+                         "step": 0.0 if count <= threshold else np.inf}[kind]
+                return count <= threshold, ratio
 
-        assert auto_sharing.largest_passing(candidates, passes) == threshold
-        assert len(tried) <= 1 + int(np.ceil(np.log2(len(candidates))))  # the full share, then a bisection
+            assert auto_sharing.largest_passing(candidates, judge) == threshold, (kind, threshold)
+            assert len(tried) <= 1 + 3 * int(np.ceil(np.log2(len(candidates)))), (kind, tried)
+            if kind == "linear":  # the loss in proportion to the count: the full share, the boundary, its neighbour
+                assert len(tried) <= 3, tried
+            if kind == "step":  # ratios that say nothing beyond pass or fail: a bisection
+                assert len(tried) <= 1 + int(np.ceil(np.log2(len(candidates)))), tried
     assert auto_sharing.candidate_counts(10, 0.25) == [0, 2, 5, 8, 10]  # 2.5 and 7.5 round to even
     assert auto_sharing.candidate_counts(3, 0.05) == [0, 1, 2, 3]
 

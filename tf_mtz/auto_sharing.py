@@ -86,19 +86,40 @@ def candidate_counts(width: int, step: float) -> list:
     return sorted({int(round(f * width)) for f in fractions})
 
 
-def largest_passing(candidates: list, passes) -> int:
-    """The largest of `candidates` (ascending; the first, no sharing, taken to pass) for which `passes(count)`
-    holds, by bisection: passing is assumed to hold for every count below a passing one. The largest is
-    tried first, as a full share often passes."""
-    if len(candidates) == 1 or passes(candidates[-1]):
+def largest_passing(candidates: list, judge, floor: float = 0.0) -> int:
+    """The largest of `candidates` (ascending; the first, no sharing, taken to pass) that the judge passes,
+    assuming every count below a passing one passes too. `judge(count)` returns `(passes, ratio)`, the
+    ratio being the worst task's loss over its tolerance (at most 1 where it passes); `floor` is the ratio
+    taken at the first candidate.
+
+    The largest is tried first, as a full share often passes. Then the search keeps the largest count known
+    to pass and the smallest known to fail and tries where the ratio, interpolated linearly in the count
+    between them, crosses 1 (the losses grow about in proportion to the units shared), so that the boundary
+    is usually found in two or three trials; after two such steps that moved the same end it halves the
+    interval instead, so it never takes more than about three times bisection's trials."""
+    if len(candidates) == 1:
         return candidates[-1]
-    low, high = 0, len(candidates) - 1  # candidates[low] passes (or is the floor), candidates[high] fails
+    passed, high_ratio = judge(candidates[-1])
+    if passed:
+        return candidates[-1]
+    low, high, low_ratio = 0, len(candidates) - 1, min(floor, 1.0)  # candidates[low] passes, [high] fails
+    same_end, last_end = 0, None  # interpolation steps in a row that moved the same end
     while high - low > 1:
-        middle = (low + high) // 2
-        if passes(candidates[middle]):
-            low = middle
+        bisect = same_end >= 2 or not (np.isfinite(high_ratio) and high_ratio > low_ratio)
+        guess = (low + high) // 2
+        if not bisect:
+            share = (1.0 - low_ratio) / (high_ratio - low_ratio)
+            target = candidates[low] + share * (candidates[high] - candidates[low])
+            guess = min(max(int(np.searchsorted(candidates, target, side="right")) - 1, low + 1), high - 1)
+        passed, ratio = judge(candidates[guess])
+        if bisect:
+            same_end, last_end = 0, None
         else:
-            high = middle
+            same_end, last_end = (same_end + 1 if passed == last_end else 1), passed
+        if passed:
+            low, low_ratio = guess, min(ratio, 1.0)
+        else:
+            high, high_ratio = guess, max(ratio, 1.0)
     return candidates[low]
 
 
@@ -129,6 +150,12 @@ class Judge:
                 result[t] = float(np.linalg.norm(zipped - own) / max(np.linalg.norm(own), 1e-12))
         return result
 
+    def worst_ratio(self, losses: dict) -> float:
+        """The largest loss over tolerance among the tasks (a zero tolerance: 0 where nothing is lost, else
+        infinity)."""
+        return max((loss / self.tolerances[t] if self.tolerances[t] > 0 else (0.0 if loss <= 1e-9 else np.inf))
+                   for t, loss in losses.items())
+
     def passes(self, losses: dict) -> bool:
         # A slack for rounding: 15 of 5,000 images is 0.30000000000000004 points, which must meet 0.3.
         return all(loss <= self.tolerances[t] + 1e-9 for t, loss in losses.items())
@@ -149,6 +176,9 @@ class SharingSearch:
         # the judge's inputs to the task's output (through a copy of its branch); None: the outputs are final.
         self.finish = None
         self.tried = []  # {"layer", "width", "candidates": [(count, {task: loss} or None)], "chosen"}
+        # The worst loss ratio of the network as the last layer left it: the next layer's search takes it as
+        # that layer's ratio when it shares nothing.
+        self.floor = 0.0
 
     def choose(self, layer_name: str, width: int, zip_at) -> int:
         """The largest count passing the judge; `zip_at(count)` zips the layer at `count` on a copy of the
@@ -156,15 +186,18 @@ class SharingSearch:
         (a LayerNormalization's units all or none, no shared inputs)."""
         record = {"layer": layer_name, "width": width, "candidates": [], "chosen": 0}
 
-        def passes(count):
+        def judged(count):
             try:
                 losses = self.judge.losses(zip_at(count))
             except ZipError:
                 record["candidates"].append((count, None))
-                return False
+                return False, np.inf
             record["candidates"].append((count, losses))
-            return self.judge.passes(losses)
+            return self.judge.passes(losses), self.judge.worst_ratio(losses)
 
-        record["chosen"] = largest_passing(candidate_counts(width, self.step), passes)
+        record["chosen"] = largest_passing(candidate_counts(width, self.step), judged, self.floor)
+        chosen_losses = dict(record["candidates"]).get(record["chosen"])
+        if chosen_losses is not None:
+            self.floor = min(self.judge.worst_ratio(chosen_losses), 1.0)
         self.tried.append(record)
         return record["chosen"]
