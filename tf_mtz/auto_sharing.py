@@ -28,8 +28,9 @@ class AutoSharing:
     (regression, heat maps, dense outputs): the relative output error ‖zipped − own‖ / ‖own‖. Tasks of
     different kinds take different tolerances: give `{task: tolerance}`. Each layer is judged right after
     it is zipped and the next layer refit, before any retraining, so retraining can only do better. The
-    search assumes that sharing fewer units never costs more (it bisects the grid); the report lists every
-    candidate tried (`zip_report.auto_sharing`) and plots them (`zip_report.plot_auto_sharing`).
+    search assumes that sharing fewer units never costs more (it narrows the grid down from a full share,
+    guessing where the loss crosses the tolerance); the report lists every candidate tried
+    (`zip_report.auto_sharing`) and plots them (`zip_report.plot_auto_sharing`).
 
     Args:
         tolerance: the loss allowed per task (percentage points with labels, a fraction without), >= 0;
