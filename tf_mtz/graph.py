@@ -952,9 +952,10 @@ def run_prefix(plan: ZipPlan, task: str, layer, x):
     return run_prefixes(plan, task, [layer], x)[0]
 
 
-def run_prefixes(plan: ZipPlan, task: str, layers: list, x) -> list:
+def run_prefixes(plan: ZipPlan, task: str, layers: list, x, reduce=None) -> list:
     """The inputs that each of `layers` receives in the original model of `task`, from one eager pass over
-    `x` that stops at the last of them (see `run_prefix`)."""
+    `x` that stops at the last of them (see `run_prefix`), each passed through `reduce` as soon as it is
+    reached where given (so that only what is kept of it stays in memory)."""
     ops = plan.originals[task]
     values = input_values(x)
     wanted = {id(layer): i for i, layer in enumerate(layers)}
@@ -963,7 +964,8 @@ def run_prefixes(plan: ZipPlan, task: str, layers: list, x) -> list:
     for i, op in enumerate(ops):
         args = [values[p] for p in op.parents]
         if id(op.layer) in wanted:
-            found[wanted[id(op.layer)]] = args[0] if len(args) == 1 else args
+            value = args[0] if len(args) == 1 else args
+            found[wanted[id(op.layer)]] = value if reduce is None else reduce(value)
             if len(found) == len(layers):
                 return [found[k] for k in range(len(layers))]
         call_args, call_kwargs = keras_graph.call_arguments_for(op.layer, args[0] if len(args) == 1 else args)

@@ -18,7 +18,7 @@ from absl import logging
 
 from tf_mtz import graph, matching, permute
 
-MAX_ROWS = 65536  # activation rows (pixels of the calibration images) read per grouped layer
+MAX_ROWS = 16384  # activation rows (pixels of the calibration images) kept per grouped layer
 
 
 def align_groups(models: dict, plan: graph.ZipPlan, x) -> tuple[dict, dict]:
@@ -54,7 +54,7 @@ def align_groups(models: dict, plan: graph.ZipPlan, x) -> tuple[dict, dict]:
             clone = keras.models.clone_model(models[task])
             clone.set_weights(models[task].get_weights())
             layout = permute.read_layout(models[first], clone)
-            block_orders = {i: _block_order(layout, family, x) for i, family in enumerate(layout.families)}
+            block_orders = _block_orders(layout, x)
             moved = {i: order for i, order in block_orders.items() if np.any(order != np.arange(order.size))}
             if moved:
                 aligned[task] = permute.rewrite(layout, {}, moved)
@@ -74,22 +74,29 @@ def align_groups(models: dict, plan: graph.ZipPlan, x) -> tuple[dict, dict]:
     return aligned, orders
 
 
-def _block_order(layout: permute.Layout, family: permute.BlockFamily, x) -> np.ndarray:
-    """The order of the copy's blocks that lines them up with the reference's: the optimal assignment of
-    blocks by their units' best pairing, summed over the family's grouped layers."""
+def _block_orders(layout: permute.Layout, x) -> dict:
+    """`{family index: order}`: per family of `layout`, the order of the copy's blocks that lines them up
+    with the reference's, by the optimal assignment of blocks on their units' best pairing summed over the
+    family's grouped layers. Each model runs once over `x`, keeping a sample of every grouped layer's input."""
+    if not layout.families:
+        return {}
     plan, ops = layout.plan, layout.plan.originals["copy"]
     reference_of = {id(position.layers["copy"]): position.layers["reference"] for position in plan.body}
-    copy_layers = [ops[index].layer for index in family.input_ops]
-    reference_inputs = graph.run_prefixes(plan, "reference", [reference_of[id(layer)] for layer in copy_layers], x)
-    copy_inputs = graph.run_prefixes(plan, "copy", copy_layers, x)
-    blocks = len(family.spaces[0])
-    costs = np.zeros((blocks, blocks))
-    for a, b in zip(reference_inputs, copy_inputs):
-        costs += block_costs(_rows(a), _rows(b), blocks)
-    rows, cols = matching.match(costs, blocks, "optimal")
-    order = np.empty(blocks, np.int64)
-    order[rows] = cols
-    return order
+    copy_layers = [ops[index].layer for family in layout.families for index in family.input_ops]
+    reference_inputs = graph.run_prefixes(plan, "reference", [reference_of[id(layer)] for layer in copy_layers], x,
+                                          reduce=_rows)
+    copy_inputs = iter(zip(reference_inputs, graph.run_prefixes(plan, "copy", copy_layers, x, reduce=_rows)))
+    orders = {}
+    for i, family in enumerate(layout.families):
+        blocks = len(family.spaces[0])
+        costs = np.zeros((blocks, blocks))
+        for _ in family.input_ops:
+            a, b = next(copy_inputs)
+            costs += block_costs(a, b, blocks)
+        rows, cols = matching.match(costs, blocks, "optimal")
+        orders[i] = np.empty(blocks, np.int64)
+        orders[i][rows] = cols
+    return orders
 
 
 def block_costs(a: np.ndarray, b: np.ndarray, blocks: int) -> np.ndarray:
@@ -115,10 +122,14 @@ def block_costs(a: np.ndarray, b: np.ndarray, blocks: int) -> np.ndarray:
 
 
 def _rows(x) -> np.ndarray:
-    """Activations `(..., channels)` as rows of float64, at most `MAX_ROWS` evenly spaced ones."""
-    x = np.asarray(keras.ops.convert_to_numpy(x), np.float64)
+    """Activations `(..., channels)` as rows of float64: all, or a fixed random `MAX_ROWS` of them, the same
+    ones for both models' activations of the same inputs (evenly spaced ones could fall on one column of
+    every image)."""
+    x = np.asarray(keras.ops.convert_to_numpy(x))
     x = x.reshape(-1, x.shape[-1])
-    return x[::max(1, -(-x.shape[0] // MAX_ROWS))]
+    if x.shape[0] > MAX_ROWS:
+        x = x[np.sort(np.random.default_rng(0).choice(x.shape[0], MAX_ROWS, replace=False))]
+    return x.astype(np.float64)
 
 
 def _standardized(x: np.ndarray) -> np.ndarray:
