@@ -78,6 +78,33 @@ def residual_cnn(name: str, classes: int = 10) -> keras.Model:
     return keras.Model(inputs, outputs, name=name)
 
 
+def resnext_cnn(name: str, classes: int = 10) -> keras.Model:
+    """A small ResNeXt for MNIST: a stem, then two bottleneck blocks whose 3x3 convolutions have 8 groups
+    (1x1 -> grouped 3x3 -> 1x1, BatchNormalization after each, projection shortcut at the stride)."""
+    inputs = keras.Input((784,), name="image")
+    h = keras.layers.Reshape((28, 28, 1))(inputs)
+
+    def conv_bn(h, filters, kernel, strides, label, relu=True, groups=1):
+        h = keras.layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, groups=groups,
+                                name=label)(h)
+        h = keras.layers.BatchNormalization(momentum=0.9, name=f"{label}_bn")(h)
+        return keras.layers.ReLU(name=f"{label}_relu")(h) if relu else h
+
+    def block(h, width, out, strides, label):
+        y = conv_bn(h, width, 1, 1, f"{label}_reduce")
+        y = conv_bn(y, width, 3, strides, f"{label}_grouped", groups=8)
+        y = conv_bn(y, out, 1, 1, f"{label}_expand", relu=False)
+        shortcut = conv_bn(h, out, 1, strides, f"{label}_shortcut", relu=False)
+        return keras.layers.ReLU(name=f"{label}_out")(keras.layers.Add(name=f"{label}_add")([shortcut, y]))
+
+    h = conv_bn(h, 16, 3, 1, "stem")
+    h = block(h, 32, 32, 2, "block1")
+    h = block(h, 64, 64, 2, "block2")
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="logits")(h)
+    return keras.Model(inputs, outputs, name=name)
+
+
 def mobilenet_v2(name: str, classes: int = 10) -> keras.Model:
     """keras.applications.MobileNetV2 (alpha 0.35, weights=None) for 32x32x3 frames (`rgb_frames`).
 
@@ -159,6 +186,7 @@ def sequence_vit(name: str, classes: int = 10) -> keras.Model:
 
 
 ARCHITECTURES = {"lenet300": lenet_300_100, "lenet5": lenet_5, "lenet5_bn": lenet_5_bn, "resnet": residual_cnn,
+                 "resnext": resnext_cnn,
                  "mobilenetv2": mobilenet_v2, "sequence_lstm": sequence_lstm, "sequence_vit": sequence_vit}
 
 
