@@ -20,6 +20,20 @@ def task_models(zipped: keras.Model) -> dict:
     Raises:
         ZipError: `zipped` does not have outputs keyed by task (a dict), or has several outputs per task.
     """
+    return _renamed_parts(_task_parts(zipped))
+
+
+def _renamed_parts(parts: dict) -> dict:
+    """`task_models` from the zipped model's task parts (`_task_parts`)."""
+    return {task: _renamed(part, task) for task, part in parts.items()}
+
+
+def _task_parts(zipped: keras.Model) -> dict:
+    """`{task: keras.Model}` from the zipped model's input to each task's output, on its own layers.
+
+    Raises:
+        ZipError: as `task_models`.
+    """
     keras_graph.check_graph_model(zipped, f"Zipped model '{getattr(zipped, 'name', zipped)}'")
     outputs = keras_graph.output_structure(zipped)
     if not isinstance(outputs, dict):
@@ -28,21 +42,16 @@ def task_models(zipped: keras.Model) -> dict:
     if any("/" in key for key in outputs):
         raise ZipError(f"Model '{zipped.name}' has several outputs per task ({sorted(outputs)}); add_task takes "
                        "zipped models of single-output tasks so far.")
-    return {task: _renamed(model, task) for task, model in _task_parts(zipped).items()}
-
-
-def _task_parts(zipped: keras.Model) -> dict:
-    """`{task: keras.Model}` from the zipped model's input to each task's output, on its own layers."""
     inputs = keras_graph.model_inputs(zipped)
     return {task: keras.Model(inputs[0] if len(inputs) == 1 else inputs, tensor, name=task)
             for task, tensor in keras_graph.output_structure(zipped).items()}
 
 
-def _shared_layer_names(zipped: keras.Model) -> set:
-    """The names, as the task models have them (`_task_model_names`), of the zipped model's weighted layers
-    that more than one task computes with."""
+def _shared_layer_names(parts: dict) -> set:
+    """The names, as the task models have them (`_task_model_names`), of the weighted layers that more than
+    one of a zipped model's task parts (`_task_parts`) computes with."""
     users = {}
-    for task, part in _task_parts(zipped).items():
+    for task, part in parts.items():
         names = _task_model_names(part, task)
         for layer in part.layers:
             if layer.weights:
@@ -132,7 +141,8 @@ def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, r
     """
     from tf_mtz.zipper import zip_models  # the zip loop; it does not import this module
 
-    existing = task_models(zipped)
+    parts = _task_parts(zipped)
+    existing = _renamed_parts(parts)
     clash = sorted(set(existing) & set(models))
     if clash:
         raise ZipError(f"Task name(s) {clash} are already in the zipped model '{zipped.name}'; give the added "
@@ -148,7 +158,7 @@ def add_task(zipped: keras.Model, models: dict, calibration_data, sharing=1.0, r
     if split is not None:
         # A deeper added model zips over the common prefix; the zipped tasks' branches then hold only their
         # own layers. Where a branch would hold layers the zipped tasks share, their trunk would come apart.
-        shared = _shared_layer_names(zipped)
+        shared = _shared_layer_names(parts)
         cut = sorted({name for t in existing for name in split.branch_layers(t)} & shared)
         if cut:
             raise ZipError(f"The models differ ({split.reason}), and the zipped tasks share layers after that "
