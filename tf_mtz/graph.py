@@ -973,7 +973,7 @@ def run_prefixes(plan: ZipPlan, task: str, layers: list, x, reduce=None) -> list
         for p in op.parents:  # a deep model's activations are not all kept
             if last_use[p] == i:
                 values.pop(p, None)
-    missing = next(layer for layer in layers if id(layer) not in {id(ops[i].layer) for i in range(len(ops))})
+    missing = next(layer for layer in layers if id(layer) not in {id(op.layer) for op in ops})
     raise KeyError(f"Layer '{missing.name}' is not in the model of task '{task}'.")
 
 

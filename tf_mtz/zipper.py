@@ -233,11 +233,12 @@ class _BranchJudged(auto_sharing.AutoSharing):
 
 
 def _judged_through_branches(auto, split, models) -> _BranchJudged:
+    # The prefix has one output per cut, so `_sharing_search` checks the inputs alone; the outputs are these.
     for t, model in models.items():
-        if len(model.outputs) != 1 or len(graph.inputs_of(model)) != 1:
+        if len(model.outputs) != 1:
             raise ZipError(f"AutoSharing chooses the sharing for models with one input and one output so far; "
-                           f"model '{model.name}' (task '{t}') has {len(graph.inputs_of(model))} and "
-                           f"{len(model.outputs)}: give `sharing` as a fraction or a dict.")
+                           f"model '{model.name}' (task '{t}') has {len(model.outputs)} outputs: give `sharing` "
+                           "as a fraction or a dict.")
     judged = _BranchJudged(**{f.name: getattr(auto, f.name) for f in dataclasses.fields(auto)})
     object.__setattr__(judged, "models", models)
     object.__setattr__(judged, "branches", {t: prefix.branch_model(split, t, models[t]) for t in split.tasks})
