@@ -120,19 +120,10 @@ def targets(frames: dict) -> dict:
 def trunk(x, width: int):
     """The shared family: stem (stride 2), residual block, stride-2 conv, residual block, UpSampling2D + conv."""
     import keras
+    from models import conv_bn, residual_block
 
-    def conv_bn(h, filters, strides, label, relu=True):
-        h = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=label)(h)
-        h = keras.layers.BatchNormalization(momentum=0.9, name=f"{label}_bn")(h)
-        return keras.layers.ReLU(name=f"{label}_relu")(h) if relu else h
-
-    def block(h, label):
-        y = conv_bn(h, h.shape[-1], 1, f"{label}_c1")
-        y = conv_bn(y, h.shape[-1], 1, f"{label}_c2", relu=False)
-        return keras.layers.ReLU(name=f"{label}_out")(keras.layers.Add(name=f"{label}_add")([h, y]))
-
-    h = block(conv_bn(x, width, 2, "stem"), "b1")
-    h = block(conv_bn(h, 2 * width, 2, "down"), "b2")
+    h = residual_block(conv_bn(x, width, 2, "stem"), "b1", convs=("c1", "c2"))
+    h = residual_block(conv_bn(h, 2 * width, 2, "down"), "b2", convs=("c1", "c2"))
     # The decoder: a transposed convolution back to 20x20 (with a bias: without one it does not zip, see the page).
     h = keras.layers.Conv2DTranspose(2 * width, 3, strides=2, padding="same", name="up")(h)
     h = keras.layers.BatchNormalization(momentum=0.9, name="up_bn")(h)

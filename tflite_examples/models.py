@@ -54,25 +54,29 @@ def lenet_5_bn(name: str, classes: int = 10) -> keras.Model:
     return keras.Model(inputs, outputs, name=name)
 
 
+def conv_bn(h, filters: int, strides: int, label: str, relu: bool = True, kernel: int = 3, groups: int = 1):
+    """A bias-free convolution (`label`), BatchNormalization (`label_bn`) and, with `relu`, a ReLU."""
+    h = keras.layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, groups=groups,
+                            name=label)(h)
+    # momentum 0.9: with a few hundred steps per epoch the default 0.99 leaves stale statistics.
+    h = keras.layers.BatchNormalization(momentum=0.9, name=f"{label}_bn")(h)
+    return keras.layers.ReLU(name=f"{label}_relu")(h) if relu else h
+
+
+def residual_block(h, label: str, convs: tuple = ("conv1", "conv2")):
+    """Two 3x3 `conv_bn` of the input's width (`label_<convs[i]>`) added to the input, then a ReLU."""
+    y = conv_bn(h, h.shape[-1], 1, f"{label}_{convs[0]}")
+    y = conv_bn(y, h.shape[-1], 1, f"{label}_{convs[1]}", relu=False)
+    return keras.layers.ReLU(name=f"{label}_out")(keras.layers.Add(name=f"{label}_add")([h, y]))
+
+
 def residual_cnn(name: str, classes: int = 10) -> keras.Model:
     """A small ResNet for MNIST: BatchNormalization after every convolution, two residual blocks (one
     per resolution), global average pooling."""
     inputs = keras.Input((784,), name="image")
     h = keras.layers.Reshape((28, 28, 1))(inputs)
-
-    def conv_bn(h, filters, strides, label, relu=True):
-        h = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=label)(h)
-        # momentum 0.9: with a few hundred steps per epoch the default 0.99 leaves stale statistics.
-        h = keras.layers.BatchNormalization(momentum=0.9, name=f"{label}_bn")(h)
-        return keras.layers.ReLU(name=f"{label}_relu")(h) if relu else h
-
-    def block(h, label):
-        y = conv_bn(h, h.shape[-1], 1, f"{label}_conv1")
-        y = conv_bn(y, h.shape[-1], 1, f"{label}_conv2", relu=False)
-        return keras.layers.ReLU(name=f"{label}_out")(keras.layers.Add(name=f"{label}_add")([h, y]))
-
-    h = block(conv_bn(h, 16, 1, "stem"), "block1")
-    h = block(conv_bn(h, 32, 2, "down"), "block2")
+    h = residual_block(conv_bn(h, 16, 1, "stem"), "block1")
+    h = residual_block(conv_bn(h, 32, 2, "down"), "block2")
     h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
     outputs = keras.layers.Dense(classes, activation="softmax", name="logits")(h)
     return keras.Model(inputs, outputs, name=name)
@@ -84,20 +88,14 @@ def resnext_cnn(name: str, classes: int = 10) -> keras.Model:
     inputs = keras.Input((784,), name="image")
     h = keras.layers.Reshape((28, 28, 1))(inputs)
 
-    def conv_bn(h, filters, kernel, strides, label, relu=True, groups=1):
-        h = keras.layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, groups=groups,
-                                name=label)(h)
-        h = keras.layers.BatchNormalization(momentum=0.9, name=f"{label}_bn")(h)
-        return keras.layers.ReLU(name=f"{label}_relu")(h) if relu else h
-
     def block(h, width, out, strides, label):
-        y = conv_bn(h, width, 1, 1, f"{label}_reduce")
-        y = conv_bn(y, width, 3, strides, f"{label}_grouped", groups=8)
-        y = conv_bn(y, out, 1, 1, f"{label}_expand", relu=False)
-        shortcut = conv_bn(h, out, 1, strides, f"{label}_shortcut", relu=False)
+        y = conv_bn(h, width, 1, f"{label}_reduce", kernel=1)
+        y = conv_bn(y, width, strides, f"{label}_grouped", groups=8)
+        y = conv_bn(y, out, 1, f"{label}_expand", relu=False, kernel=1)
+        shortcut = conv_bn(h, out, strides, f"{label}_shortcut", relu=False, kernel=1)
         return keras.layers.ReLU(name=f"{label}_out")(keras.layers.Add(name=f"{label}_add")([shortcut, y]))
 
-    h = conv_bn(h, 16, 3, 1, "stem")
+    h = conv_bn(h, 16, 1, "stem")
     h = block(h, 32, 32, 2, "block1")
     h = block(h, 64, 64, 2, "block2")
     h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
