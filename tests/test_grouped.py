@@ -28,6 +28,15 @@ def resnext(name, seed=0, width=16, groups=4):
     return randomize_batch_norms(keras.Model(inputs, keras.layers.Dense(5, name="head")(x), name=name))
 
 
+def zipped_giving_back(models: dict, data, expected, **zip_options):
+    """Zips `models` on `data` and checks that every task's output is `expected` (relative 1e-4); returns the
+    zipped model."""
+    zipped = tf_mtz.zip_models(models, data, verbose=0, **zip_options)
+    for task, out in zipped.predict(data, verbose=0).items():
+        assert relative_error(out, expected) < 1e-4, (task, zip_options)
+    return zipped
+
+
 @pytest.fixture(scope="module")
 def x():
     return np.random.default_rng(0).normal(size=(48, 10, 10, 3)).astype("float32")
@@ -126,9 +135,7 @@ def test_groups_permuted_by_hand_are_found():
     data = np.random.default_rng(1).normal(size=(64, 8, 8, 3)).astype("float32")
     expected = model.predict(data, verbose=0)
     np.testing.assert_allclose(copy.predict(data, verbose=0), expected, rtol=1e-5, atol=1e-6)
-    zipped = tf_mtz.zip_models({"a": model, "b": copy}, data, verbose=0)
-    for out in zipped.predict(data, verbose=0).values():
-        assert relative_error(out, expected) < 1e-4
+    zipped_giving_back({"a": model, "b": copy}, data, expected)
 
 
 def test_grouped_conv1d_and_a_grouped_convolution_on_the_input(rng):
@@ -142,9 +149,7 @@ def test_grouped_conv1d_and_a_grouped_convolution_on_the_input(rng):
     data = rng.normal(size=(64, 16, 4)).astype("float32")
     expected = model.predict(data, verbose=0)
     for sharing in (1.0, 0.5):
-        zipped = tf_mtz.zip_models({"a": model, "b": copy}, data, sharing=sharing, verbose=0)
-        for out in zipped.predict(data, verbose=0).values():
-            assert relative_error(out, expected) < 1e-4, sharing
+        zipped_giving_back({"a": model, "b": copy}, data, expected, sharing=sharing)
 
 
 def test_sharing_by_the_grouped_layers_name_applies_to_every_group(x):
@@ -206,9 +211,7 @@ def test_groups_in_another_order_are_lined_up_as_blocks(x):
     in_order = tf_mtz.zip_models({"a": model, "b": copy}, x, config=ExperimentalConfig(group_matching="in_order"),
                                  verbose=0)
     assert relative_error(in_order.predict(x, verbose=0)["b"], expected) > 1e-2
-    zipped = tf_mtz.zip_models({"a": model, "b": copy}, x, verbose=0)
-    for task, out in zipped.predict(x, verbose=0).items():
-        assert relative_error(out, expected) < 1e-4, task
+    zipped = zipped_giving_back({"a": model, "b": copy}, x, expected)
     orders = zipped.zip_report.settings["group_orders"]["b"]
     assert sorted(orders) == ["grouped", "stream_grouped"]
     assert sorted(orders["grouped"]) == [0, 1, 2, 3] and orders["grouped"] != [0, 1, 2, 3]
@@ -254,18 +257,13 @@ def test_groups_whose_channels_another_grouping_reads_keep_their_order(rng):
     data = rng.normal(size=(32, 6, 6, 3)).astype("float32")
     expected = model.predict(data, verbose=0)
     np.testing.assert_allclose(copy.predict(data, verbose=0), expected, rtol=1e-5, atol=1e-6)
-    zipped = tf_mtz.zip_models({"a": model, "b": copy}, data, verbose=0)
-    for out in zipped.predict(data, verbose=0).values():
-        assert relative_error(out, expected) < 1e-4
+    zipped_giving_back({"a": model, "b": copy}, data, expected)
 
 
 def test_three_tasks_each_lined_up_with_the_first_at_half_sharing(x):
     model = resnext("resnext")
     models = {"a": model, "b": tf_mtz.testing.permuted_copy(model, seed=1),
               "c": tf_mtz.testing.permuted_copy(model, seed=2)}
-    zipped = tf_mtz.zip_models(models, x, sharing=0.5, verbose=0)
-    expected = model.predict(x, verbose=0)
-    for task, out in zipped.predict(x, verbose=0).items():
-        assert relative_error(out, expected) < 1e-4, task
+    zipped = zipped_giving_back(models, x, model.predict(x, verbose=0), sharing=0.5)
     orders = zipped.zip_report.settings["group_orders"]
     assert sorted(orders) == ["b", "c"] and orders["b"]["grouped"] != orders["c"]["grouped"]
