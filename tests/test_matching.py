@@ -46,3 +46,32 @@ def test_pairs_are_sorted_by_cost_and_bad_arguments_raise():
     with pytest.raises(ValueError, match="Cannot pick 7 pairs"):
         matching.match(cost, 7)
     assert matching.match(cost, 0)[0].size == 0
+
+
+def _greedy_by_one_sort(cost, count):
+    """The definition: walk every entry in one stable sort, taking those whose row and column are free."""
+    used_rows, used_cols, pairs = set(), set(), []
+    for flat in np.argsort(cost, axis=None, kind="stable"):
+        row, col = divmod(int(flat), cost.shape[1])
+        if row not in used_rows and col not in used_cols:
+            used_rows.add(row)
+            used_cols.add(col)
+            pairs.append((row, col))
+            if len(pairs) == count:
+                break
+    return pairs
+
+
+@pytest.mark.parametrize("values", ["continuous", "tied", "non-finite"])
+@pytest.mark.parametrize("shape", [(40, 40), (300, 120), (90, 260)])
+def test_greedy_in_batches_takes_the_pairs_of_one_full_sort(shape, values):
+    rng = np.random.default_rng(shape[0] * shape[1])
+    cost = rng.standard_normal(shape)
+    if values == "tied":
+        cost = np.round(cost * 2)  # a handful of distinct values: ties decided by index
+    elif values == "non-finite":
+        cost[rng.integers(0, shape[0], 20), rng.integers(0, shape[1], 20)] = np.inf
+        cost[0, 1] = np.nan
+    for count in (1, min(shape) // 3, min(shape)):
+        rows, cols = matching._greedy(cost, count)
+        assert list(zip(rows.tolist(), cols.tolist())) == _greedy_by_one_sort(cost, count)

@@ -45,14 +45,39 @@ def match(costs: np.ndarray, count: int, method: str = "greedy") -> tuple[np.nda
 
 
 def _greedy(costs: np.ndarray, count: int):
-    n_cols = costs.shape[1]
-    order = np.argsort(costs, axis=None, kind="stable")
-    used_rows = np.zeros(costs.shape[0], bool)
-    used_cols = np.zeros(n_cols, bool)
+    """The paper's greedy matching: the cheapest pair whose row and column are both free, until `count`.
+
+    Sorting all n² costs cost more than the rest of a 4096-unit layer's matching (1.5 s), so it sorts only
+    the cheapest entries among the free rows and columns, a few per unit, takes what it can from them,
+    and repeats on the rows and columns still free. That is the same order as one stable sort of everything
+    (ties by index): an entry among the free ones that was not taken lies above every entry sorted so far.
+    """
+    if not np.isfinite(costs).all():  # NaNs and infinities: one plain sort orders them
+        return _take_in_order(np.argsort(costs, axis=None, kind="stable"), costs.shape, count)
+    free_rows, free_cols = np.arange(costs.shape[0]), np.arange(costs.shape[1])
     rows, cols = [], []
-    # Most sorted pairs hit a row or column taken earlier; filter them a chunk at a time with numpy and
-    # walk only the survivors in Python.
-    chunk = max(4 * sum(costs.shape), 4096)
+    while len(rows) < count:
+        free = costs[np.ix_(free_rows, free_cols)].reshape(-1)
+        size = 8 * (free_rows.size + free_cols.size)
+        batch = np.arange(free.size) if size >= free.size else np.flatnonzero(free <= np.partition(free, size)[size])
+        batch = batch[np.argsort(free[batch], kind="stable")]
+        taken_rows, taken_cols = _take_in_order(batch, (free_rows.size, free_cols.size), count - len(rows))
+        rows.extend(free_rows[taken_rows].tolist())
+        cols.extend(free_cols[taken_cols].tolist())
+        free_rows = np.delete(free_rows, taken_rows)
+        free_cols = np.delete(free_cols, taken_cols)
+    return np.array(rows), np.array(cols)
+
+
+def _take_in_order(order: np.ndarray, shape: tuple, count: int) -> tuple:
+    """Walks flat indices of a `shape` matrix in `order`, taking each whose row and column are still free,
+    until `count` are taken or the order ends; returns their rows and columns."""
+    n_cols = shape[1]
+    used_rows, used_cols = np.zeros(shape[0], bool), np.zeros(n_cols, bool)
+    rows, cols = [], []
+    # Most entries hit a row or column taken earlier; filter them a chunk at a time with numpy and walk
+    # only the survivors in Python.
+    chunk = max(4 * sum(shape), 4096)
     for start in range(0, order.size, chunk):
         r, c = np.divmod(order[start:start + chunk], n_cols)
         alive = ~used_rows[r] & ~used_cols[c]
@@ -63,8 +88,8 @@ def _greedy(costs: np.ndarray, count: int):
             rows.append(row)
             cols.append(col)
             if len(rows) == count:
-                return np.array(rows), np.array(cols)
-    return np.array(rows), np.array(cols)
+                return np.array(rows, np.int64), np.array(cols, np.int64)
+    return np.array(rows, np.int64), np.array(cols, np.int64)
 
 
 def _optimal(costs: np.ndarray, count: int):
