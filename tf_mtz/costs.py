@@ -91,6 +91,24 @@ def _jitter(scale: float, attempt: int, dtype) -> float:
     return scale * 10.0 ** (attempt - (7 if dtype == np.float64 else 5))
 
 
+def solve_positive_definite(matrix: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """`matrix⁻¹ right` in float64 for a damped Gram matrix: by Cholesky (half the work of LU), by LU where
+    rounding left the matrix not quite positive definite. LAPACK on the CPU (4x faster than TensorFlow's
+    Cholesky for a 4,609² matrix on two cores), TensorFlow on a GPU."""
+    if _on_gpu():
+        matrix, right = tf.constant(matrix, tf.float64), tf.constant(right, tf.float64)
+        try:
+            return tf.linalg.cholesky_solve(tf.linalg.cholesky(matrix), right).numpy()
+        except tf.errors.InvalidArgumentError:
+            return tf.linalg.solve(matrix, right).numpy()
+    matrix, right = np.asarray(matrix, np.float64), np.asarray(right, np.float64)
+    try:
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(matrix, check_finite=False), right,
+                                      check_finite=False)
+    except np.linalg.LinAlgError:
+        return scipy.linalg.solve(matrix, right, check_finite=False)
+
+
 def _factorise(matrix: np.ndarray):
     if _on_gpu():
         try:
@@ -337,13 +355,14 @@ def _low_rank_cost_matrix(blocks_a, blocks_b, hessian_a, hessian_b, dtype):
     # One side at a time, without temporaries of the blocks' size: VGG-16's fc6 blocks are 0.8 GB each in
     # float64.
     a = np.asarray(blocks_a, np.float64)
-    a_r = np.einsum("dr,kdn->krn", q, a)
+    # Projections as batched matmuls (BLAS): numpy's einsum runs these without it, 20x slower on fc6.
+    a_r = q.T @ a
     half_q_a = 0.5 * (alpha * np.einsum("kdn,kdn->n", a, a) + np.einsum("krn,rs,ksn->n", a_r, correction, a_r))
     left = _stacked(a, a_r, alpha, np_dtype)
     del a
     b = np.asarray(blocks_b, np.float64)
-    b_r = np.einsum("dr,kdn->krn", q, b)
-    corrected_b = np.einsum("rs,ksn->krn", correction, b_r)
+    b_r = q.T @ b
+    corrected_b = correction @ b_r
     half_q_b = 0.5 * (alpha * np.einsum("kdn,kdn->n", b, b) + np.einsum("krn,krn->n", b_r, corrected_b))
     right = _stacked(b, corrected_b, 1.0, np_dtype)
     del b
@@ -368,10 +387,10 @@ def _low_rank_merged_weights(blocks_a, blocks_b, hessian_a, hessian_b) -> np.nda
     q, h_a, h_b = _row_space(hessian_a, hessian_b)
     total = hessian_a.damping + hessian_b.damping
     rhs = np.stack([hessian_a.matmul(a[i]) + hessian_b.matmul(b[i]) for i in range(a.shape[0])])
-    rhs_r = np.einsum("dr,kdn->krn", q, rhs)
+    rhs_r = q.T @ rhs
     # S⁻¹ = Q S_r⁻¹ Qᵀ on the row space and 1/(λ_A+λ_B) on the rest.
-    solved_r = np.einsum("rs,ksn->krn", np.linalg.inv(h_a + h_b), rhs_r)
-    return (rhs - np.einsum("dr,krn->kdn", q, rhs_r)) / total + np.einsum("dr,krn->kdn", q, solved_r)
+    solved_r = np.linalg.inv(h_a + h_b) @ rhs_r
+    return (rhs - q @ rhs_r) / total + q @ solved_r
 
 
 def merged_weights(blocks_a, blocks_b, hessian_a, hessian_b) -> np.ndarray:
@@ -433,8 +452,9 @@ def pairing_costs(pairing: str, blocks_a, blocks_b, hessian_a, hessian_b, pooled
         pooled_b = np.stack([_times(pooled, b[i]) for i in range(b.shape[0])])
         pooled_a = np.stack([_times(pooled, a[i]) for i in range(a.shape[0])])
         mean = _times(pooled, np.eye(a.shape[1])[:, -1:])[:, 0]  # E[x̃]: the bias coordinate is constantly 1
-        second_ab = np.einsum("kdi,kdj->ij", a, pooled_b)
-        mean_a, mean_b = np.einsum("kdi,d->i", a, mean), np.einsum("kdj,d->j", b, mean)
+        second_ab = np.tensordot(a, pooled_b, axes=([0, 1], [0, 1]))
+        mean_a = np.tensordot(a, mean, axes=([1], [0])).sum(axis=0)
+        mean_b = np.tensordot(b, mean, axes=([1], [0])).sum(axis=0)
         var_a = np.sum(a * pooled_a, axis=(0, 1)) - mean_a ** 2
         var_b = np.sum(b * pooled_b, axis=(0, 1)) - mean_b ** 2
         covariance = second_ab - np.outer(mean_a, mean_b)

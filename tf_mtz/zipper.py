@@ -1189,18 +1189,7 @@ def _ridge_steps(accumulated, ridge: float) -> tuple:
     dim = gram.shape[0]
     shrink = ridge * max(np.trace(gram) / dim, 1e-12)
     gram[np.diag_indices(dim)] += shrink  # in place: the accumulator is not used again
-    return _solve_positive_definite(gram, accumulated.cross), shrink, None
-
-
-def _solve_positive_definite(matrix: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """`matrix⁻¹ right` for a damped Gram matrix, in float64 with TensorFlow (numpy's OpenBLAS was 10x
-    slower next to TensorFlow's thread pool): by Cholesky, half the work of LU, and by LU where rounding
-    left the matrix not quite positive definite."""
-    matrix, right = tf.constant(matrix, tf.float64), tf.constant(right, tf.float64)
-    try:
-        return tf.linalg.cholesky_solve(tf.linalg.cholesky(matrix), right).numpy()
-    except tf.errors.InvalidArgumentError:
-        return tf.linalg.solve(matrix, right).numpy()
+    return costs_lib.solve_positive_definite(gram, accumulated.cross), shrink, None
 
 
 def _refit_statistics(plan, state, probe, slot_index, tasks, mode, config, currents) -> tuple:
