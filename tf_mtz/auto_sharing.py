@@ -181,24 +181,31 @@ class SharingSearch:
         # that layer's ratio when it shares nothing.
         self.floor = 0.0
 
-    def choose(self, layer_name: str, width: int, zip_at) -> int:
-        """The largest count passing the judge; `zip_at(count)` zips the layer at `count` on a copy of the
-        state and returns the outputs `{task: array}`, or raises ZipError where that count is not allowed
-        (a LayerNormalization's units all or none, no shared inputs)."""
+    def choose(self, layer_name: str, width: int, zip_at) -> tuple:
+        """The largest count passing the judge, and what `zip_at` returned with that count's outputs (None
+        where it was not tried: no sharing). `zip_at(count)` zips the layer at `count` on a copy of the state
+        and returns `(outputs, trial)`: the outputs `{task: array}` and whatever lets the caller take that zip
+        without zipping again; it raises ZipError where that count is not allowed (a LayerNormalization's
+        units all or none, no shared inputs). Only the best passing trial so far is kept."""
         record = {"layer": layer_name, "width": width, "candidates": [], "chosen": 0}
+        kept = {}
 
         def judged(count):
             try:
-                losses = self.judge.losses(zip_at(count))
+                outputs, trial = zip_at(count)
             except ZipError:
                 record["candidates"].append((count, None))
                 return False, np.inf
+            losses = self.judge.losses(outputs)
             record["candidates"].append((count, losses))
-            return self.judge.passes(losses), self.judge.worst_ratio(losses)
+            passed = self.judge.passes(losses)
+            if passed and count > kept.get("count", -1):
+                kept.update(count=count, trial=trial)
+            return passed, self.judge.worst_ratio(losses)
 
         record["chosen"] = largest_passing(candidate_counts(width, self.step), judged, self.floor)
         chosen_losses = dict(record["candidates"]).get(record["chosen"])
         if chosen_losses is not None:
             self.floor = min(self.judge.worst_ratio(chosen_losses), 1.0)
         self.tried.append(record)
-        return record["chosen"]
+        return record["chosen"], (kept["trial"] if kept.get("count") == record["chosen"] else None)

@@ -309,12 +309,13 @@ def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, eva
         if search is not None and not plan.is_head(index) and plan.slots[index].group not in steps.group_counts:
             width = min(int(w[0].shape[-1]) for w in plan.slots[index].position.weights.values())
             search.probe.advance(index)  # what the layer reads stays valid across the trials
-            steps.counts[index] = search.choose(plan.slots[index].position.name, width,
-                                                lambda count: _trial_outputs(plan, state, probe, steps, index, count,
-                                                                             search.probe, search.finish))
-        trial, steps.last_trial = steps.last_trial, None
-        if trial is not None and trial.count == steps.counts[index]:
-            layer_report = trial.accept(state, probe, search.probe, steps)  # the chosen count was tried last
+            steps.counts[index], trial = search.choose(
+                plan.slots[index].position.name, width,
+                lambda count: _trial_outputs(plan, state, probe, steps, index, count, search.probe, search.finish))
+        else:
+            trial = None
+        if trial is not None:
+            layer_report = trial.accept(state, probe, search.probe, steps)  # the chosen count was tried
         else:
             layer_report = steps.zip_layer(index)
         if layer_report.shared and evaluation is not None:
@@ -376,11 +377,16 @@ def _auto_settings(auto) -> dict:
             "held_out_data": auto.data is not None}
 
 
-def _trial_outputs(plan, state, probe, steps, index, count, judge_probe, finish=None) -> dict:
+def _trial_outputs(plan, state, probe, steps, index, count, judge_probe, finish=None) -> tuple:
     """The zipped network's outputs `{task: array}` on the AutoSharing data (`judge_probe`'s) with slot
     `index` zipped at `count` (and the next layer refit), everything after it as in the original models
-    (through `finish[task]`, the task's branch, where the zip is a prefix); the zip state, the probes and
-    the layer steps are then put back as they were."""
+    (through `finish[task]`, the task's branch, where the zip is a prefix), and the `_Trial` that takes
+    this zip; the zip state, the probes and the layer steps are then put back as they were."""
+    if count and index not in steps.input_hessians:
+        # Every trial of the layer merges with the Hessians of the same inputs: measured once, for all of
+        # them and for the zip that follows.
+        probe.advance(index)
+        steps.input_hessians[index] = _hessians(plan, [index], probe, config=steps.config)[index]
     saved_state, saved_probe, saved_judge = copy.deepcopy(state), probe.checkpoint(), judge_probe.checkpoint()
     saved_steps = (dict(steps.group_counts), dict(steps.refit_mismatch), dict(steps.input_hessians), steps.verbose)
     try:
@@ -394,10 +400,10 @@ def _trial_outputs(plan, state, probe, steps, index, count, judge_probe, finish=
             outputs = {t: finish[t]({output.name: judge_probe.zipped_outputs(t, k)
                                      for k, output in enumerate(plan.outputs)}) for t in plan.tasks}
         # Kept without a copy: restoring below puts the saved objects back into `state` and leaves these.
-        steps.last_trial = _Trial(index, count, dict(state.__dict__), probe.checkpoint(), judge_probe.checkpoint(),
-                                  (dict(steps.group_counts), dict(steps.refit_mismatch), dict(steps.input_hessians)),
-                                  layer_report, [w for w in caught if issubclass(w.category, RankDeficientWarning)])
-        return outputs
+        trial = _Trial(index, count, dict(state.__dict__), probe.checkpoint(), judge_probe.checkpoint(),
+                       (dict(steps.group_counts), dict(steps.refit_mismatch), dict(steps.input_hessians)),
+                       layer_report, [w for w in caught if issubclass(w.category, RankDeficientWarning)])
+        return outputs, trial
     finally:
         state.__dict__.update(saved_state.__dict__)
         probe.restore(saved_probe)
@@ -541,7 +547,6 @@ class _LayerSteps:
         self.plan, self.state, self.probe, self.config = plan, state, probe, config
         self.counts, self.verbose = counts, verbose
         self.group_counts = {}  # group -> shared units, set by the group's first layer
-        self.last_trial = None  # AutoSharing's most recent trial of a layer (a `_Trial`)
         self.refit_mismatch = {}  # slot index -> what its refit left, reported with that layer
         # slot index -> {task: LayerHessian} of its input, from its refit's Gram where that is the Hessian
         self.input_hessians = {}
