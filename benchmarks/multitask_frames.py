@@ -287,9 +287,9 @@ def folded_params(model) -> int:
 
 
 def extra_rows(p) -> list:
-    """Configurations retrained for the last stage only, beside full sharing: uniform fractions and full sharing
-    with `Retrain(losses={"position": "relative_mse"})`."""
-    return ([f"uniform_{f}" for f in p["uniform"]] + ["relative_mse"]) if p["extras"] else []
+    """Configurations retrained for the last stage only, beside full sharing: uniform fractions, full sharing
+    with `Retrain(losses={"position": "relative_mse"})`, and full sharing of own models twice as wide."""
+    return ([f"uniform_{f}" for f in p["uniform"]] + ["relative_mse", "wide_x2"]) if p["extras"] else []
 
 
 def run_seed(seed: int, data: dict, p: dict, cache: str) -> dict:
@@ -327,17 +327,19 @@ def run_seed(seed: int, data: dict, p: dict, cache: str) -> dict:
     retrain = tf_mtz.Retrain(data=train["x"], batch_size=p["batch"], seed=seed)
     stages = list(p["stages"]) + ([p["long"]] if p["long"] and seed == 0 else [])
 
-    def zip_and_retrain(name, sharing=1.0, config=None, stages=tuple(p["stages"]), recipe=retrain):
-        """Zips, evaluates, then fine-tunes stage by stage to each step count, evaluating at each."""
+    def zip_and_retrain(name, sharing=1.0, config=None, stages=tuple(p["stages"]), recipe=retrain, own=None):
+        """Zips (the own models, or `own`), evaluates, then fine-tunes stage by stage to each step count,
+        evaluating at each."""
+        own = own or models
         clock = time.perf_counter()
-        zipped = tf_mtz.zip_models(models, calibration, sharing=sharing, config=config, verbose=0)
+        zipped = tf_mtz.zip_models(own, calibration, sharing=sharing, config=config, verbose=0)
         seconds[f"{name}: zip"] = time.perf_counter() - clock
         rows[f"{name}@0"] = evaluate(zipped, test)
         result["params"][name] = int(zipped.zip_report.params_zipped)
         done = 0
         for steps in stages:
             clock = time.perf_counter()
-            tf_mtz.fine_tune(zipped, recipe, steps - done, teachers=models, verbose=0)
+            tf_mtz.fine_tune(zipped, recipe, steps - done, teachers=own, verbose=0)
             seconds[f"{name}: steps {done}-{steps}"] = time.perf_counter() - clock
             done = steps
             rows[f"{name}@{steps}"] = evaluate(zipped, test)
@@ -351,6 +353,15 @@ def run_seed(seed: int, data: dict, p: dict, cache: str) -> dict:
         elif name == "relative_mse":
             zip_and_retrain(name, stages=(last,), recipe=tf_mtz.Retrain(
                 data=train["x"], batch_size=p["batch"], seed=seed, losses={"position": "relative_mse"}))
+        elif name == "wide_x2":
+            # Wider shared layers: own models of twice the width, trained alike, zipped fully. The zipped trunk
+            # then has about the parameters of the four narrow own models together.
+            clock = time.perf_counter()
+            wide = {t: own_model(t, seed, train, {**p, "width": 2 * p["width"]}, cache) for t in TASKS}
+            seconds["own models x2 width (train or load)"] = time.perf_counter() - clock
+            rows["own_wide_x2"] = evaluate_own(wide, test)
+            result["params"]["own_wide_x2"] = sum(folded_params(m) for m in wide.values())
+            zip_and_retrain(name, stages=(last,), own=wide)
 
     if cached is not None:
         clock = time.perf_counter()
@@ -583,6 +594,10 @@ def summary(results, p, P) -> list:
         rows += [(f"uniform_{f}@{last}", f"{f:.0%} of every hidden layer shared "
                   f"({P[f'uniform_{f}'] / P['own']:.2f}x), {last:,} steps") for f in p["uniform"]
                  if f"uniform_{f}" in P]
+    if "wide_x2" in P:
+        rows += [(f"wide_x2@{last}", f"own models twice as wide ({2 * p['width']} and {4 * p['width']} channels), "
+                  f"fully zipped ({P['wide_x2'] / P['own']:.2f}x the narrow own models' parameters), {last:,} steps"),
+                 ("own_wide_x2", f"the twice as wide own models themselves ({P['own_wide_x2'] / P['own']:.2f}x)")]
     if "auto" in P:
         nothing = "shared nothing, " if P["auto"] >= P["own"] else ""
         rows.append((f"auto@{last}", f"AutoSharing ({nothing}{P['auto'] / P['own']:.2f}x), {last:,} steps"))
@@ -593,7 +608,7 @@ def summary(results, p, P) -> list:
         if any(row in r["rows"] for r in results):
             out.append(f"* {label}{seeds_note(results, row)}: "
                        + ", ".join(f"{t} {change(results, row, t)}" for t in TASKS) + ".")
-    keys = ["tf_mtz", "relative_mse", "last_unshared", *[f"uniform_{f}" for f in p["uniform"]], "auto"]
+    keys = ["tf_mtz", "relative_mse", "last_unshared", *[f"uniform_{f}" for f in p["uniform"]], "auto", "wide_x2"]
     meeting = [k for k in keys if k in P and all(budget_ok(results, f"{k}@{last}", t) for t in TASKS)]
     if meeting:
         best = min(meeting, key=lambda k: P[k])
@@ -704,6 +719,13 @@ def page(results, p, data, total, stem, command) -> str:
             if f"uniform_{f}" in P:
                 lines.append(line(f"every hidden layer {f:.0%} shared, {last:,} steps", f"uniform_{f}@{last}",
                                   P[f"uniform_{f}"]))
+    if "wide_x2" in P:
+        wide = f"{2 * p['width']}/{4 * p['width']} channels"
+        lines.append(line(f"own models twice as wide ({wide}; 4 networks)", "own_wide_x2", P["own_wide_x2"]))
+        lines.append(line(f"tf_mtz from the wide own models, full sharing, before retraining", "wide_x2@0",
+                          P["wide_x2"]))
+        lines.append(line(f"tf_mtz from the wide own models, full sharing, {last:,} steps", f"wide_x2@{last}",
+                          P["wide_x2"]))
     lines = [x for x in lines if x is not None]
     lines += ["", "Parameters are counted with BatchNormalization folded into the convolutions (what the "
               "`.tflite` keeps).", ""]
@@ -735,7 +757,8 @@ def page(results, p, data, total, stem, command) -> str:
     candidates = [(f"tf_mtz@{last}", "full sharing", "tf_mtz"), (f"auto@{last}", "AutoSharing", "auto"),
                   (f"relative_mse@{last}", "full sharing, position distilled with relative_mse", "relative_mse"),
                   (f"last_unshared@{last}", "last hidden layer unshared", "last_unshared"),
-                  *[(f"uniform_{f}@{last}", f"{f:.0%} uniform", f"uniform_{f}") for f in p["uniform"]]]
+                  *[(f"uniform_{f}@{last}", f"{f:.0%} uniform", f"uniform_{f}") for f in p["uniform"]],
+                  (f"wide_x2@{last}", "full sharing of own models twice as wide", "wide_x2")]
     lines += [budget, "", "| configuration, after " + f"{last:,} steps | " + " | ".join(TASKS)
               + " | all within | parameters vs separate |", "|---|" + "---|" * (len(TASKS) + 2)]
     for row, label, key in candidates:
