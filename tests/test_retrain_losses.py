@@ -74,3 +74,18 @@ def test_bad_losses_and_weights_are_refused_by_name(rng):
         tf_mtz.zip_models(models, x, retrain=tf_mtz.Retrain(loss_weights={"b": -1.0}), verbose=0)
     with pytest.raises(tf_mtz.ZipError, match=r"Retrain.losses names \['c'\].*not outputs"):
         tf_mtz.zip_models(models, x, retrain=tf_mtz.Retrain(steps_per_layer=1, losses={"c": "mse"}), verbose=0)
+
+
+def test_retraining_datasets_run_without_tf_data_autotuning():
+    """Deleting an iterator of an autotuned pipeline waits for tf.data's model thread, which sleeps up to
+    seconds: every retraining phase (and a user's dataset in it) must go without autotuning."""
+    import tensorflow as tf
+
+    from tf_mtz import retrain as retrain_lib
+
+    inputs = [keras.KerasTensor((4,), name="x")]
+    arrays = np.zeros((10, 4), "float32")
+    user = tf.data.Dataset.from_tensor_slices(arrays).map(lambda v: v * 2, num_parallel_calls=tf.data.AUTOTUNE)
+    for data in (arrays, {"a": user.batch(5), "b": arrays}):
+        datasets = retrain_lib.training_datasets(tf_mtz.Retrain(data=data), ["a", "b"], inputs)
+        assert all(d.options().autotune.enabled is False for d in datasets.values())

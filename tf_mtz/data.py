@@ -94,8 +94,18 @@ def as_dataset(data, task: str, inputs: list, what: str, batch_size: int,
     else:
         dataset = tf.data.Dataset.from_tensor_slices(x)
     if shuffle:
-        return shuffled((x, y) if with_labels else x, len(xs[0]), batch_size, seed, phase)
-    return dataset.batch(batch_size)
+        return without_autotuning(shuffled((x, y) if with_labels else x, len(xs[0]), batch_size, seed, phase))
+    return without_autotuning(dataset.batch(batch_size))
+
+
+def without_autotuning(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` without tf.data's autotuning. Its model thread sleeps on a timer that grows to seconds, and
+    deleting an iterator waits for that thread to wake: every retraining phase's end stalled the process up
+    to about 10 s per task (200 distillation steps took 7 s, or 21 to 80 s, at random). tf_mtz's pipelines
+    are a slice, a gather and a fixed prefetch, with nothing to tune."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
 
 
 def shuffled(tensors, samples: int, batch_size: int, seed: int, phase: int) -> tf.data.Dataset:

@@ -343,7 +343,8 @@ def training_datasets(retrain: Retrain, tasks: list, inputs: list, fallback=None
     for i, t in enumerate(tasks):
         ds = data_lib.as_dataset(per_task[t], t, inputs, "Retraining data", retrain.batch_size,
                                  with_labels=with_labels, shuffle=True, seed=retrain.seed + i, phase=phase)
-        out[t] = ds.prefetch(2)
+        # Each phase makes and drops its iterators: a user's dataset too goes without autotuning here.
+        out[t] = data_lib.without_autotuning(ds.prefetch(2))
     return out
 
 
