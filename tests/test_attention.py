@@ -261,3 +261,20 @@ def test_cross_attention_of_two_trained_models_and_its_errors(tokens):
     assert all(np.isfinite(v).all() for v in zipped.predict(tokens, verbose=0).values())
     with pytest.raises(tf_mtz.ZipError, match="memory it attends to"):
         tf_mtz.zip_models(models, tokens, sharing={"dec_embed": 16, "dec_self": 16, "dec_cross": 16}, verbose=0)
+
+
+def test_auto_sharing_searches_attention_layers(tokens):
+    """AutoSharing on a transformer: attention layers follow the residual stream (shared whole or not at
+    all), a feed-forward layer writing into a shared stream keeps some shared units (it may not choose none:
+    the stream's shared units need shared inputs), and the zip at its choice is what it judged."""
+    models = {"a": bert("a", seed=0), "b": bert("b", seed=1)}
+    zipped = tf_mtz.zip_models(models, tokens[:64], sharing=tf_mtz.AutoSharing(tolerance=1.0, data=tokens[64:]),
+                               verbose=0)
+    shared = {layer.name: layer.shared for layer in zipped.zip_report.layers}
+    assert shared["embed"] == 16 and shared["block0_mha"] == shared["block1_mha"] == 16
+    assert shared["block1_ff1"] >= 1
+    record = {r["layer"]: r for r in zipped.zip_report.auto_sharing}
+    plain = tf_mtz.zip_models(models, tokens[:64], sharing={k: r["chosen"] for k, r in record.items()}, verbose=0)
+    got, want = zipped.predict(tokens[64:], verbose=0), plain.predict(tokens[64:], verbose=0)
+    for task in models:
+        np.testing.assert_allclose(got[task], want[task], rtol=1e-5, atol=1e-5)

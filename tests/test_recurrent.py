@@ -192,3 +192,17 @@ def test_bad_recurrent_sharing_and_layers_get_clear_errors(tokens):
     for make, message in cases:
         with pytest.raises(tf_mtz.ZipError, match=message):
             tf_mtz.zip_models({"a": make(), "b": make()}, tokens, verbose=0)
+
+
+def test_auto_sharing_searches_recurrent_layers(tokens):
+    """AutoSharing on LSTM models: the recurrent layer is shared whole or not at all, and the zip at the
+    chosen counts is what the search judged."""
+    models = {"a": recurrent_model("lstm", "a", seed=0), "b": recurrent_model("lstm", "b", seed=1)}
+    zipped = tf_mtz.zip_models(models, tokens[:128], sharing=tf_mtz.AutoSharing(tolerance=0.2, data=tokens[128:]),
+                               verbose=0)
+    record = {r["layer"]: r for r in zipped.zip_report.auto_sharing}
+    assert record["rnn"]["chosen"] in (0, record["rnn"]["width"])
+    plain = tf_mtz.zip_models(models, tokens[:128], sharing={k: r["chosen"] for k, r in record.items()}, verbose=0)
+    got, want = zipped.predict(tokens[128:], verbose=0), plain.predict(tokens[128:], verbose=0)
+    for task in models:
+        np.testing.assert_allclose(got[task], want[task], rtol=1e-5, atol=1e-5)

@@ -181,12 +181,14 @@ class SharingSearch:
         # that layer's ratio when it shares nothing.
         self.floor = 0.0
 
-    def choose(self, layer_name: str, width: int, zip_at) -> tuple:
+    def choose(self, layer_name: str, width: int, zip_at, least: int = 0) -> tuple:
         """The largest count passing the judge, and what `zip_at` returned with that count's outputs (None
         where it was not tried: no sharing). `zip_at(count)` zips the layer at `count` on a copy of the state
         and returns `(outputs, trial)`: the outputs `{task: array}` and whatever lets the caller take that zip
         without zipping again; it raises ZipError where that count is not allowed (a LayerNormalization's
-        units all or none, no shared inputs). Only the best passing trial so far is kept."""
+        units all or none, no shared inputs). Only the best passing trial so far is kept. `least`: the fewest
+        units the layer may share (1 where a layer already shared reads it through a residual merge); the
+        smallest such candidate is taken to pass."""
         record = {"layer": layer_name, "width": width, "candidates": [], "chosen": 0}
         kept = {}
 
@@ -203,7 +205,11 @@ class SharingSearch:
                 kept.update(count=count, trial=trial)
             return passed, self.judge.worst_ratio(losses)
 
-        record["chosen"] = largest_passing(candidate_counts(width, self.step), judged, self.floor)
+        candidates = candidate_counts(width, self.step)
+        if least:
+            candidates = [c for c in candidates if c >= least] or [width]
+            candidates = sorted(set(candidates) | {least})
+        record["chosen"] = largest_passing(candidates, judged, self.floor)
         chosen_losses = dict(record["candidates"]).get(record["chosen"])
         if chosen_losses is not None:
             self.floor = min(self.judge.worst_ratio(chosen_losses), 1.0)

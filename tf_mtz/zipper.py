@@ -311,7 +311,8 @@ def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, eva
             search.probe.advance(index)  # what the layer reads stays valid across the trials
             steps.counts[index], trial = search.choose(
                 plan.slots[index].position.name, width,
-                lambda count: _trial_outputs(plan, state, probe, steps, index, count, search.probe, search.finish))
+                lambda count: _trial_outputs(plan, state, probe, steps, index, count, search.probe, search.finish),
+                least=1 if _feeds_shared_tied_layer(plan, steps, index) else 0)
         else:
             trial = None
         if trial is not None:
@@ -336,6 +337,14 @@ def _zip_layers(plan, state, probe, config, counts, retrain, trainer_inputs, eva
                                                   "final", verbose, phase=len(plan.slots) + 1)
     save(len(plan.slots), finished=True)
     return layer_reports
+
+
+def _feeds_shared_tied_layer(plan, steps, index) -> bool:
+    """Whether a layer reading slot `index`'s units belongs to a unit group that already shares units (a
+    residual stream chosen earlier): its shared units need shared inputs, so this layer must share some."""
+    group = plan.slots[index].group
+    return any(plan.slots[c].group != group and steps.group_counts.get(plan.slots[c].group, 0) > 0
+               for c in plan.groups[group].consumers)
 
 
 def _resume(snapshot, state, steps, search, verbose) -> tuple[list, int]:
@@ -382,9 +391,9 @@ def _trial_outputs(plan, state, probe, steps, index, count, judge_probe, finish=
     `index` zipped at `count` (and the next layer refit), everything after it as in the original models
     (through `finish[task]`, the task's branch, where the zip is a prefix), and the `_Trial` that takes
     this zip; the zip state, the probes and the layer steps are then put back as they were."""
-    if count and index not in steps.input_hessians:
+    if count and index not in steps.input_hessians and state.slots[index].attention is None:
         # Every trial of the layer merges with the Hessians of the same inputs: measured once, for all of
-        # them and for the zip that follows.
+        # them and for the zip that follows. (Attention layers merge without them.)
         probe.advance(index)
         steps.input_hessians[index] = _hessians(plan, [index], probe, config=steps.config)[index]
     saved_state, saved_probe, saved_judge = copy.deepcopy(state), probe.checkpoint(), judge_probe.checkpoint()
