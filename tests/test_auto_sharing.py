@@ -28,6 +28,7 @@ def test_largest_passing_finds_the_largest_passing_count_by_interpolation_or_bis
                 assert len(tried) <= 1 + int(np.ceil(np.log2(len(candidates)))), tried
     assert auto_sharing.candidate_counts(10, 0.25) == [0, 2, 5, 8, 10]  # 2.5 and 7.5 round to even
     assert auto_sharing.candidate_counts(3, 0.05) == [0, 1, 2, 3]
+    assert auto_sharing.candidate_counts(10, 0.25, least=1) == [1, 2, 5, 8, 10]
 
 
 def test_judge_losses_with_and_without_labels():

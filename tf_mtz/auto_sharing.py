@@ -81,10 +81,11 @@ class AutoSharing:
         return {t: float(self.tolerance[t]) for t in tasks}
 
 
-def candidate_counts(width: int, step: float) -> list:
-    """The unit counts of the fractions 0, step, 2·step, …, 1 of `width`, ascending, without repeats."""
+def candidate_counts(width: int, step: float, least: int = 0) -> list:
+    """The unit counts of the fractions 0, step, 2·step, …, 1 of `width`, ascending, without repeats; counts
+    below `least` are raised to it."""
     fractions = np.append(np.arange(0.0, 1.0, step), 1.0)
-    return sorted({int(round(f * width)) for f in fractions})
+    return sorted({max(int(round(f * width)), least) for f in fractions})
 
 
 def largest_passing(candidates: list, judge, floor: float = 0.0) -> int:
@@ -205,11 +206,7 @@ class SharingSearch:
                 kept.update(count=count, trial=trial)
             return passed, self.judge.worst_ratio(losses)
 
-        candidates = candidate_counts(width, self.step)
-        if least:
-            candidates = [c for c in candidates if c >= least] or [width]
-            candidates = sorted(set(candidates) | {least})
-        record["chosen"] = largest_passing(candidates, judged, self.floor)
+        record["chosen"] = largest_passing(candidate_counts(width, self.step, least), judged, self.floor)
         chosen_losses = dict(record["candidates"]).get(record["chosen"])
         if chosen_losses is not None:
             self.floor = min(self.judge.worst_ratio(chosen_losses), 1.0)
