@@ -179,11 +179,14 @@ class Trainer:
     def __init__(self, model, tasks, frames: dict, batch: int, seed: int):
         import keras
         import tensorflow as tf
+        from tf_mtz.data import without_autotuning
 
         self.model, self.tasks = model, tasks
         y = targets(frames)
         data = tf.data.Dataset.from_tensor_slices((frames["x"], {t: y[t] for t in tasks}))
-        self.iterator = iter(data.shuffle(len(frames["x"]), seed=seed).repeat().batch(batch).prefetch(2))
+        # Without autotuning: dropping an autotuned iterator can stall for seconds (see tf_mtz.data).
+        data = data.shuffle(len(frames["x"]), seed=seed).repeat().batch(batch).prefetch(2)
+        self.iterator = iter(without_autotuning(data))
         self.optimizer = keras.optimizers.Adam(1e-3)
         losses = {t: loss_fn(t) for t in tasks}
         single = not isinstance(model.output, dict)
