@@ -3,8 +3,8 @@ forward from layer step to layer step so that each layer's inputs are computed o
 
 In the zipped network a task's computation is its own model with its current weights from the zip state:
 shared units are shared only in that every task holds the same weights for them. So the probe runs each
-task's network position by position (one Keras layer built for the call, with that task's full width and
-weights, then dropped), in the *natural* layout: channels in the state's current column order, a Flatten's
+task's network position by position (a Keras layer with that task's full width and weights; small ones are
+kept and given new weights when their position runs again), in the *natural* layout: channels in the state's current column order, a Flatten's
 rows position-major over all channels. A unit layer's kernel rows are in the state's layout (shared input
 units first, see `state.row_order`), so its input is gathered into that layout first (`input_rows`).
 
@@ -383,23 +383,46 @@ def _same_config(first, second) -> bool:
     return type(first) is type(second) and config_a == config_b
 
 
+_KEPT_LAYER_WEIGHTS = 2 ** 20  # weights of a probe layer kept for reuse (4 MB in float32), at most
+
+
 class _TaskRunner(registry.PositionVisitor):
     """Runs one position of a task's zipped network on its inputs' batches: weighted layers with the
     task's current weights from the zip state, every other layer as it is in the task's model."""
 
     def __init__(self, plan: graph.ZipPlan, state: state_lib.ZipState, spill: _Spill, calls: tracing.LayerCalls):
         self.plan, self.state, self.spill, self.calls = plan, state, spill, calls
+        # (position, task, width, input shape) -> a built layer, for positions computed again and again
+        # (AutoSharing's trials, the judge's outputs past the frontier): building one costs more than
+        # running it on small inputs. Only small layers are kept; a large one is built each time.
+        self._built = {}
+
+    def _layer(self, key: tuple, build, weights: list):
+        """A built layer with `weights`: the one kept for `key`, or a new one from `build()`."""
+        layer = self._built.get(key)
+        if layer is None:
+            layer = build()
+            if sum(int(np.prod(w.shape)) for w in weights) <= _KEPT_LAYER_WEIGHTS:
+                self._built[key] = layer
+        layer.set_weights(weights)
+        return layer
 
     def units(self, task, position, values):
         slot_index = self.plan.slot_indices[position.index]
         slot = self.state.slots[slot_index]
         handler, template = position.handler, position.layers[task]
-        layer = handler.build_layer(template, slot.units(task), use_bias=True,
-                                    activation=handler.activation(template), name=f"probe_{position.label}")
         rows = input_rows(self.plan, self.state, slot_index, task)
         inputs = values[0] if rows is None else _Mapped(values[0], lambda x: tf.gather(x, rows, axis=-1))
-        layer.build(tuple(inputs[0].shape))
-        layer.set_weights(handler.layer_weights(slot.kernels[task], slot.biases[task]))
+        shape = tuple(inputs[0].shape)
+
+        def build():
+            layer = handler.build_layer(template, slot.units(task), use_bias=True,
+                                        activation=handler.activation(template), name=f"probe_{position.label}")
+            layer.build(shape)
+            return layer
+
+        layer = self._layer((position.index, task, slot.units(task), shape), build,
+                            handler.layer_weights(slot.kernels[task], slot.biases[task]))
         return _call_each(self.spill, self.calls, layer, [inputs])
 
     def whole_units(self, task, position, values):
@@ -420,9 +443,15 @@ class _TaskRunner(registry.PositionVisitor):
     def channel_units(self, task, position, values):
         handler = position.handler
         kernel, bias = _natural_channel_weights(self.plan, self.state, position, task)
-        layer = handler.build_layer(position.layers[task], name=f"probe_{position.label}")
-        layer.build(tuple(values[0][0].shape))
-        layer.set_weights(handler.layer_weights(position.layers[task], kernel, bias))
+        shape = tuple(values[0][0].shape)
+
+        def build():
+            layer = handler.build_layer(position.layers[task], name=f"probe_{position.label}")
+            layer.build(shape)
+            return layer
+
+        layer = self._layer((position.index, task, shape), build,
+                            handler.layer_weights(position.layers[task], kernel, bias))
         return _call_each(self.spill, self.calls, layer, values)
 
     def passthrough(self, task, position, values):
