@@ -37,7 +37,7 @@ _MATCHING = flags.DEFINE_enum("matching", None, list(config_lib.MATCHINGS), "One
 _MERGE = flags.DEFINE_enum("merge", None, list(config_lib.MERGES), "How paired weights merge (default: the preset's).")
 _REFIT = flags.DEFINE_bool("refit", None, "Refit each next layer to the originals (default: the preset's).")
 _DAMPING = flags.DEFINE_float("damping", config_lib.ZipConfig.damping, "Hessian damping, as a fraction of trace/dim.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", config_lib.ZipConfig.batch_size, "Calibration batch size.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Calibration batch size (default: 256, more for small networks).")
 _ACTIVATION_MEMORY = flags.DEFINE_float(
     "activation_memory_gib", config_lib.ZipConfig.activation_memory_gib,
     "Memory for the calibration data's layer activations; beyond it they are spilled to a temporary directory.")

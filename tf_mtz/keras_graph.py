@@ -63,6 +63,25 @@ def model_inputs(model) -> list:
     return list(model.inputs)
 
 
+def widest_output(model) -> int | None:
+    """The most values one sample takes in any layer output of `model`, nested models' layers included;
+    None where some output's shape is not fully known (sequences of any length)."""
+    widest = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            inner = widest_output(layer)
+            if inner is None:
+                return None
+            widest = max(widest, inner)
+        for node in layer._inbound_nodes:
+            for tensor in tree.flatten(node.outputs):
+                shape = tuple(tensor.shape)[1:]
+                if any(d is None for d in shape):
+                    return None
+                widest = max(widest, int(np.prod(shape, dtype=np.int64)))
+    return widest or None
+
+
 def output_structure(model):
     """The model's outputs as it returns them: one tensor, a list, or a dict.
 
