@@ -88,16 +88,19 @@ def test_tolerance_decides_the_sharing(rng):
         assert np.array_equal(np.argmax(outputs[t], -1), own)  # the zip repeats the accepted trials exactly
 
 
-def test_auto_sharing_gives_the_zip_of_its_chosen_counts(rng):
+@pytest.mark.parametrize("paper", [False, True], ids=["default", "paper"])
+def test_auto_sharing_gives_the_zip_of_its_chosen_counts(rng, paper):
     """The zip takes the trial of each chosen count (tried before a larger count that failed, not zipped
-    again) and the layer's Hessians measured once for all its trials: the weights of a plain zip at the
-    chosen counts."""
+    again) and the layer's Hessians measured once for all its trials (the paper's pair costs read them too):
+    the weights of a plain zip at the chosen counts."""
     models, x = _tasks(rng)
-    auto = tf_mtz.zip_models(models, x[:400], sharing=tf_mtz.AutoSharing(tolerance=0.2, data=x[400:]), verbose=0)
+    config = tf_mtz.ZipConfig.paper() if paper else None
+    auto = tf_mtz.zip_models(models, x[:400], sharing=tf_mtz.AutoSharing(tolerance=0.2, data=x[400:]),
+                             config=config, verbose=0)
     record = auto.zip_report.auto_sharing
     chosen = {r["layer"]: r["chosen"] for r in record}
     assert any(0 < r["chosen"] < r["width"] and r["candidates"][-1][0] != r["chosen"] for r in record), record
-    plain = tf_mtz.zip_models(models, x[:400], sharing=chosen, verbose=0)
+    plain = tf_mtz.zip_models(models, x[:400], sharing=chosen, config=config, verbose=0)
     assert [layer.shared for layer in plain.zip_report.layers] == [layer.shared for layer in auto.zip_report.layers]
     for got, want in zip(auto.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

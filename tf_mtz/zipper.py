@@ -583,7 +583,8 @@ class _LayerSteps:
         if count:
             if pair_now:
                 with stages("pair"):
-                    hessians = _pair_group(plan, state, plan.slots[index].group, index, count, probe, config)
+                    hessians = _pair_group(plan, state, plan.slots[index].group, index, count, probe, config,
+                                           measured)
             with stages("merge"):
                 hessians = hessians or measured
                 if state.slots[index].attention is not None:
@@ -851,12 +852,14 @@ def _mode(handler, config):
 HESSIAN_PAIRINGS = ("hessian", "correlation")  # the pairings whose costs read the Hessians
 
 
-def _pair_group(plan, state, group, index, count, probe, config):
+def _pair_group(plan, state, group, index, count, probe, config, measured=None):
     """Pairs `count` units of a group across tasks and puts every member, per-channel layer and consumer of
     the group into the paired order [paired, rest]. Merging happens per member, in `_merge_slot`.
 
     The pair costs add up over the group's members whose inputs are already shared (their costs are
-    comparable); the others follow the pairing. Returns the Hessians of slot `index`.
+    comparable); the others follow the pairing. `measured`: slot `index`'s Hessians where they are known
+    already (from the previous refit, or measured once for all of AutoSharing's trials). Returns the
+    Hessians of slot `index`.
     """
     tasks = plan.tasks
     members = plan.groups[group].members
@@ -873,7 +876,10 @@ def _pair_group(plan, state, group, index, count, probe, config):
     # Weight matching pairs from the weights alone: the Hessians are then measured per layer at its merge,
     # not here for every member of the group.
     uses_hessians = config.pairing in HESSIAN_PAIRINGS or (len(tasks) > 2 and config.merge == "hessian")
-    hessians = _hessians(plan, ready, probe, config) if uses_hessians else {}
+    hessians = {}
+    if uses_hessians:
+        known = {index: measured} if measured is not None else {}
+        hessians = {**known, **_hessians(plan, [m for m in ready if m not in known], probe, config)}
     blocks, damped, pooled = {}, {}, {}
     for m in ready:
         slot, handler = state.slots[m], plan.slots[m].position.handler
