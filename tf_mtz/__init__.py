@@ -30,7 +30,7 @@ from tf_mtz.retrain import Retrain, fine_tune, paper_retrain  # noqa: E402
 from tf_mtz.synthesis import SyntheticInputs  # noqa: E402
 from tf_mtz.zipper import zip_models  # noqa: E402
 
-__version__ = "0.12.0"
+__version__ = "0.13.0"
 
 __all__ = [
     "zip_models", "add_task", "ZipConfig", "AutoSharing", "SyntheticInputs", "Retrain", "paper_retrain", "fine_tune",
