@@ -21,12 +21,21 @@ def _wide_cnn(name):
     return keras.Model(x, keras.layers.Dense(4, activation="softmax", name=f"{name}_head")(h), name=name)
 
 
+def _attention_model(name):
+    x = keras.Input((16, 8))
+    h = keras.layers.MultiHeadAttention(2, 4, name=f"{name}_attention")(x, x)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(x, keras.layers.Dense(3, activation="softmax", name=f"{name}_head")(h), name=name)
+
+
 def test_batch_size_follows_the_widest_layer_output_unless_set():
     config = tf_mtz.ZipConfig()
     small = {"a": mlp("a"), "b": mlp("b", seed=1)}
     assert zipper._batch_size(small, config) == 2048  # widest output: 24 values a sample
     assert zipper._batch_size({"a": _wide_cnn("a"), "b": _wide_cnn("b")}, config) == 256  # 16M / 131,072 = 128
     assert zipper._batch_size({"a": _sequence_model("a"), "b": _sequence_model("b")}, config) == 256  # any length
+    # 128 values an output, but heads x queries x keys = 512 scores a sample inside: outputs bound nothing.
+    assert zipper._batch_size({"a": _attention_model("a"), "b": _attention_model("b")}, config) == 256
     assert zipper._batch_size(small, tf_mtz.ZipConfig(batch_size=32)) == 32
 
 

@@ -43,7 +43,8 @@ class ZipConfig:
         damping: λ = damping · trace(H)/dim added to each Hessian, so singular Hessians stay solvable.
         batch_size: calibration batch size. None (the default): 256, or more samples for small networks
             (up to 2,048 while every layer output of a batch stays within 16M values), for which the calls
-            per batch, not the arithmetic, set the time.
+            per batch, not the arithmetic, set the time; models with attention layers or inputs of any
+            length keep 256.
         activation_memory_gib: how much memory the layer activations of the calibration data may take;
             beyond it they are written to a temporary directory and read back batch by batch (slower,
             same results). Per task, the zipped and the original network's activations where a later

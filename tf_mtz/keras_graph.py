@@ -65,9 +65,13 @@ def model_inputs(model) -> list:
 
 def widest_output(model) -> int | None:
     """The most values one sample takes in any layer output of `model`, nested models' layers included;
-    None where some output's shape is not fully known (sequences of any length)."""
+    None where that does not bound what a layer holds: an output shape not fully known (sequences of any
+    length), or an attention layer (Keras's, keras_hub's: its scores, heads x queries x keys a sample,
+    outgrow every output)."""
     widest = 0
     for layer in model.layers:
+        if "Attention" in type(layer).__name__:
+            return None
         if isinstance(layer, keras.Model):
             inner = widest_output(layer)
             if inner is None:

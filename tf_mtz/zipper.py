@@ -377,7 +377,8 @@ def _batch_size(models, config) -> int:
     """The calibration (and AutoSharing judging) batch size: `config.batch_size` where it is set; else 256,
     or more samples where every layer output of a batch stays within 16M values (64 MB), up to 2,048. For
     small networks the calls per batch, not the arithmetic, set the time (a LeNet-300-100 zip: 0.65 s in
-    batches of 256, 0.42 s in one of 2,000); larger layers keep 256, which bounds their memory."""
+    batches of 256, 0.42 s in one of 2,000); larger layers keep 256, which bounds their memory, and so do
+    models whose outputs bound nothing (`keras_graph.widest_output`: attention, inputs of any length)."""
     if config.batch_size is not None:
         return config.batch_size
     widest = [keras_graph.widest_output(m) for m in models.values()]
