@@ -4,8 +4,8 @@ forward from layer step to layer step so that each layer's inputs are computed o
 In the zipped network a task's computation is its own model with its current weights from the zip state:
 shared units are shared only in that every task holds the same weights for them. So the probe runs each
 task's network position by position (a Keras layer with that task's full width and weights; small ones are
-kept and given new weights when their position runs again), in the *natural* layout: channels in the state's current column order, a Flatten's
-rows position-major over all channels. A unit layer's kernel rows are in the state's layout (shared input
+kept and given new weights when their position runs again), in the *natural* layout: channels in the
+state's current column order, a Flatten's rows position-major over all channels. A unit layer's kernel rows are in the state's layout (shared input
 units first, see `state.row_order`), so its input is gathered into that layout first (`input_rows`).
 
 Values are kept per task as lists of calibration batches. The zipper advances a *frontier*, the body

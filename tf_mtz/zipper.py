@@ -109,15 +109,15 @@ def zip_models(models: dict, calibration_data, sharing=1.0, retrain=None, config
     input_names = tuple(i.name for i in plan.inputs)
     calibration_data = _read_streams(calibration_data, plan.tasks, plan.inputs, config.max_samples)
     calibration_data, synthetic = _real_or_synthetic(calibration_data, models, verbose)
+    batch_size = _batch_size(models, config)
     group_orders = {}
     if plan.grouped and getattr(config, "group_matching", "blocks") == "blocks":
         # Rewritten copies: the user's models stay as they are (and are what the report measures).
         aligned, group_orders = group_pairing.align_groups(
-            models, plan, _first_samples(calibration_data, plan, _batch_size(models, config), GROUP_PAIRING_SAMPLES))
+            models, plan, _first_samples(calibration_data, plan, batch_size, GROUP_PAIRING_SAMPLES))
         if group_orders:
             plan = graph.read_models(aligned)
     search = None
-    batch_size = _batch_size(models, config)
     if isinstance(sharing, auto_sharing.AutoSharing):  # counts chosen layer by layer as the zip goes
         search = _sharing_search(sharing, models, plan, calibration_data)
         counts = [0] * len(plan.hidden_slots)
